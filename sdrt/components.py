@@ -1,0 +1,156 @@
+"""The one declaration of every engine component's inputs and outputs.
+
+Export derives ONNX names and dynamic axes, sample inputs and (later) TensorRT profiles from it; the
+manifest records it; the runtime checks shapes against it. Nothing else states these shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+
+
+@dataclass(frozen=True)
+class Dim:
+    """A symbolic dimension `scale * name`, e.g. image height = 8 * latent height."""
+
+    name: str
+    scale: int = 1
+
+    def __str__(self) -> str:
+        return self.name if self.scale == 1 else f"{self.scale}*{self.name}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Dim":
+        scale, _, name = text.rpartition("*")
+        return cls(name, int(scale) if scale else 1)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple  # ints and Dims
+
+    def resolve(self, sizes: dict[str, int]) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else d.scale * sizes[d.name] for d in self.shape)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype,
+                "shape": [d if isinstance(d, int) else str(d) for d in self.shape]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TensorSpec":
+        shape = tuple(x if isinstance(x, int) else Dim.parse(x) for x in d["shape"])
+        return cls(d["name"], d["dtype"], shape)
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dims: dict  # symbol -> (min, opt, max)
+
+    def sizes(self, which: str) -> dict[str, int]:
+        """Concrete sizes for every symbol: which = "min" | "opt" | "max"."""
+        k = ("min", "opt", "max").index(which)
+        return {name: r[k] for name, r in self.dims.items()}
+
+    def sample_inputs(self, sizes: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+        """Deterministic inputs of the declared shapes (token ids within `vocab`)."""
+        rng = np.random.default_rng(seed)
+        feeds = {}
+        for spec in self.inputs:
+            shape = spec.resolve(sizes)
+            if spec.dtype == "int64":
+                feeds[spec.name] = rng.integers(0, 49406, size=shape, dtype=np.int64)
+            elif spec.name == "timestep":
+                feeds[spec.name] = rng.uniform(0, 999, size=shape).astype(spec.dtype)
+            else:
+                feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        return feeds
+
+    def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
+        """Raise ValueError naming the input whose rank, fixed dim or dtype disagrees with the spec."""
+        bound: dict[str, int] = {}
+        for spec in self.inputs:
+            if spec.name not in feeds:
+                raise ValueError(f"{self.name}: missing input {spec.name!r}")
+            arr = feeds[spec.name]
+            if arr.dtype != np.dtype(spec.dtype) or arr.ndim != len(spec.shape):
+                raise ValueError(f"{self.name}.{spec.name}: got {arr.dtype}{list(arr.shape)}, "
+                                 f"expected {spec.dtype}{[str(d) for d in spec.shape]}")
+            for got, want in zip(arr.shape, spec.shape):
+                if isinstance(want, int):
+                    ok = got == want
+                else:
+                    ok = got % want.scale == 0 and bound.setdefault(want.name, got // want.scale) == got // want.scale
+                if not ok:
+                    raise ValueError(f"{self.name}.{spec.name}: shape {list(arr.shape)} does not fit "
+                                     f"{[str(d) for d in spec.shape]}")
+
+    def to_json(self) -> dict:
+        return {"inputs": [t.to_json() for t in self.inputs],
+                "outputs": [t.to_json() for t in self.outputs],
+                "dims": {k: {"min": v[0], "opt": v[1], "max": v[2]} for k, v in self.dims.items()}}
+
+    @classmethod
+    def from_json(cls, name: str, d: dict) -> "ComponentSpec":
+        return cls(name, tuple(TensorSpec.from_json(t) for t in d["inputs"]),
+                   tuple(TensorSpec.from_json(t) for t in d["outputs"]),
+                   {k: (v["min"], v["opt"], v["max"]) for k, v in d["dims"].items()})
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The architecture facts the shapes depend on (read from the source's configs at export)."""
+
+    text_length: int  # tokenizer max length (77)
+    text_hidden: int  # CLIP hidden size (768 for SD 1.x)
+    text_layers: int  # CLIP layers; the text encoder returns every layer for clip_skip
+    unet_in_channels: int  # 4 for txt2img, 9 for inpainting UNets
+    latent_channels: int  # VAE latent channels (4)
+    vae_scale_factor: int  # 2 ** (len(vae.block_out_channels) - 1)
+
+
+BATCH = (1, 2, 8)  # min/opt/max batch: opt 2 is one prompt with classifier-free guidance
+IMAGE_PX = (64, 512, 2048)  # min/opt/max image side in pixels
+
+
+def component_specs(m: ModelDims) -> dict[str, ComponentSpec]:
+    f = m.vae_scale_factor
+    B, h, w = Dim("B"), Dim("h"), Dim("w")
+    latent_dims = {"B": BATCH, "h": tuple(max(2, px // f) for px in IMAGE_PX),
+                   "w": tuple(max(2, px // f) for px in IMAGE_PX)}
+    H, W = Dim("h", f), Dim("w", f)
+    latent = (B, m.latent_channels, h, w)
+    return {
+        "text_encoder": ComponentSpec(
+            "text_encoder",
+            (TensorSpec("input_ids", "int64", (B, m.text_length)),),
+            # every layer's output after the final LayerNorm: [-1] is clip_skip 1, [-2] clip_skip 2
+            (TensorSpec("hidden_states", "float32", (m.text_layers, B, m.text_length, m.text_hidden)),),
+            {"B": BATCH}),
+        "unet": ComponentSpec(
+            "unet",
+            (TensorSpec("sample", "float32", (B, m.unet_in_channels, h, w)),
+             TensorSpec("timestep", "float32", (B,)),
+             TensorSpec("encoder_hidden_states", "float32", (B, m.text_length, m.text_hidden))),
+            (TensorSpec("out_sample", "float32", latent),),
+            latent_dims),
+        "vae_decoder": ComponentSpec(
+            "vae_decoder",
+            (TensorSpec("latent", "float32", latent),),
+            (TensorSpec("image", "float32", (B, 3, H, W)),),
+            latent_dims),
+        "vae_encoder": ComponentSpec(
+            "vae_encoder",
+            (TensorSpec("image", "float32", (B, 3, H, W)),),
+            # the posterior N(mean, std^2); the runtime draws the sample with its own seeded noise
+            (TensorSpec("latent_mean", "float32", latent), TensorSpec("latent_std", "float32", latent)),
+            latent_dims),
+    }

@@ -1,0 +1,13 @@
+"""Exceptions with the meaning the CLI gives them (CONTRACT.md: exit 2 for bad input, 1 for failures)."""
+
+
+class SdrtError(Exception):
+    """Something failed that the input did not cause (export mismatch, backend error). CLI exit 1."""
+
+    exit_code = 1
+
+
+class InputError(SdrtError, ValueError):
+    """Bad arguments or input: unknown sampler, bad size, unreadable file, not a checkpoint. CLI exit 2."""
+
+    exit_code = 2

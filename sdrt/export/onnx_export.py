@@ -1,0 +1,136 @@
+"""PyTorch modules -> ONNX files, with dynamic axes derived from `sdrt.components` and a parity check."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from sdrt.components import ComponentSpec, Dim
+from sdrt.errors import SdrtError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 23  # emits ONNX Attention / GroupNormalization: smaller graph, less memory (FIELD-NOTES)
+PARITY_TOLERANCE = {"fp32": 1e-3}  # max abs error / max(1, max |reference|)
+
+
+def wrap(name: str, pipe):
+    """The torch module whose forward matches `component_specs()[name]` (inputs -> outputs)."""
+    import torch
+
+    class TextEncoder(torch.nn.Module):
+        def __init__(self, te):
+            super().__init__()
+            self.te = te
+            # transformers 5's CLIPTextModel is flat; 4.x nests it under .text_model
+            self.norm = getattr(te, "final_layer_norm", None) or te.text_model.final_layer_norm
+
+        def forward(self, input_ids):  # (B, 77) -> (layers, B, 77, D)
+            hidden = self.te(input_ids, output_hidden_states=True).hidden_states[1:]
+            return torch.stack([self.norm(h) for h in hidden])
+
+    class Unet(torch.nn.Module):
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample, timestep, encoder_hidden_states):
+            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+    class VaeDecoder(torch.nn.Module):
+        def __init__(self, vae):
+            super().__init__()
+            self.vae = vae
+            self.scale = float(vae.config.scaling_factor)
+
+        def forward(self, latent):  # sampler latents -> image in [-1, 1]
+            return self.vae.decode(latent / self.scale, return_dict=False)[0]
+
+    class VaeEncoder(torch.nn.Module):
+        def __init__(self, vae):
+            super().__init__()
+            self.vae = vae
+            self.scale = float(vae.config.scaling_factor)
+
+        def forward(self, image):  # image in [-1, 1] -> posterior mean and std, in sampler units
+            dist = self.vae.encode(image).latent_dist
+            return dist.mean * self.scale, dist.std * self.scale
+
+    module = {"text_encoder": lambda: TextEncoder(pipe.text_encoder), "unet": lambda: Unet(pipe.unet),
+              "vae_decoder": lambda: VaeDecoder(pipe.vae), "vae_encoder": lambda: VaeEncoder(pipe.vae)}[name]()
+    return module.eval()
+
+
+def _dynamic_shapes(spec: ComponentSpec) -> dict:
+    from torch.export import Dim as TorchDim
+
+    dims = {name: TorchDim(name, min=r[0], max=r[2]) for name, r in spec.dims.items()}
+    out = {}
+    for t in spec.inputs:
+        axes = {i: (dims[d.name] if d.scale == 1 else d.scale * dims[d.name])
+                for i, d in enumerate(t.shape) if isinstance(d, Dim)}
+        out[t.name] = axes or None
+    return out
+
+
+def parity_sizes(spec: ComponentSpec) -> dict[str, int]:
+    """Small, non-square, batch-2 sizes for the export-time check (cheap even for SD 1.5)."""
+    sizes = spec.sizes("min")
+    if "B" in sizes:
+        sizes["B"] = max(2, sizes["B"])
+    if "w" in sizes:
+        sizes["w"] = min(2 * sizes["w"], spec.dims["w"][2])
+    return sizes
+
+
+def export_component(name: str, spec: ComponentSpec, pipe, out_dir: Path, opset: int = DEFAULT_OPSET) -> list[str]:
+    """Export one component to `out_dir/name/model.onnx` (+ external data over 2 GB). Returns its files."""
+    import torch
+
+    module = wrap(name, pipe)
+    feeds = spec.sample_inputs(spec.sizes("opt"))
+    args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
+    target = out_dir / name / "model.onnx"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, args, dynamo=True, opset_version=opset, dynamic_shapes=_dynamic_shapes(spec),
+            input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+            report=False, verbose=False)
+    program.save(target)  # torch writes external data itself when the model is over 2 GB
+    del program
+    return sorted(str(p.relative_to(out_dir)) for p in target.parent.iterdir() if p.is_file())
+
+
+def check_parity(name: str, spec: ComponentSpec, pipe, onnx_path: Path, precision: str = "fp32") -> tuple[float, float]:
+    """Run the ONNX file on CPU and the torch module on the same inputs; return (max abs error, tolerance).
+
+    Raises SdrtError when the error is over tolerance: a wrong engine must not look valid.
+    """
+    import onnxruntime as ort
+    import torch
+
+    feeds = spec.sample_inputs(parity_sizes(spec), seed=1)
+    module = wrap(name, pipe)
+    with torch.no_grad():
+        ref = module(*(torch.from_numpy(feeds[t.name]) for t in spec.inputs))
+    refs = [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run([t.name for t in spec.outputs], feeds)
+    del session
+    err = 0.0
+    scale = 1.0
+    for r, g in zip(refs, got):
+        if r.shape != g.shape:
+            raise SdrtError(f"export of {name}: ONNX output shape {g.shape} != PyTorch {r.shape}")
+        err = max(err, float(np.max(np.abs(r.astype(np.float64) - g))))
+        scale = max(scale, float(np.max(np.abs(r))))
+    tol = PARITY_TOLERANCE[precision] * scale
+    if not np.isfinite(err) or err > tol:
+        raise SdrtError(f"export of {name}: ONNX differs from PyTorch by {err:.3g} (tolerance {tol:.3g})")
+    log.info("%s parity: max abs error %.3g (tolerance %.3g)", name, err, tol)
+    return err, tol

@@ -1,0 +1,135 @@
+"""Model sources `sdrt export` reads: a diffusers folder, a hub id, `tiny`, `random-sd15`.
+
+Everything here loads PyTorch modules through diffusers / transformers; the built-in models are
+built from configs with seeded random weights and the real CLIP tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdrt import tokenizer as clip_tokenizer
+from sdrt.errors import InputError, SdrtError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_SEED = 0
+
+# SD 1.x scheduler config (as in the v1-5 checkpoint's scheduler/scheduler_config.json)
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
+    "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False,
+    "prediction_type": "epsilon", "timestep_spacing": "leading",
+}
+
+# Full-size SD 1.5: UNet 860M, CLIP ViT-L/14 text encoder, SD VAE.
+SD15 = {
+    "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                         num_hidden_layers=12, projection_dim=768, hidden_act="quick_gelu"),
+    "unet": dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                 block_out_channels=(320, 640, 1280, 1280)),
+    "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                sample_size=512, scaling_factor=0.18215,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+}
+
+# The SD 1.x architecture scaled down: 4-level VAE (scale factor 8), 2-level UNet, 4-layer CLIP.
+TINY = {
+    "text_encoder": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_hidden_layers=4, projection_dim=32, hidden_act="quick_gelu"),
+    "unet": dict(sample_size=16, cross_attention_dim=32, attention_head_dim=8,
+                 block_out_channels=(32, 64), layers_per_block=2,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+    "vae": dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, latent_channels=4,
+                norm_num_groups=8, sample_size=128, scaling_factor=0.18215,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+}
+
+BUILTIN = {"tiny": TINY, "random-sd15": SD15}
+
+
+@dataclass
+class Loaded:
+    """A source's PyTorch modules plus what the manifest records about it."""
+
+    pipe: object  # diffusers.StableDiffusionPipeline (safety checker removed)
+    kind: str  # "builtin" | "diffusers" | "hub"
+    name: str
+
+    @property
+    def scheduler_config(self) -> dict:
+        return {k: v for k, v in dict(self.pipe.scheduler.config).items() if not k.startswith("_")} | {
+            "_class_name": type(self.pipe.scheduler).__name__}
+
+
+def build_builtin(name: str, workdir: Path):
+    """A StableDiffusionPipeline with the `name` architecture and weights seeded by BUILTIN_SEED."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    cfg = BUILTIN[name]
+    tok_dir = workdir / "tokenizer"
+    clip_tokenizer.write_builtin_files(tok_dir)
+    torch.manual_seed(BUILTIN_SEED)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77,
+                                                bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+                                                **cfg["text_encoder"]))
+    unet = UNet2DConditionModel(**cfg["unet"])
+    vae = AutoencoderKL(**cfg["vae"])
+    scheduler = PNDMScheduler.from_config(SD15_SCHEDULER)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), unet=unet.eval(),
+                                   tokenizer=CLIPTokenizer.from_pretrained(tok_dir), scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return pipe
+
+
+def _from_pretrained(ref: str, **kw):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(ref, safety_checker=None, requires_safety_checker=False,
+                                                   torch_dtype=None, **kw)
+
+
+def load_source(source: str, workdir: Path) -> Loaded:
+    """Resolve SOURCE into PyTorch modules. Raises InputError when SOURCE is not a checkpoint."""
+    if source in BUILTIN:
+        return Loaded(build_builtin(source, workdir), "builtin", source)
+    path = Path(source)
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise InputError(f"{source} is not a checkpoint: expected a diffusers folder with "
+                             f"model_index.json, or one of the built-in names {sorted(BUILTIN)}")
+        try:
+            pipe = _from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{source}: could not load the diffusers folder: {e}") from None
+        return Loaded(pipe, "diffusers", str(path.resolve()))
+    if source.count("/") == 1 and not source.startswith((".", "/")):
+        try:
+            pipe = _from_pretrained(source)
+        except Exception as e:  # network, auth or missing repo: all reported the same way
+            raise SdrtError(f"could not load {source!r} from the Hugging Face hub: {e}") from None
+        return Loaded(pipe, "hub", source)
+    raise InputError(f"{source!r} is not a checkpoint: no such folder, not a hub id (org/name), "
+                     f"and not a built-in model ({', '.join(sorted(BUILTIN))})")
+
+
+def content_hash(pipe) -> str:
+    """sha256 over every weight of text encoder, UNet and VAE (names, dtypes, values)."""
+    h = hashlib.sha256()
+    for part in (pipe.text_encoder, pipe.unet, pipe.vae):
+        for key, tensor in sorted(part.state_dict().items()):
+            h.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            h.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def scratch_dir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="sdrt-src-")

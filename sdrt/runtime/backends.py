@@ -1,0 +1,111 @@
+"""Engine backends: load one component, describe its inputs, run it, close it.
+
+The base class checks every call's inputs against the component's declared spec (from the
+manifest) and keeps the time spent; a backend implements `_load`, `_run` and `close`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sdrt.components import ComponentSpec
+from sdrt.errors import InputError, SdrtError
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = ("cpu", "cuda", "tensorrt")
+
+
+class Backend:
+    def __init__(self, path: Path, spec: ComponentSpec):
+        self.path = Path(path)
+        self.spec = spec
+        self.seconds = 0.0  # time spent in run()
+        self.calls = 0
+        self._load()
+
+    def _load(self) -> None:
+        raise NotImplementedError
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Outputs in the order of spec.outputs."""
+        try:
+            self.spec.check_feeds(feeds)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        t0 = time.perf_counter()
+        out = self._run(feeds)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+    def __call__(self, *args: np.ndarray) -> np.ndarray:
+        """Positional inputs in spec order; the first output."""
+        return self.run({t.name: a for t, a in zip(self.spec.inputs, args)})[0]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def ort_providers(provider: str, cache_dir: Path) -> list:
+    """ONNX Runtime execution providers for an sdrt provider name, most preferred first."""
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    if provider == "cuda":
+        return [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "EXHAUSTIVE"}), "CPUExecutionProvider"]
+    if provider == "tensorrt":
+        trt = {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+               "trt_engine_cache_path": str(cache_dir), "trt_timing_cache_enable": True}
+        return [("TensorrtExecutionProvider", trt), "CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise InputError(f"unknown provider {provider!r}; choose one of: {', '.join(PROVIDERS)}")
+
+
+class OrtBackend(Backend):
+    """ONNX Runtime InferenceSession on the CPU, CUDA or TensorRT execution provider."""
+
+    def __init__(self, path: Path, spec: ComponentSpec, provider: str = "cpu"):
+        self.provider = provider
+        super().__init__(path, spec)
+
+    def _load(self) -> None:
+        import onnxruntime as ort
+
+        providers = ort_providers(self.provider, self.path.parent / "trt_cache")
+        wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        if wanted not in ort.get_available_providers():
+            raise SdrtError(f"provider {self.provider}: this onnxruntime has no {wanted} "
+                            f"(available: {', '.join(ort.get_available_providers())}); "
+                            "install sdrt[gpu] on a machine with CUDA")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+        except Exception as e:  # onnxruntime raises its own Fail / InvalidGraph types
+            raise SdrtError(f"cannot load {self.path}: {e}") from None
+        self._outputs = [t.name for t in self.spec.outputs]
+
+    def _run(self, feeds):
+        return self.session.run(self._outputs, feeds)
+
+    def close(self) -> None:
+        self.session = None
+
+
+def load_backend(path: Path, spec: ComponentSpec, backend: str, provider: str) -> Backend:
+    if backend == "onnx":
+        return OrtBackend(path, spec, provider)
+    raise SdrtError(f"{path}: backend {backend!r} is not supported by this sdrt")

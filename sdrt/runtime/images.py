@@ -1,0 +1,75 @@
+"""Images in and out: init images to [-1, 1] arrays, pixels to PIL, A1111-style PNG metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sdrt.errors import InputError
+
+
+def load_image(image) -> "PIL.Image.Image | np.ndarray":
+    """A path is opened with Pillow; PIL images and arrays pass through. Unreadable files: InputError."""
+    if isinstance(image, (str, Path)):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(image) as im:
+                return im.convert("RGB")
+        except (OSError, UnidentifiedImageError) as e:
+            raise InputError(f"cannot read image {image}: {e}") from None
+    return image
+
+
+def image_size(image) -> tuple[int, int]:
+    """(width, height) of a PIL image or an (H, W, 3) / (1, H, W, 3) array."""
+    if hasattr(image, "size") and not isinstance(image, np.ndarray):
+        return image.size
+    arr = np.asarray(image)
+    return arr.shape[-2], arr.shape[-3]
+
+
+def to_model_input(image, width: int, height: int) -> np.ndarray:
+    """(1, 3, H, W) float32 in [-1, 1]; resized with Lanczos when the size differs (diffusers)."""
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        arr = image[0] if image.ndim == 4 else image
+        if arr.ndim != 3 or arr.shape[-1] != 3:
+            raise InputError(f"init image array must be (H, W, 3) in [0, 1], got shape {image.shape}")
+        if arr.shape[:2] != (height, width):
+            image = Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8))
+        else:
+            return (arr.astype(np.float32) * 2 - 1).transpose(2, 0, 1)[None]
+    if not isinstance(image, Image.Image):
+        raise InputError(f"init image must be a path, PIL.Image or array, got {type(image).__name__}")
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.LANCZOS)
+    arr = np.asarray(image, dtype=np.float32) / 255.0
+    return (arr * 2 - 1).transpose(2, 0, 1)[None]
+
+
+def to_pil(pixels: np.ndarray) -> list:
+    """(N, H, W, 3) floats in [0, 1] -> PIL images (rounded as diffusers' numpy_to_pil)."""
+    from PIL import Image
+
+    return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
+
+
+def a1111_parameters(prompt: str, negative: str, settings: dict) -> str:
+    """The `parameters` text A1111 writes (and its readers parse): prompt, negatives, 'Key: value' list."""
+    lines = [prompt]
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
+    lines.append(", ".join(f"{k}: {v}" for k, v in settings.items() if v is not None))
+    return "\n".join(lines)
+
+
+def save_png(image, path: Path, parameters: str) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    image.save(path, pnginfo=info)

@@ -1,0 +1,177 @@
+"""`sdrt.Pipeline`: text-to-image and image-to-image over exported engines, in NumPy, no torch."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from sdrt.errors import InputError
+from sdrt.manifest import Manifest
+from sdrt.runtime import images, noise, samplers, schedules
+from sdrt.runtime.backends import PROVIDERS, load_backend
+from sdrt.runtime.denoiser import Denoiser
+from sdrt.tokenizer import ClipTokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Result:
+    images: list  # PIL.Image, one per image
+    pixels: np.ndarray  # (N, H, W, 3) float32 in [0, 1]
+    seeds: list[int]  # image i was made from seeds[i]
+    parameters: list[str] = field(default_factory=list)  # A1111 `parameters` text per image
+
+
+class Pipeline:
+    def __init__(self, engine_dir: Path, manifest: Manifest, engines: dict, tokenizer: ClipTokenizer):
+        self.engine_dir = engine_dir
+        self.manifest = manifest
+        self.engines = engines  # component name -> Backend
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def load(cls, engine_dir: str | Path, provider: str = "cpu") -> "Pipeline":
+        if provider not in PROVIDERS:
+            raise InputError(f"unknown provider {provider!r}; choose one of: {', '.join(PROVIDERS)}")
+        d = Path(engine_dir)
+        manifest = Manifest.read(d)
+        if manifest.pipeline != "txt2img":
+            raise InputError(f"{d}: a {manifest.pipeline} model; this sdrt runs txt2img/img2img models only")
+        missing = {"text_encoder", "unet", "vae_decoder"} - set(manifest.components)
+        if missing:
+            raise InputError(f"{d}: manifest lacks {', '.join(sorted(missing))}")
+        tokenizer = ClipTokenizer.from_dir(d / manifest.tokenizer_dir)
+        engines = {name: load_backend(d / c.files[0], c.spec, c.backend, provider)
+                   for name, c in manifest.components.items()}
+        return cls(d, manifest, engines, tokenizer)
+
+    @property
+    def scale_factor(self) -> int:
+        return self.manifest.dims.vae_scale_factor
+
+    def close(self) -> None:
+        for e in self.engines.values():
+            e.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- text ---------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str], clip_skip: int) -> np.ndarray:
+        """(len(prompts), 77, D) embeddings from CLIP layer -clip_skip (after the final LayerNorm)."""
+        tok = self.tokenizer(prompts)
+        for prompt, dropped in zip(prompts, tok.truncated):
+            if dropped:
+                log.warning("prompt is longer than %d tokens; this part was dropped: %r",
+                            self.tokenizer.max_length, dropped)
+        hidden = self.engines["text_encoder"](tok.ids)  # (layers, N, 77, D)
+        return hidden[-clip_skip]
+
+    # -- generation ---------------------------------------------------------------------------
+    def __call__(self, prompt: str, negative_prompt: str | None = None, steps: int = 20,
+                 sampler: str = samplers.DEFAULT_SAMPLER, guidance_scale: float = 7.5,
+                 seed: int | None = None, width: int | None = None, height: int | None = None,
+                 num_images: int = 1, clip_skip: int = 1, image=None, strength: float = 0.8,
+                 mask=None, latents: np.ndarray | None = None,
+                 callback: Callable[[int, int, np.ndarray], None] | None = None) -> Result:
+        smp = samplers.get_sampler(sampler)
+        if mask is not None:
+            raise InputError("mask: inpainting is not supported by this sdrt yet")
+        if image is not None:
+            image = images.load_image(image)
+            if "vae_encoder" not in self.engines:
+                raise InputError(f"{self.engine_dir}: no vae_encoder engine, needed for an init image")
+            w0, h0 = images.image_size(image)
+            width = width or w0 - w0 % self.scale_factor
+            height = height or h0 - h0 % self.scale_factor
+        width, height = self._check_size(width), self._check_size(height)
+        self._check_args(steps, guidance_scale, num_images, clip_skip, strength, image is not None)
+        if seed is None:
+            seed = noise.new_seed()
+        seeds = [int(seed) + i for i in range(num_images)]
+        shape = (num_images, self.manifest.dims.latent_channels, height // self.scale_factor,
+                 width // self.scale_factor)
+        if latents is not None:
+            latents = np.asarray(latents)
+            if latents.shape != shape:
+                raise InputError(f"latents: shape {latents.shape}, expected {shape}")
+        else:
+            latents = noise.randn(seeds, noise.INITIAL, shape)
+
+        cond = np.repeat(self.encode_prompts([prompt], clip_skip), num_images, axis=0)
+        uncond = None
+        if guidance_scale > 1:  # diffusers: guidance <= 1 runs the conditional pass only
+            uncond = np.repeat(self.encode_prompts([negative_prompt or ""], clip_skip), num_images, axis=0)
+
+        config = self.manifest.scheduler_config
+        schedule = smp.make_schedule(config, steps)
+        if image is None:
+            x = samplers.initial_state(smp, schedule, config, latents.astype(np.float64))
+        else:
+            schedule = schedule.tail(schedules.strength_start(steps, strength))
+            x0 = self.encode_image(image, width, height, seeds)
+            x = x0 + latents.astype(np.float64) * schedule.sigmas[0] if len(schedule) else x0
+
+        denoise = Denoiser(self.engines["unet"], schedule, self.manifest.prediction_type, cond, uncond,
+                           guidance_scale)
+        total = len(schedule)
+
+        def on_step(i, x):
+            if callback is not None:
+                callback(i, total, x)
+
+        x = smp.fn(denoise, x, schedule, noise=noise.ImageNoise(seeds, noise.SAMPLER), callback=on_step)
+        if len(schedule):
+            x = samplers.final_latents(smp, schedule, x)
+        pixels = self.decode(x)
+        info = [images.a1111_parameters(prompt, negative_prompt or "", {
+            "Steps": steps, "Sampler": smp.display, "CFG scale": guidance_scale, "Seed": s,
+            "Size": f"{width}x{height}", "Model hash": self.manifest.source.get("sha256", "")[:10],
+            "Model": Path(str(self.manifest.source.get("name", ""))).name,
+            "Clip skip": clip_skip if clip_skip != 1 else None,
+            "Denoising strength": strength if image is not None else None,
+        }) for s in seeds]
+        return Result(images.to_pil(pixels), pixels, seeds, info)
+
+    def encode_image(self, image, width: int, height: int, seeds: list[int]) -> np.ndarray:
+        """One posterior sample per image, from that image's seed: (N, 4, h, w) float64."""
+        arr = images.to_model_input(image, width, height)
+        mean, std = self.engines["vae_encoder"].run({"image": arr})
+        eps = noise.randn(seeds, noise.POSTERIOR, (len(seeds), *mean.shape[1:]))
+        return mean.astype(np.float64) + std.astype(np.float64) * eps
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """(N, 4, h, w) latents -> (N, H, W, 3) float32 pixels in [0, 1]; one image at a time (memory)."""
+        out = [self.engines["vae_decoder"](latents[i : i + 1].astype(np.float32)) for i in range(len(latents))]
+        image = np.concatenate(out)
+        return np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1).astype(np.float32)
+
+    # -- validation ---------------------------------------------------------------------------
+    def _check_size(self, px: int | None) -> int:
+        f = self.scale_factor
+        if px is None:
+            return self.manifest.default_image_size
+        if int(px) != px or px < f or px % f:
+            raise InputError(f"width and height must be positive multiples of {f} (the VAE scale factor), got {px}")
+        return int(px)
+
+    def _check_args(self, steps, guidance_scale, num_images, clip_skip, strength, img2img) -> None:
+        layers = self.manifest.dims.text_layers
+        if int(steps) != steps or steps < 1:
+            raise InputError(f"steps must be an integer >= 1, got {steps}")
+        if not np.isfinite(guidance_scale) or guidance_scale < 0:
+            raise InputError(f"guidance scale must be >= 0, got {guidance_scale}")
+        if int(num_images) != num_images or num_images < 1:
+            raise InputError(f"number of images must be an integer >= 1, got {num_images}")
+        if int(clip_skip) != clip_skip or not 1 <= clip_skip <= layers:
+            raise InputError(f"clip skip must be between 1 and {layers}, got {clip_skip}")
+        if img2img and not 0 <= strength <= 1:
+            raise InputError(f"strength must be in [0, 1], got {strength}")
