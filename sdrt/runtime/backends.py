@@ -73,6 +73,18 @@ def ort_providers(provider: str, cache_dir: Path) -> list:
     raise InputError(f"unknown provider {provider!r}; choose one of: {', '.join(PROVIDERS)}")
 
 
+def check_provider(provider: str) -> None:
+    """Fail early, with the fix, when this onnxruntime cannot serve `provider`."""
+    import onnxruntime as ort
+
+    first = ort_providers(provider, Path("."))[0]
+    wanted = first if isinstance(first, str) else first[0]
+    if wanted not in ort.get_available_providers():
+        raise SdrtError(f"provider {provider}: this onnxruntime has no {wanted} "
+                        f"(available: {', '.join(ort.get_available_providers())}); "
+                        "install sdrt[gpu] on a machine with CUDA")
+
+
 class OrtBackend(Backend):
     """ONNX Runtime InferenceSession on the CPU, CUDA or TensorRT execution provider."""
 
@@ -83,12 +95,8 @@ class OrtBackend(Backend):
     def _load(self) -> None:
         import onnxruntime as ort
 
+        check_provider(self.provider)
         providers = ort_providers(self.provider, self.path.parent / "trt_cache")
-        wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
-        if wanted not in ort.get_available_providers():
-            raise SdrtError(f"provider {self.provider}: this onnxruntime has no {wanted} "
-                            f"(available: {', '.join(ort.get_available_providers())}); "
-                            "install sdrt[gpu] on a machine with CUDA")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3

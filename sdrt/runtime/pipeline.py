@@ -12,7 +12,7 @@ import numpy as np
 from sdrt.errors import InputError
 from sdrt.manifest import Manifest
 from sdrt.runtime import images, noise, samplers, schedules
-from sdrt.runtime.backends import PROVIDERS, load_backend
+from sdrt.runtime.backends import check_provider, load_backend
 from sdrt.runtime.denoiser import Denoiser
 from sdrt.tokenizer import ClipTokenizer
 
@@ -28,16 +28,19 @@ class Result:
 
 
 class Pipeline:
-    def __init__(self, engine_dir: Path, manifest: Manifest, engines: dict, tokenizer: ClipTokenizer):
+    """Engines are loaded on first use, so bad arguments fail before any session is created and an
+    engine a call does not need (the VAE encoder for txt2img) costs no memory."""
+
+    def __init__(self, engine_dir: Path, manifest: Manifest, tokenizer: ClipTokenizer, provider: str):
         self.engine_dir = engine_dir
         self.manifest = manifest
-        self.engines = engines  # component name -> Backend
         self.tokenizer = tokenizer
+        self.provider = provider
+        self.engines = {}  # component name -> Backend, filled by engine()
 
     @classmethod
     def load(cls, engine_dir: str | Path, provider: str = "cpu") -> "Pipeline":
-        if provider not in PROVIDERS:
-            raise InputError(f"unknown provider {provider!r}; choose one of: {', '.join(PROVIDERS)}")
+        check_provider(provider)
         d = Path(engine_dir)
         manifest = Manifest.read(d)
         if manifest.pipeline != "txt2img":
@@ -45,10 +48,20 @@ class Pipeline:
         missing = {"text_encoder", "unet", "vae_decoder"} - set(manifest.components)
         if missing:
             raise InputError(f"{d}: manifest lacks {', '.join(sorted(missing))}")
-        tokenizer = ClipTokenizer.from_dir(d / manifest.tokenizer_dir)
-        engines = {name: load_backend(d / c.files[0], c.spec, c.backend, provider)
-                   for name, c in manifest.components.items()}
-        return cls(d, manifest, engines, tokenizer)
+        return cls(d, manifest, ClipTokenizer.from_dir(d / manifest.tokenizer_dir), provider)
+
+    def engine(self, name: str):
+        if name not in self.engines:
+            c = self.manifest.components.get(name)
+            if c is None:
+                raise InputError(f"{self.engine_dir}: no {name} engine")
+            self.engines[name] = load_backend(self.engine_dir / c.files[0], c.spec, c.backend, self.provider)
+        return self.engines[name]
+
+    def warmup(self) -> None:
+        """Create every session now (servers, benchmarks) instead of on first use."""
+        for name in self.manifest.components:
+            self.engine(name)
 
     @property
     def scale_factor(self) -> int:
@@ -57,6 +70,7 @@ class Pipeline:
     def close(self) -> None:
         for e in self.engines.values():
             e.close()
+        self.engines.clear()
 
     def __enter__(self):
         return self
@@ -72,7 +86,7 @@ class Pipeline:
             if dropped:
                 log.warning("prompt is longer than %d tokens; this part was dropped: %r",
                             self.tokenizer.max_length, dropped)
-        hidden = self.engines["text_encoder"](tok.ids)  # (layers, N, 77, D)
+        hidden = self.engine("text_encoder")(tok.ids)  # (layers, N, 77, D)
         return hidden[-clip_skip]
 
     # -- generation ---------------------------------------------------------------------------
@@ -87,7 +101,7 @@ class Pipeline:
             raise InputError("mask: inpainting is not supported by this sdrt yet")
         if image is not None:
             image = images.load_image(image)
-            if "vae_encoder" not in self.engines:
+            if "vae_encoder" not in self.manifest.components:
                 raise InputError(f"{self.engine_dir}: no vae_encoder engine, needed for an init image")
             w0, h0 = images.image_size(image)
             width = width or w0 - w0 % self.scale_factor
@@ -120,7 +134,7 @@ class Pipeline:
             x0 = self.encode_image(image, width, height, seeds)
             x = x0 + latents.astype(np.float64) * schedule.sigmas[0] if len(schedule) else x0
 
-        denoise = Denoiser(self.engines["unet"], schedule, self.manifest.prediction_type, cond, uncond,
+        denoise = Denoiser(self.engine("unet"), schedule, self.manifest.prediction_type, cond, uncond,
                            guidance_scale)
         total = len(schedule)
 
@@ -144,13 +158,13 @@ class Pipeline:
     def encode_image(self, image, width: int, height: int, seeds: list[int]) -> np.ndarray:
         """One posterior sample per image, from that image's seed: (N, 4, h, w) float64."""
         arr = images.to_model_input(image, width, height)
-        mean, std = self.engines["vae_encoder"].run({"image": arr})
+        mean, std = self.engine("vae_encoder").run({"image": arr})
         eps = noise.randn(seeds, noise.POSTERIOR, (len(seeds), *mean.shape[1:]))
         return mean.astype(np.float64) + std.astype(np.float64) * eps
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """(N, 4, h, w) latents -> (N, H, W, 3) float32 pixels in [0, 1]; one image at a time (memory)."""
-        out = [self.engines["vae_decoder"](latents[i : i + 1].astype(np.float32)) for i in range(len(latents))]
+        out = [self.engine("vae_decoder")(latents[i : i + 1].astype(np.float32)) for i in range(len(latents))]
         image = np.concatenate(out)
         return np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1).astype(np.float32)
 

@@ -1,0 +1,189 @@
+"""The `sdrt` command. Errors: one line on stderr; exit 2 for bad input, 1 for failures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from sdrt.errors import InputError, SdrtError
+
+log = logging.getLogger("sdrt")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage as well)
+        raise InputError(f"{self.prog}: {message}")
+
+
+def cmd_export(args) -> int:
+    from sdrt.export import export
+
+    manifest = export(args.source, args.out_dir, backend=args.backend, precision=args.precision,
+                      opset=args.opset, force=args.force, progress=not args.quiet)
+    worst = max(c.parity_max_abs or 0.0 for c in manifest.components.values())
+    print(f"wrote {args.out_dir} ({', '.join(manifest.components)}; max parity error {worst:.2g})")
+    return 0
+
+
+def _output_paths(out: str, seeds: list[int]) -> list[Path]:
+    path = Path(out)
+    if len(seeds) == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(len(seeds))]
+
+
+def cmd_generate(args) -> int:
+    from tqdm.auto import tqdm
+
+    from sdrt.runtime.pipeline import Pipeline
+
+    out = Path(args.output)
+    if out.suffix.lower() != ".png":
+        raise InputError(f"-o {args.output}: the output must be a .png file")
+    if not out.parent.exists():
+        raise InputError(f"-o {args.output}: directory {out.parent} does not exist")
+    pipe = Pipeline.load(args.engines, provider=args.provider)
+    bars = []
+
+    def progress(step, total, latents):  # the bar starts with the first step, after validation
+        if not bars:
+            bars.append(tqdm(total=total, unit="step", desc="generate", disable=args.quiet, file=sys.stderr))
+        bars[0].update(1)
+
+    t0 = time.perf_counter()
+    with pipe:
+        result = pipe(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                      sampler=args.sampler, guidance_scale=args.guidance_scale, seed=args.seed,
+                      width=args.width, height=args.height, num_images=args.batch, clip_skip=args.clip_skip,
+                      image=args.init_image, strength=args.strength, mask=args.mask, callback=progress)
+    for bar in bars:
+        bar.close()
+    from sdrt.runtime.images import save_png
+
+    for image, text, path in zip(result.images, result.parameters, _output_paths(args.output, result.seeds)):
+        save_png(image, path, text)
+        print(path)
+    log.info("%d image(s) in %.1f s (seed %d)", len(result.images), time.perf_counter() - t0, result.seeds[0])
+    return 0
+
+
+def cmd_info(args) -> int:
+    from sdrt.manifest import Manifest
+
+    m = Manifest.read(args.engine_dir)
+    if args.json:
+        print(json.dumps(m.to_json(), indent=2))
+        return 0
+    d = Path(args.engine_dir)
+    src = m.source
+    print(f"engine dir     {d}")
+    print(f"source         {src.get('name')} ({src.get('kind')}), sha256 {src.get('sha256', '')[:16]}")
+    print(f"pipeline       {m.pipeline}, prediction {m.prediction_type}, "
+          f"scheduler {m.scheduler_config.get('_class_name', '?')} "
+          f"({m.scheduler_config.get('timestep_spacing', 'leading')} spacing)")
+    print(f"latents        {m.dims.latent_channels} channels, VAE scale factor {m.dims.vae_scale_factor}, "
+          f"scaling {m.vae_scaling_factor}, default size {m.default_image_size} px")
+    print(f"exported with  " + ", ".join(f"{k} {v}" for k, v in m.exporter.items()))
+    for name, c in m.components.items():
+        size = sum((d / f).stat().st_size for f in c.files) / 2**20
+        parity = "n/a" if c.parity_max_abs is None else f"{c.parity_max_abs:.2g} (tol {c.parity_tolerance:.2g})"
+        print(f"\n{name}: {c.backend} {c.precision}, {size:,.1f} MiB, parity max abs error {parity}")
+        print(f"  optimizations: {', '.join(c.optimizations) or 'none'}")
+        for kind, tensors in (("in ", c.spec.inputs), ("out", c.spec.outputs)):
+            for t in tensors:
+                print(f"  {kind} {t.name:<22} {t.dtype:<8} [{', '.join(str(x) for x in t.shape)}]")
+        dims = ", ".join(f"{k} {lo}..{hi} (opt {opt})" for k, (lo, opt, hi) in c.spec.dims.items())
+        print(f"  dims: {dims}")
+    return 0
+
+
+def cmd_samplers(args) -> int:
+    from sdrt.runtime.samplers import SAMPLERS
+
+    for s in SAMPLERS.values():
+        kind = "deterministic" if s.deterministic else "stochastic"
+        print(f"{s.name:<18} {s.display:<18} {kind:<14} diffusers {s.diffusers[0]}"
+              + (" (Karras sigmas)" if s.karras else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sdrt import __version__
+    from sdrt.runtime.samplers import DEFAULT_SAMPLER
+
+    p = _Parser(prog="sdrt", description="Stable Diffusion on ONNX Runtime / TensorRT engines, no torch.")
+    p.add_argument("--version", action="version", version=f"sdrt {__version__}")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    e = sub.add_parser("export", help="checkpoint -> engine dir (ONNX + manifest.json)")
+    e.add_argument("source", help="diffusers folder, hub id, 'tiny' or 'random-sd15'")
+    e.add_argument("out_dir")
+    e.add_argument("--backend", default="onnx", choices=["onnx", "tensorrt"])
+    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    e.add_argument("--opset", type=int, default=None, help="ONNX opset (default 23)")
+    e.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    e.set_defaults(fn=cmd_export)
+
+    g = sub.add_parser("generate", help="prompt -> PNG (A1111 'parameters' metadata included)")
+    g.add_argument("prompt")
+    g.add_argument("--engines", required=True, help="engine dir written by `sdrt export`")
+    g.add_argument("-o", "--output", default="sdrt.png", help="PNG path; with --batch N: NAME-0.png ...")
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--sampler", default=DEFAULT_SAMPLER, help="see `sdrt samplers`; A1111 names work too")
+    g.add_argument("--guidance-scale", type=float, default=7.5)
+    g.add_argument("--seed", type=int, default=None, help="image i uses seed + i (default: random)")
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--batch", type=int, default=1, help="number of images")
+    g.add_argument("--clip-skip", type=int, default=1, help="1 = last CLIP layer, 2 = penultimate (A1111)")
+    g.add_argument("--init-image", default=None, help="img2img: start from this image")
+    g.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change the image")
+    g.add_argument("--mask", default=None, help="inpainting mask (not supported yet)")
+    g.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"])
+    g.set_defaults(fn=cmd_generate)
+
+    i = sub.add_parser("info", help="describe an engine dir")
+    i.add_argument("engine_dir")
+    i.add_argument("--json", action="store_true", help="print manifest.json")
+    i.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("samplers", help="list sampler names")
+    s.set_defaults(fn=cmd_samplers)
+    return p
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("sdrt").setLevel(logging.WARNING if quiet else logging.INFO)
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        _setup_logging(args.quiet)
+        return args.fn(args)
+    except SdrtError as e:
+        print(f"sdrt: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("sdrt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: one line unless SDRT_DEBUG asks for the traceback
+        if os.environ.get("SDRT_DEBUG"):
+            raise
+        print(f"sdrt: internal error: {type(e).__name__}: {e} (set SDRT_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

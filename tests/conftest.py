@@ -1,0 +1,87 @@
+"""Tiny seeded diffusers checkpoints (made with save_pretrained) and their exported engine dirs.
+
+Three checkpoints cover the axes the runtime must get right:
+- eps:   the built-in `tiny` (SD 1.x layout, epsilon, PNDM config with leading spacing, VAE factor 8)
+- vpred: SD 2.x layout (linear projections, per-block heads, gelu CLIP, "!" padding), v_prediction,
+         DDIM config with trailing spacing
+- f4:    a 3-level VAE (scale factor 4), Euler config with linspace spacing (fractional timesteps)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+for name in ("onnx_ir", "onnxscript", "torch.onnx"):
+    logging.getLogger(name).setLevel(logging.ERROR)
+
+CHECKPOINTS = ("eps", "vpred", "f4")
+# test image size per checkpoint (width, height): non-square, latents at least 8 x 6
+SIZES = {"eps": (64, 48), "vpred": (48, 64), "f4": (32, 24)}
+
+
+def make_checkpoint(kind: str, path: Path) -> Path:
+    import torch
+    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from sdrt.export import sources
+
+    if kind == "eps":
+        pipe = sources.build_builtin("tiny", path.parent / f"{kind}-scratch")
+        pipe.save_pretrained(path)
+        return path
+    cfg = sources.TINY
+    tok_dir = path.parent / f"{kind}-tok"
+    sources.clip_tokenizer.write_builtin_files(tok_dir)
+    torch.manual_seed({"vpred": 1, "f4": 2}[kind])
+    te_cfg = dict(cfg["text_encoder"])
+    unet_cfg = dict(cfg["unet"])
+    vae_cfg = dict(cfg["vae"])
+    base = dict(sources.SD15_SCHEDULER)
+    base.pop("_class_name")
+    if kind == "vpred":
+        te_cfg["hidden_act"] = "gelu"
+        unet_cfg.update(use_linear_projection=True, attention_head_dim=(2, 4))
+        scheduler = DDIMScheduler.from_config(base | {"prediction_type": "v_prediction",
+                                                      "timestep_spacing": "trailing"})
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, pad_token="!")
+    else:
+        vae_cfg.update(block_out_channels=(16, 16, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+                       up_block_types=("UpDecoderBlock2D",) * 3)
+        scheduler = EulerDiscreteScheduler.from_config(base | {"timestep_spacing": "linspace"})
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77,
+                                                bos_token_id=49406, eos_token_id=49407, **te_cfg))
+    pipe = StableDiffusionPipeline(vae=AutoencoderKL(**vae_cfg), text_encoder=text_encoder,
+                                   unet=UNet2DConditionModel(**unet_cfg), tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {k: make_checkpoint(k, root / k) for k in CHECKPOINTS}
+
+
+@pytest.fixture(scope="session")
+def engines(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    from sdrt.export import export
+
+    root = tmp_path_factory.mktemp("engines")
+    out = {}
+    for kind, path in checkpoints.items():
+        export(str(path), root / kind, progress=False)
+        out[kind] = root / kind
+    return out
+
+
+def pytest_report_header(config):
+    return f"sdrt tests: {os.cpu_count()} CPUs"

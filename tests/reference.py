@@ -1,0 +1,78 @@
+"""diffusers as the reference: the same checkpoint, scheduler and noise as an sdrt call."""
+
+from __future__ import annotations
+
+import functools
+from contextlib import contextmanager
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+
+from sdrt.runtime.samplers import get_sampler
+
+
+@functools.lru_cache(maxsize=None)
+def _pipelines(path: str):
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    txt = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    txt.set_progress_bar_config(disable=True)
+    te = txt.text_encoder
+    if not hasattr(te, "text_model"):
+        # diffusers 0.42's clip_skip path reads text_encoder.text_model.final_layer_norm, which
+        # transformers 5 flattened away (FIELD-NOTES); alias it without registering a submodule
+        object.__setattr__(te, "text_model", te)
+    img = StableDiffusionImg2ImgPipeline(**txt.components)
+    img.set_progress_bar_config(disable=True)
+    return txt, img, dict(txt.scheduler.config)
+
+
+def scheduler_for(config: dict, sampler: str):
+    """The diffusers scheduler an sdrt sampler name maps to, from the checkpoint's own config."""
+    import diffusers
+
+    cls, overrides = get_sampler(sampler).diffusers
+    return getattr(diffusers, cls).from_config(config, **overrides)
+
+
+def txt2img(path: Path, *, prompt, negative_prompt, steps, sampler, guidance_scale, width, height,
+            num_images, clip_skip, latents: np.ndarray) -> np.ndarray:
+    import torch
+
+    pipe, _, config = _pipelines(str(path))
+    pipe.scheduler = scheduler_for(config, sampler)
+    out = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
+               guidance_scale=guidance_scale, width=width, height=height, num_images_per_prompt=num_images,
+               clip_skip=None if clip_skip == 1 else clip_skip - 1,  # diffusers counts skipped layers
+               latents=torch.from_numpy(latents.astype(np.float32)), output_type="np")
+    return out.images
+
+
+@contextmanager
+def _fixed_noise(posterior_noise: np.ndarray, noise: np.ndarray):
+    """Make diffusers' img2img draw our VAE-posterior noise and our initial noise."""
+    import torch
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as mod
+
+    def retrieve(encoder_output, generator=None, sample_mode="sample"):
+        d = encoder_output.latent_dist
+        return d.mean + d.std * torch.from_numpy(posterior_noise.astype(np.float32))
+
+    def randn(shape, generator=None, device=None, dtype=None, layout=None):
+        assert tuple(shape) == noise.shape, (shape, noise.shape)
+        return torch.from_numpy(noise.astype(np.float32))
+
+    with mock.patch.object(mod, "retrieve_latents", retrieve), mock.patch.object(mod, "randn_tensor", randn):
+        yield
+
+
+def img2img(path: Path, *, image, strength, prompt, negative_prompt, steps, sampler, guidance_scale,
+            num_images, clip_skip, posterior_noise: np.ndarray, latents: np.ndarray) -> np.ndarray:
+    _, pipe, config = _pipelines(str(path))
+    pipe.scheduler = scheduler_for(config, sampler)
+    with _fixed_noise(posterior_noise, latents):
+        out = pipe(prompt, image=image, strength=strength, negative_prompt=negative_prompt,
+                   num_inference_steps=steps, guidance_scale=guidance_scale, num_images_per_prompt=num_images,
+                   clip_skip=None if clip_skip == 1 else clip_skip - 1, output_type="np")
+    return out.images
