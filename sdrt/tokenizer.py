@@ -135,6 +135,9 @@ class ClipTokenizer:
         if max_length > 10_000:  # transformers' "unset" sentinel (VERY_LARGE_INTEGER)
             max_length = 77
         pad = _special_token(config.get("pad_token")) or EOS
+        # transformers matches special tokens anywhere in the text, the pad token too: SD 2.x pads
+        # with "!", so a "!" in a prompt becomes id 0 there; diffusers' results depend on it
+        backend.add_special_tokens([pad])
         return cls(backend, max_length, pad)
 
     def __call__(self, prompts: list[str]) -> Tokenized:

@@ -36,13 +36,24 @@ def scheduler_for(config: dict, sampler: str):
     return getattr(diffusers, cls).from_config(config, **overrides)
 
 
+def _negative(pipe, negative_prompt, guidance_scale, clip_skip) -> dict:
+    """diffusers applies clip_skip to the prompt only and encodes the negative prompt from CLIP's last
+    layer (its own SDXL fix, PRs #13796 / #13973, calls this a bug); sdrt applies it to both, as
+    A1111 does. So with clip_skip the reference gets negative embeddings from diffusers' own
+    encode_prompt with the same clip_skip."""
+    if clip_skip == 1 or guidance_scale <= 1:
+        return {"negative_prompt": negative_prompt}
+    embeds, _ = pipe.encode_prompt(negative_prompt or "", "cpu", 1, False, clip_skip=clip_skip - 1)
+    return {"negative_prompt_embeds": embeds}
+
+
 def txt2img(path: Path, *, prompt, negative_prompt, steps, sampler, guidance_scale, width, height,
             num_images, clip_skip, latents: np.ndarray) -> np.ndarray:
     import torch
 
     pipe, _, config = _pipelines(str(path))
     pipe.scheduler = scheduler_for(config, sampler)
-    out = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
+    out = pipe(prompt, **_negative(pipe, negative_prompt, guidance_scale, clip_skip), num_inference_steps=steps,
                guidance_scale=guidance_scale, width=width, height=height, num_images_per_prompt=num_images,
                clip_skip=None if clip_skip == 1 else clip_skip - 1,  # diffusers counts skipped layers
                latents=torch.from_numpy(latents.astype(np.float32)), output_type="np")
@@ -72,7 +83,7 @@ def img2img(path: Path, *, image, strength, prompt, negative_prompt, steps, samp
     _, pipe, config = _pipelines(str(path))
     pipe.scheduler = scheduler_for(config, sampler)
     with _fixed_noise(posterior_noise, latents):
-        out = pipe(prompt, image=image, strength=strength, negative_prompt=negative_prompt,
+        out = pipe(prompt, image=image, strength=strength, **_negative(pipe, negative_prompt, guidance_scale, clip_skip),
                    num_inference_steps=steps, guidance_scale=guidance_scale, num_images_per_prompt=num_images,
                    clip_skip=None if clip_skip == 1 else clip_skip - 1, output_type="np")
     return out.images

@@ -1,0 +1,131 @@
+"""The `sdrt` command: the README's main job on `tiny`, `info`, `samplers`, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from sdrt.cli import main
+
+
+def _sdrt(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "sdrt.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_export_tiny_and_generate(tmp_path):
+    """The README's first command, through the console entry point."""
+    out = tmp_path / "engines"
+    proc = _sdrt("export", "tiny", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["components"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    for c in manifest["components"].values():
+        assert c["parity"]["max_abs_error"] <= c["parity"]["tolerance"]
+    assert manifest["source"]["name"] == "tiny" and len(manifest["source"]["sha256"]) == 64
+    png = tmp_path / "cat.png"
+    proc = _sdrt("generate", "a cat on a sofa", "--engines", out, "-o", png, "--seed", "3",
+                 "--negative-prompt", "blurry", "--sampler", "Euler a", "--steps", "5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(png)
+    assert "step/s" in proc.stderr or "s/step" in proc.stderr  # the progress bar
+    with Image.open(png) as im:
+        assert im.size == (128, 128)  # tiny's default size
+        params = im.text["parameters"]
+    assert params.splitlines()[0] == "a cat on a sofa"
+    assert params.splitlines()[1] == "Negative prompt: blurry"
+    assert "Steps: 5, Sampler: Euler a, CFG scale: 7.5, Seed: 3, Size: 128x128, Model hash: " in params
+    assert manifest["source"]["sha256"][:10] in params
+
+
+def test_info_and_samplers(engines, capsys):
+    assert main(["info", str(engines["f4"])]) == 0
+    text = capsys.readouterr().out
+    assert "VAE scale factor 4" in text and "unet: onnx fp32" in text and "parity max abs error" in text
+    assert main(["info", "--json", str(engines["f4"])]) == 0
+    assert json.loads(capsys.readouterr().out)["vae_scale_factor"] == 4
+    assert main(["samplers"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("dpmpp_2m_karras") and "DPM++ 2M Karras" in line for line in lines)
+    assert any(line.startswith("euler_a") and "stochastic" in line for line in lines)
+
+
+def _bad_engine_dirs(engines, tmp_path):
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(engines["eps"], corrupt)
+    (corrupt / "manifest.json").write_text("{not json")
+    missing_file = tmp_path / "missing-file"
+    shutil.copytree(engines["eps"], missing_file)
+    (missing_file / "unet" / "model.onnx").unlink()
+    return corrupt, missing_file
+
+
+BAD_GENERATE = {
+    "unknown sampler": (["--sampler", "k_euler_typo"], "unknown sampler 'k_euler_typo'"),
+    "size not a multiple": (["--width", "60"], "multiples of 8"),
+    "zero steps": (["--steps", "0"], "steps must be an integer >= 1"),
+    "strength too high": (["--init-image", "{image}", "--strength", "1.5"], "strength must be in [0, 1]"),
+    "strength negative": (["--init-image", "{image}", "--strength", "-0.1"], "strength must be in [0, 1]"),
+    "unreadable init image": (["--init-image", "{bad_image}"], "cannot read image"),
+    "missing init image": (["--init-image", "{tmp}/nope.png"], "cannot read image"),
+    "clip skip too large": (["--clip-skip", "9"], "clip skip must be between 1 and 4"),
+    "not a png": (["-o", "{tmp}/out.jpg"], "must be a .png"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_GENERATE)
+def test_generate_bad_input(engines, tmp_path, capsys, case):
+    image = tmp_path / "init.png"
+    Image.new("RGB", (64, 48), "red").save(image)
+    bad_image = tmp_path / "bad.png"
+    bad_image.write_text("not an image")
+    extra, message = BAD_GENERATE[case]
+    extra = [a.format(image=image, bad_image=bad_image, tmp=tmp_path) for a in extra]
+    rc = main(["generate", "x", "--engines", str(engines["eps"]), "-o", str(tmp_path / "o.png"), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_bad_engine_dirs(engines, tmp_path, capsys):
+    corrupt, missing_file = _bad_engine_dirs(engines, tmp_path)
+    cases = {tmp_path / "nowhere": "does not exist", tmp_path: "no manifest.json",
+             corrupt: "is corrupt", missing_file: "unet file unet/model.onnx is missing"}
+    for directory, message in cases.items():
+        for argv in (["generate", "x", "--engines", str(directory)], ["info", str(directory)]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_export_bad_sources(tmp_path, capsys):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file.txt").write_text("hello")
+    for source in (tmp_path / "folder", tmp_path / "file.txt", "no-such-model"):
+        assert main(["export", str(source), str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert "is not a checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    assert main(["export", "tiny", str(tmp_path / "full")]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_failed_export_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """A component over its parity tolerance fails the export (exit 1) and writes no engine dir."""
+    from sdrt.export import onnx_export
+
+    monkeypatch.setitem(onnx_export.PARITY_TOLERANCE, "fp32", 0.0)
+    out = tmp_path / "engines"
+    assert main(["-q", "export", "tiny", str(out)]) == 1
+    assert "differs from PyTorch" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,127 @@
+"""Pipeline behaviour beyond parity: seeds, batching, guidance, callbacks, warnings, bad arguments."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import sdrt
+from sdrt.errors import InputError
+
+ARGS = dict(steps=3, width=64, height=48)
+
+
+@pytest.fixture(scope="module")
+def pipe(engines):
+    with sdrt.Pipeline.load(engines["eps"]) as p:
+        yield p
+
+
+def _unet_batches(pipe, monkeypatch):
+    unet = pipe.engine("unet")
+    seen = []
+    real = unet._run
+
+    def spy(feeds):
+        seen.append(feeds["sample"].shape[0])
+        return real(feeds)
+
+    monkeypatch.setattr(unet, "_run", spy)
+    return seen
+
+
+@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m_karras"])
+def test_seeds_are_reproducible(pipe, sampler):
+    a = pipe("a dog", seed=10, sampler=sampler, **ARGS).pixels
+    b = pipe("a dog", seed=10, sampler=sampler, **ARGS).pixels
+    c = pipe("a dog", seed=11, sampler=sampler, **ARGS).pixels
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 0.01
+
+
+def test_image_i_uses_seed_plus_i_whatever_the_batch(pipe):
+    batch = pipe("a dog", seed=20, num_images=3, sampler="euler_a", **ARGS)
+    assert batch.seeds == [20, 21, 22]
+    single = pipe("a dog", seed=21, sampler="euler_a", **ARGS)
+    np.testing.assert_allclose(batch.pixels[1], single.pixels[0], atol=1e-4)
+    assert "Seed: 21" in batch.parameters[1]
+
+
+def test_random_seed_is_reported(pipe):
+    r = pipe("a dog", **ARGS)
+    again = pipe("a dog", seed=r.seeds[0], **ARGS)
+    np.testing.assert_array_equal(r.pixels, again.pixels)
+
+
+@pytest.mark.parametrize("guidance,per_call", [(7.5, 4), (1.0, 2), (0.5, 2)])
+def test_guidance_le_1_runs_conditional_pass_only(pipe, monkeypatch, guidance, per_call):
+    seen = _unet_batches(pipe, monkeypatch)
+    pipe("a dog", num_images=2, guidance_scale=guidance, **ARGS)
+    assert seen == [per_call] * ARGS["steps"]
+
+
+def test_callback_and_img2img_step_count(pipe):
+    calls = []
+    pipe("a dog", steps=5, width=64, height=48, callback=lambda i, n, x: calls.append((i, n, x.shape)))
+    assert calls == [(i, 5, (1, 4, 6, 8)) for i in range(5)]
+    calls.clear()
+    init = Image.new("RGB", (64, 48), "blue")
+    r = pipe("a dog", steps=10, image=init, strength=0.35, callback=lambda i, n, x: calls.append(n))
+    assert calls == [3] * 3  # int(10 * 0.35) steps run, as diffusers
+    assert r.pixels.shape == (1, 48, 64, 3) and "Denoising strength: 0.35" in r.parameters[0]
+
+
+def test_strength_zero_returns_the_encoded_image(pipe):
+    init = np.zeros((48, 64, 3), np.float32) + 0.5
+    r = pipe("a dog", steps=4, image=init, strength=0.0, seed=1)
+    assert r.pixels.shape == (1, 48, 64, 3)
+
+
+def test_init_image_is_resized_to_requested_size(pipe):
+    r = pipe("a dog", steps=2, image=Image.new("RGB", (100, 70)), width=64, height=64, strength=0.5)
+    assert r.pixels.shape == (1, 64, 64, 3)
+    r = pipe("a dog", steps=2, image=Image.new("RGB", (70, 50)), strength=0.5)
+    assert r.pixels.shape == (1, 48, 64, 3)  # rounded down to multiples of 8
+
+
+def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
+    long = "a very detailed painting of " + "a red apple and " * 30
+    with caplog.at_level(logging.WARNING, logger="sdrt"):
+        r = pipe(long, seed=1, **ARGS)
+    assert "longer than 77 tokens" in caplog.text and "apple" in caplog.text
+    short = pipe(long, seed=1, **ARGS)
+    np.testing.assert_array_equal(r.pixels, short.pixels)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"latents": np.zeros((1, 4, 5, 8))}, "latents: shape"),
+    ({"mask": Image.new("L", (64, 48))}, "inpainting is not supported"),
+    ({"num_images": 0}, "number of images"),
+    ({"guidance_scale": -1.0}, "guidance scale"),
+    ({"height": 0}, "multiples of 8"),
+])
+def test_bad_arguments(pipe, kwargs, message):
+    args = ARGS | kwargs
+    with pytest.raises(InputError, match=message):
+        pipe("a dog", **args)
+
+
+def test_unknown_provider(engines):
+    with pytest.raises(InputError, match="unknown provider"):
+        sdrt.Pipeline.load(engines["eps"], provider="metal")
+
+
+@pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
+def test_gpu_providers(engines, provider):
+    import onnxruntime as ort
+
+    wanted = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}[provider]
+    if wanted not in ort.get_available_providers():
+        pytest.skip(f"{wanted} not available: needs onnxruntime-gpu and an NVIDIA GPU")
+    with sdrt.Pipeline.load(engines["eps"], provider=provider) as gpu, sdrt.Pipeline.load(engines["eps"]) as cpu:
+        a = gpu("a dog", seed=1, **ARGS).pixels
+        b = cpu("a dog", seed=1, **ARGS).pixels
+    assert np.abs(a - b).max() < 2e-2  # TensorRT runs fp16
