@@ -88,7 +88,7 @@ def cmd_info(args) -> int:
           f"({m.scheduler_config.get('timestep_spacing', 'leading')} spacing)")
     print(f"latents        {m.dims.latent_channels} channels, VAE scale factor {m.dims.vae_scale_factor}, "
           f"scaling {m.vae_scaling_factor}, default size {m.default_image_size} px")
-    print(f"exported with  " + ", ".join(f"{k} {v}" for k, v in m.exporter.items()))
+    print("exported with  " + ", ".join(f"{k} {v}" for k, v in m.exporter.items()))
     for name, c in m.components.items():
         size = sum((d / f).stat().st_size for f in c.files) / 2**20
         parity = "n/a" if c.parity_max_abs is None else f"{c.parity_max_abs:.2g} (tol {c.parity_tolerance:.2g})"

@@ -24,7 +24,7 @@ class Dim:
         return self.name if self.scale == 1 else f"{self.scale}*{self.name}"
 
     @classmethod
-    def parse(cls, text: str) -> "Dim":
+    def parse(cls, text: str) -> Dim:
         scale, _, name = text.rpartition("*")
         return cls(name, int(scale) if scale else 1)
 
@@ -43,7 +43,7 @@ class TensorSpec:
                 "shape": [d if isinstance(d, int) else str(d) for d in self.shape]}
 
     @classmethod
-    def from_json(cls, d: dict) -> "TensorSpec":
+    def from_json(cls, d: dict) -> TensorSpec:
         shape = tuple(x if isinstance(x, int) else Dim.parse(x) for x in d["shape"])
         return cls(d["name"], d["dtype"], shape)
 
@@ -99,7 +99,7 @@ class ComponentSpec:
                 "dims": {k: {"min": v[0], "opt": v[1], "max": v[2]} for k, v in self.dims.items()}}
 
     @classmethod
-    def from_json(cls, name: str, d: dict) -> "ComponentSpec":
+    def from_json(cls, name: str, d: dict) -> ComponentSpec:
         return cls(name, tuple(TensorSpec.from_json(t) for t in d["inputs"]),
                    tuple(TensorSpec.from_json(t) for t in d["outputs"]),
                    {k: (v["min"], v["opt"], v["max"]) for k, v in d["dims"].items()})

@@ -32,7 +32,7 @@ class ComponentEntry:
         return d
 
     @classmethod
-    def from_json(cls, name: str, d: dict) -> "ComponentEntry":
+    def from_json(cls, name: str, d: dict) -> ComponentEntry:
         parity = d.get("parity", {})
         return cls(ComponentSpec.from_json(name, d), list(d["files"]), d["backend"], d["precision"],
                    list(d.get("optimizations", [])), parity.get("max_abs_error"), parity.get("tolerance"))
@@ -68,7 +68,7 @@ class Manifest:
         (Path(directory) / MANIFEST).write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
     @classmethod
-    def read(cls, directory: str | Path) -> "Manifest":
+    def read(cls, directory: str | Path) -> Manifest:
         """Load and validate; every problem is an InputError naming the directory and what is wrong."""
         d = Path(directory)
         path = d / MANIFEST

@@ -114,7 +114,7 @@ class ClipTokenizer:
         self.pad_id = pad_id
 
     @classmethod
-    def from_dir(cls, directory: str | Path) -> "ClipTokenizer":
+    def from_dir(cls, directory: str | Path) -> ClipTokenizer:
         d = Path(directory)
         config = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):

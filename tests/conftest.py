@@ -25,8 +25,13 @@ SIZES = {"eps": (64, 48), "vpred": (48, 64), "f4": (32, 24)}
 
 def make_checkpoint(kind: str, path: Path) -> Path:
     import torch
-    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from sdrt.export import sources

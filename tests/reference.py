@@ -12,7 +12,7 @@ import numpy as np
 from sdrt.runtime.samplers import get_sampler
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pipelines(path: str):
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
@@ -83,7 +83,8 @@ def img2img(path: Path, *, image, strength, prompt, negative_prompt, steps, samp
     _, pipe, config = _pipelines(str(path))
     pipe.scheduler = scheduler_for(config, sampler)
     with _fixed_noise(posterior_noise, latents):
-        out = pipe(prompt, image=image, strength=strength, **_negative(pipe, negative_prompt, guidance_scale, clip_skip),
+        out = pipe(prompt, image=image, strength=strength,
+                   **_negative(pipe, negative_prompt, guidance_scale, clip_skip),
                    num_inference_steps=steps, guidance_scale=guidance_scale, num_images_per_prompt=num_images,
                    clip_skip=None if clip_skip == 1 else clip_skip - 1, output_type="np")
     return out.images

@@ -22,7 +22,7 @@ MATRIX = list(itertools.product(
 IDS = [f"{c}-{s}-{'neg' if n else 'noneg'}-b{b}-g{g}-skip{k}" for c, s, n, b, g, k in MATRIX]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pipe(path):
     return sdrt.Pipeline.load(path)
 

@@ -1,7 +1,6 @@
 """The runtime tokenizer against transformers' CLIPTokenizer, on both file forms."""
 
 import json
-import logging
 
 import numpy as np
 import pytest

@@ -53,6 +53,17 @@ def _versions() -> dict:
             "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
 
 
+def _quiet_third_party() -> None:
+    """torch's ONNX exporter and transformers log per-op chatter at WARNING; keep the console to ours."""
+    import torch  # noqa: F401  (its loggers exist only once imported)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("torch.onnx", "onnx_ir", "onnxscript")):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def export(source: str, out_dir: str | Path, *, backend: str = "onnx", precision: str = "fp32",
            opset: int | None = None, force: bool = False, progress: bool = True) -> Manifest:
     """Export SOURCE (diffusers folder, hub id, `tiny`, `random-sd15`) to OUT_DIR; return its manifest."""
@@ -67,6 +78,7 @@ def export(source: str, out_dir: str | Path, *, backend: str = "onnx", precision
         raise InputError(f"--precision {precision}: this build exports {', '.join(PRECISIONS)}")
     out_dir = Path(out_dir)
     _check_target(out_dir, force)
+    _quiet_third_party()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

@@ -9,7 +9,7 @@ import numpy as np
 from sdrt.errors import InputError
 
 
-def load_image(image) -> "PIL.Image.Image | np.ndarray":
+def load_image(image):
     """A path is opened with Pillow; PIL images and arrays pass through. Unreadable files: InputError."""
     if isinstance(image, (str, Path)):
         from PIL import Image, UnidentifiedImageError

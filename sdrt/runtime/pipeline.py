@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -39,7 +39,7 @@ class Pipeline:
         self.engines = {}  # component name -> Backend, filled by engine()
 
     @classmethod
-    def load(cls, engine_dir: str | Path, provider: str = "cpu") -> "Pipeline":
+    def load(cls, engine_dir: str | Path, provider: str = "cpu") -> Pipeline:
         check_provider(provider)
         d = Path(engine_dir)
         manifest = Manifest.read(d)
@@ -82,7 +82,7 @@ class Pipeline:
     def encode_prompts(self, prompts: list[str], clip_skip: int) -> np.ndarray:
         """(len(prompts), 77, D) embeddings from CLIP layer -clip_skip (after the final LayerNorm)."""
         tok = self.tokenizer(prompts)
-        for prompt, dropped in zip(prompts, tok.truncated):
+        for dropped in tok.truncated:
             if dropped:
                 log.warning("prompt is longer than %d tokens; this part was dropped: %r",
                             self.tokenizer.max_length, dropped)

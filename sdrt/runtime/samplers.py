@@ -8,8 +8,8 @@ history lives in local variables. Each function matches the diffusers scheduler 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 

@@ -22,12 +22,12 @@ class Schedule:
     sigmas: np.ndarray  # (n + 1,) decreasing, noise level before each step and after the last
     timesteps: np.ndarray  # (n,) the UNet timestep for sigmas[i]
     sigmas_prev: np.ndarray | None = None  # DDIM only: the level each step lands on, see ddim_schedule
-    table: "NoiseTable | None" = field(default=None, compare=False)
+    table: NoiseTable | None = field(default=None, compare=False)
 
     def __len__(self) -> int:
         return len(self.timesteps)
 
-    def tail(self, start: int) -> "Schedule":
+    def tail(self, start: int) -> Schedule:
         """The steps from `start` on (img2img skips the first ones)."""
         prev = None if self.sigmas_prev is None else self.sigmas_prev[start:]
         return Schedule(self.sigmas[start:], self.timesteps[start:], prev, self.table)
