@@ -166,13 +166,18 @@ def _setup_logging(quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+def _one_line(error: Exception) -> str:
+    """Library messages may quote multi-line text from onnxruntime or the hub; the CLI prints one line."""
+    return " ".join(str(error).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _setup_logging(args.quiet)
         return args.fn(args)
     except SdrtError as e:
-        print(f"sdrt: error: {e}", file=sys.stderr)
+        print(f"sdrt: error: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("sdrt: interrupted", file=sys.stderr)
@@ -180,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: one line unless SDRT_DEBUG asks for the traceback
         if os.environ.get("SDRT_DEBUG"):
             raise
-        print(f"sdrt: internal error: {type(e).__name__}: {e} (set SDRT_DEBUG=1 for a traceback)",
+        print(f"sdrt: internal error: {type(e).__name__}: {_one_line(e)} (set SDRT_DEBUG=1 for a traceback)",
               file=sys.stderr)
         return 1
 

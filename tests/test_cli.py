@@ -105,6 +105,25 @@ def test_bad_engine_dirs(engines, tmp_path, capsys):
             assert message in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_corrupt_onnx_file(engines, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(engines["eps"], broken)
+    data = (broken / "unet" / "model.onnx").read_bytes()
+    (broken / "unet" / "model.onnx").write_bytes(data[: len(data) // 3])
+    assert main(["generate", "x", "--engines", str(broken), "-o", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load" in err and "unet/model.onnx" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_hub_id_without_network(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["export", "some-org/some-model", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "could not load 'some-org/some-model' from the Hugging Face hub" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 def test_export_bad_sources(tmp_path, capsys):
     (tmp_path / "folder").mkdir()
     (tmp_path / "file.txt").write_text("hello")

@@ -60,7 +60,7 @@ def _quiet_third_party() -> None:
 
     transformers.logging.set_verbosity_error()
     for name in list(logging.root.manager.loggerDict):
-        if name.startswith(("torch.onnx", "onnx_ir", "onnxscript")):
+        if name.startswith(("torch", "onnx_ir", "onnxscript")):
             logging.getLogger(name).setLevel(logging.ERROR)
 
 

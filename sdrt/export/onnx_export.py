@@ -36,6 +36,11 @@ def wrap(name: str, pipe):
         def __init__(self, unet):
             super().__init__()
             self.unet = unet
+            # diffusers passes explicit upsample sizes only when a latent side is not a multiple of
+            # 2 ** num_upsamplers, a branch torch.export would fix at the traced size. Pretending to
+            # have 64 upsamplers takes that branch for every size: nearest upsampling to an explicit
+            # size equals scale_factor=2 where both apply, and odd latent sides (520 px) then work.
+            unet.num_upsamplers = 64
 
         def forward(self, sample, timestep, encoder_hidden_states):
             return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]

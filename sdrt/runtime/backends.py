@@ -102,8 +102,8 @@ class OrtBackend(Backend):
         opts.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
-        except Exception as e:  # onnxruntime raises its own Fail / InvalidGraph types
-            raise SdrtError(f"cannot load {self.path}: {e}") from None
+        except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf types
+            raise InputError(f"cannot load {self.path} (corrupt or not an ONNX model?): {e}") from None
         self._outputs = [t.name for t in self.spec.outputs]
 
     def _run(self, feeds):
