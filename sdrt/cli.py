@@ -17,7 +17,7 @@ log = logging.getLogger("sdrt")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse prints usage as well)
-        raise InputError(f"{self.prog}: {message}")
+        raise InputError(f"{message} (see `{self.prog} --help`)")
 
 
 def cmd_export(args) -> int:
@@ -60,7 +60,8 @@ def cmd_generate(args) -> int:
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                       sampler=args.sampler, guidance_scale=args.guidance_scale, seed=args.seed,
                       width=args.width, height=args.height, num_images=args.batch, clip_skip=args.clip_skip,
-                      image=args.init_image, strength=args.strength, mask=args.mask, callback=progress)
+                      image=args.init_image, strength=args.strength, mask=args.mask, callback=progress,
+                      schedule_type=args.schedule_type, eta=args.eta)
     for bar in bars:
         bar.close()
     from sdrt.runtime.images import save_png
@@ -105,23 +106,32 @@ def cmd_info(args) -> int:
 def cmd_samplers(args) -> int:
     from sdrt.runtime.samplers import SAMPLERS
 
+    print(f"{'name':<20} {'A1111 name':<20} {'kind':<14} {'schedule types':<33} diffusers scheduler")
     for s in SAMPLERS.values():
         kind = "deterministic" if s.deterministic else "stochastic"
-        print(f"{s.name:<18} {s.display:<18} {kind:<14} diffusers {s.diffusers[0]}"
-              + (" (Karras sigmas)" if s.karras else ""))
+        if s.name == "ddim":
+            kind += "*"
+        cls, overrides = s.diffusers
+        extra = ", ".join(f"{k}={v}" for k, v in overrides.items())
+        print(f"{s.name:<20} {s.display:<20} {kind:<14} {', '.join(s.schedule_types) or '-':<33} "
+              f"{cls}" + (f" ({extra})" if extra else ""))
+    print("\n* ddim is stochastic with --eta > 0. A schedule type is chosen with --schedule-type.")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from sdrt import __version__
-    from sdrt.runtime.samplers import DEFAULT_SAMPLER
+    from sdrt.runtime.samplers import DEFAULT_SAMPLER, SCHEDULE_TYPES
 
     p = _Parser(prog="sdrt", description="Stable Diffusion on ONNX Runtime / TensorRT engines, no torch.")
     p.add_argument("--version", action="version", version=f"sdrt {__version__}")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    e = sub.add_parser("export", help="checkpoint -> engine dir (ONNX + manifest.json)")
+    quiet = _Parser(add_help=False)  # -q works after the subcommand too
+    quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="no progress bars or info logs")
+    e = sub.add_parser("export", parents=[quiet], help="checkpoint -> engine dir (ONNX + manifest.json)")
     e.add_argument("source", help="diffusers folder, hub id, 'tiny' or 'random-sd15'")
     e.add_argument("out_dir")
     e.add_argument("--backend", default="onnx", choices=["onnx", "tensorrt"])
@@ -130,13 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     e.set_defaults(fn=cmd_export)
 
-    g = sub.add_parser("generate", help="prompt -> PNG (A1111 'parameters' metadata included)")
+    g = sub.add_parser("generate", parents=[quiet], help="prompt -> PNG (A1111 'parameters' metadata included)")
     g.add_argument("prompt")
     g.add_argument("--engines", required=True, help="engine dir written by `sdrt export`")
     g.add_argument("-o", "--output", default="sdrt.png", help="PNG path; with --batch N: NAME-0.png ...")
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--steps", type=int, default=20)
     g.add_argument("--sampler", default=DEFAULT_SAMPLER, help="see `sdrt samplers`; A1111 names work too")
+    g.add_argument("--schedule-type", default=None, choices=list(SCHEDULE_TYPES),
+                   help="A1111 schedule type for the samplers that take one (see `sdrt samplers`)")
+    g.add_argument("--eta", type=float, default=None, help="ddim only: noise amount in [0, 1] (default 0)")
     g.add_argument("--guidance-scale", type=float, default=7.5)
     g.add_argument("--seed", type=int, default=None, help="image i uses seed + i (default: random)")
     g.add_argument("--width", type=int, default=None)
@@ -179,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     except SdrtError as e:
         print(f"sdrt: error: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # `sdrt samplers | head`: stop quietly (Python docs' SIGPIPE advice)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         print("sdrt: interrupted", file=sys.stderr)
         return 130

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from unittest import mock
 
@@ -28,11 +28,11 @@ def _pipelines(path: str):
     return txt, img, dict(txt.scheduler.config)
 
 
-def scheduler_for(config: dict, sampler: str):
+def scheduler_for(config: dict, sampler: str, schedule_type: str | None = None):
     """The diffusers scheduler an sdrt sampler name maps to, from the checkpoint's own config."""
     import diffusers
 
-    cls, overrides = get_sampler(sampler).diffusers
+    cls, overrides = get_sampler(sampler).diffusers_config(schedule_type)
     return getattr(diffusers, cls).from_config(config, **overrides)
 
 
@@ -47,16 +47,47 @@ def _negative(pipe, negative_prompt, guidance_scale, clip_skip) -> dict:
     return {"negative_prompt_embeds": embeds}
 
 
+# diffusers modules whose noise draws are replaced by sdrt's
+NOISE_MODULES = ["scheduling_euler_ancestral_discrete", "scheduling_k_dpm_2_ancestral_discrete",
+                 "scheduling_dpmsolver_multistep", "scheduling_ddpm", "scheduling_lcm", "scheduling_ddim"]
+
+
+def patch_noise(stack, draws):
+    """Within `stack`, every noise draw of a diffusers scheduler returns draws(shape) instead."""
+    import torch
+    from diffusers import schedulers as mods
+
+    def randn(shape, generator=None, device=None, dtype=None, layout=None):
+        return torch.from_numpy(draws(tuple(shape)).astype(np.float32 if dtype == torch.float32 else np.float64))
+
+    for name in NOISE_MODULES:
+        stack.enter_context(mock.patch.object(getattr(mods, name), "randn_tensor", randn))
+
+    class Brownian:  # DPMSolverSDEScheduler's noise sampler: one draw per call
+        def __init__(self, x, *args, **kwargs):
+            self.shape, self.dtype = tuple(x.shape), x.dtype
+
+        def __call__(self, sigma, sigma_next):
+            return randn(self.shape, dtype=self.dtype)
+
+    stack.enter_context(mock.patch.object(mods.scheduling_dpmsolver_sde, "BrownianTreeNoiseSampler", Brownian))
+
+
 def txt2img(path: Path, *, prompt, negative_prompt, steps, sampler, guidance_scale, width, height,
-            num_images, clip_skip, latents: np.ndarray) -> np.ndarray:
+            num_images, clip_skip, latents: np.ndarray, draws=None, schedule_type=None, eta=None) -> np.ndarray:
+    """draws: sdrt's sampler noise (noise.ImageNoise) to feed diffusers' stochastic schedulers."""
     import torch
 
     pipe, _, config = _pipelines(str(path))
-    pipe.scheduler = scheduler_for(config, sampler)
-    out = pipe(prompt, **_negative(pipe, negative_prompt, guidance_scale, clip_skip), num_inference_steps=steps,
-               guidance_scale=guidance_scale, width=width, height=height, num_images_per_prompt=num_images,
-               clip_skip=None if clip_skip == 1 else clip_skip - 1,  # diffusers counts skipped layers
-               latents=torch.from_numpy(latents.astype(np.float32)), output_type="np")
+    pipe.scheduler = scheduler_for(config, sampler, schedule_type)
+    with ExitStack() as stack:
+        if draws is not None:
+            patch_noise(stack, draws)
+        out = pipe(prompt, **_negative(pipe, negative_prompt, guidance_scale, clip_skip), num_inference_steps=steps,
+                   guidance_scale=guidance_scale, width=width, height=height, num_images_per_prompt=num_images,
+                   clip_skip=None if clip_skip == 1 else clip_skip - 1,  # diffusers counts skipped layers
+                   latents=torch.from_numpy(latents.astype(np.float32)), output_type="np",
+                   **({} if eta is None else {"eta": eta}))
     return out.images
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import sdrt
-from sdrt.runtime import noise
+from sdrt.runtime import noise, samplers
 from tests import reference
 from tests.conftest import CHECKPOINTS, SIZES
 
@@ -71,26 +71,32 @@ def test_img2img_matches_diffusers(engines, checkpoints, kind, sampler, negative
     assert err < TOL, f"max abs pixel error {err:.2e}"
 
 
-@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_a"])
-def test_other_samplers_match_diffusers(engines, checkpoints, sampler):
-    """dpmpp_2m (deterministic) and euler_a with diffusers fed sdrt's per-step noise."""
-    from unittest import mock
-
-    import torch
-    from diffusers.schedulers import scheduling_euler_ancestral_discrete as ea
-
-    kind = "eps"
+@pytest.mark.parametrize("kind", ["eps", "vpred"])
+@pytest.mark.parametrize("sampler", sorted(samplers.SAMPLERS))
+def test_every_sampler_end_to_end(engines, checkpoints, kind, sampler):
+    """Every sampler through sdrt.Pipeline equals StableDiffusionPipeline with the matching diffusers
+    scheduler; stochastic ones with diffusers handed sdrt's noise draws."""
     pipe = _pipe(engines[kind])
     w, h = SIZES[kind]
     latents = _latents(kind, pipe, 2)
-    draws = noise.ImageNoise([5, 6], noise.SAMPLER)
-
-    def randn(shape, generator=None, device=None, dtype=None, layout=None):
-        return torch.from_numpy(draws(tuple(shape)).astype(np.float32))
-
-    args = dict(prompt=PROMPT, negative_prompt=None, steps=STEPS, sampler=sampler, guidance_scale=7.5,
+    args = dict(prompt=PROMPT, negative_prompt="ugly", steps=STEPS + 1, sampler=sampler, guidance_scale=7.5,
                 width=w, height=h, clip_skip=1)
     ours = pipe(**args, num_images=2, seed=5, latents=latents).pixels
-    with mock.patch.object(ea, "randn_tensor", randn):
-        ref = reference.txt2img(checkpoints[kind], **args, num_images=2, latents=latents)
+    ref = reference.txt2img(checkpoints[kind], **args, num_images=2, latents=latents,
+                            draws=noise.ImageNoise([5, 6], noise.SAMPLER))
+    err = np.abs(ours - ref).max()
+    assert err < TOL, f"max abs pixel error {err:.2e}"
+
+
+@pytest.mark.parametrize("options", [{"sampler": "ddim", "eta": 0.7}, {"sampler": "euler", "schedule_type": "karras"},
+                                     {"sampler": "dpmpp_2m", "schedule_type": "exponential"},
+                                     {"sampler": "unipc", "schedule_type": "sgm_uniform"}])
+def test_sampler_options_end_to_end(engines, checkpoints, options):
+    pipe = _pipe(engines["eps"])
+    w, h = SIZES["eps"]
+    latents = _latents("eps", pipe, 1)
+    args = dict(prompt=PROMPT, negative_prompt=None, steps=STEPS, guidance_scale=7.5, width=w, height=h, clip_skip=1)
+    ours = pipe(**args, **options, num_images=1, seed=5, latents=latents).pixels
+    ref = reference.txt2img(checkpoints["eps"], **args, **options, num_images=1, latents=latents,
+                            draws=noise.ImageNoise([5], noise.SAMPLER))
     assert np.abs(ours - ref).max() < TOL

@@ -32,12 +32,32 @@ class Denoiser:
         t = self._t.get(float(sigma))
         return t if t is not None else float(self._table.sigma_to_t(np.array(sigma)))
 
-    def __call__(self, x: np.ndarray, sigma: float) -> np.ndarray:
+    def raw_output(self, x: np.ndarray, x0: np.ndarray, sigma: float) -> np.ndarray:
+        """The model output (in its own parameterization) that gives x0 at (x, sigma)."""
+        if self.prediction_type == "epsilon":
+            return (x - x0) / sigma
+        if self.prediction_type == "v_prediction":
+            return (x / (sigma**2 + 1) - x0) * np.sqrt(sigma**2 + 1) / sigma
+        return x0
+
+    def eps_from_raw(self, x: np.ndarray, out: np.ndarray, sigma: float) -> np.ndarray:
+        """A model output read as eps at (x, sigma) (diffusers' PNDM converts v this way)."""
+        if self.prediction_type == "epsilon":
+            return out
+        if self.prediction_type == "v_prediction":
+            c = np.sqrt(sigma**2 + 1)
+            return (out + sigma * x / c) / c
+        return (x - out) / sigma
+
+    def __call__(self, x: np.ndarray, sigma: float, *, midpoint: bool = False) -> np.ndarray:
+        """midpoint: a level between two steps (DPM2, DPM++ SDE); its timestep is interpolated even
+        where it equals a schedule level (DPM2 a's midpoint is exactly the next one), as diffusers does."""
         c_in = 1.0 / np.sqrt(sigma**2 + 1)
         model_in = (x * c_in).astype(np.float32)  # (N, C, h, w)
         if self.guided:
             model_in = np.concatenate([model_in, model_in])
-        t = np.full(len(model_in), self.timestep(sigma), dtype=np.float32)
+        t_value = float(self._table.sigma_to_t(np.array(sigma))) if midpoint else self.timestep(sigma)
+        t = np.full(len(model_in), t_value, dtype=np.float32)
         out = self.unet(model_in, t, self.context).astype(np.float64)
         if self.guided:
             uncond, cond = np.split(out, 2)

@@ -11,7 +11,7 @@ import numpy as np
 
 from sdrt.errors import InputError
 from sdrt.manifest import Manifest
-from sdrt.runtime import images, noise, samplers, schedules
+from sdrt.runtime import images, noise, samplers
 from sdrt.runtime.backends import check_provider, load_backend
 from sdrt.runtime.denoiser import Denoiser
 from sdrt.tokenizer import ClipTokenizer
@@ -95,7 +95,10 @@ class Pipeline:
                  seed: int | None = None, width: int | None = None, height: int | None = None,
                  num_images: int = 1, clip_skip: int = 1, image=None, strength: float = 0.8,
                  mask=None, latents: np.ndarray | None = None,
-                 callback: Callable[[int, int, np.ndarray], None] | None = None) -> Result:
+                 callback: Callable[[int, int, np.ndarray], None] | None = None,
+                 schedule_type: str | None = None, eta: float | None = None) -> Result:
+        """schedule_type: "karras", "exponential" or "sgm_uniform" for the samplers that take one
+        (A1111's schedule types); eta: DDIM's noise amount (0 = deterministic)."""
         smp = samplers.get_sampler(sampler)
         if mask is not None:
             raise InputError("mask: inpainting is not supported by this sdrt yet")
@@ -108,6 +111,9 @@ class Pipeline:
             height = height or h0 - h0 % self.scale_factor
         width, height = self._check_size(width), self._check_size(height)
         self._check_args(steps, guidance_scale, num_images, clip_skip, strength, image is not None)
+        config = self.manifest.scheduler_config
+        schedule = smp.make_schedule(config, steps, schedule_type)
+        options = smp.options_for(eta)
         if seed is None:
             seed = noise.new_seed()
         seeds = [int(seed) + i for i in range(num_images)]
@@ -125,12 +131,10 @@ class Pipeline:
         if guidance_scale > 1:  # diffusers: guidance <= 1 runs the conditional pass only
             uncond = np.repeat(self.encode_prompts([negative_prompt or ""], clip_skip), num_images, axis=0)
 
-        config = self.manifest.scheduler_config
-        schedule = smp.make_schedule(config, steps)
         if image is None:
-            x = samplers.initial_state(smp, schedule, config, latents.astype(np.float64))
+            x = samplers.initial_state(smp, schedule, latents.astype(np.float64))
         else:
-            schedule = schedule.tail(schedules.strength_start(steps, strength))
+            schedule = schedule.tail(smp.img2img_start(steps, strength))
             x0 = self.encode_image(image, width, height, seeds)
             x = x0 + latents.astype(np.float64) * schedule.sigmas[0] if len(schedule) else x0
 
@@ -142,16 +146,18 @@ class Pipeline:
             if callback is not None:
                 callback(i, total, x)
 
-        x = smp.fn(denoise, x, schedule, noise=noise.ImageNoise(seeds, noise.SAMPLER), callback=on_step)
+        x = smp.fn(denoise, x, schedule, noise=noise.ImageNoise(seeds, noise.SAMPLER), callback=on_step, **options)
         if len(schedule):
             x = samplers.final_latents(smp, schedule, x)
         pixels = self.decode(x)
         info = [images.a1111_parameters(prompt, negative_prompt or "", {
-            "Steps": steps, "Sampler": smp.display, "CFG scale": guidance_scale, "Seed": s,
+            "Steps": steps, "Sampler": smp.display,
+            "Schedule type": schedule_type.replace("_", " ").title() if schedule_type else None,
+            "CFG scale": guidance_scale, "Seed": s,
             "Size": f"{width}x{height}", "Model hash": self.manifest.source.get("sha256", "")[:10],
             "Model": Path(str(self.manifest.source.get("name", ""))).name,
             "Clip skip": clip_skip if clip_skip != 1 else None,
-            "Denoising strength": strength if image is not None else None,
+            "Denoising strength": strength if image is not None else None, "Eta": eta,
         }) for s in seeds]
         return Result(images.to_pil(pixels), pixels, seeds, info)
 
