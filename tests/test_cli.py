@@ -75,6 +75,11 @@ BAD_GENERATE = {
     "missing init image": (["--init-image", "{tmp}/nope.png"], "cannot read image"),
     "clip skip too large": (["--clip-skip", "9"], "clip skip must be between 1 and 4"),
     "not a png": (["-o", "{tmp}/out.jpg"], "must be a .png"),
+    "schedule type the sampler lacks": (["--sampler", "ddim", "--schedule-type", "karras"],
+                                        "sampler ddim does not take schedule type 'karras'"),
+    "eta for a sampler without it": (["--sampler", "euler", "--eta", "0.5"], "eta applies to the ddim sampler only"),
+    "eta out of range": (["--sampler", "ddim", "--eta", "2"], "eta must be in [0, 1]"),
+    "unknown schedule type": (["--schedule-type", "cosine"], "invalid choice: 'cosine'"),
 }
 
 
