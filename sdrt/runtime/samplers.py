@@ -415,7 +415,7 @@ _TABLE = [
     *_variants("dpmpp_sde", "DPM++ SDE", sample_dpmpp_sde, _k, False, "ve", "DPMSolverSDEScheduler"),
     Sampler("unipc", "UniPC", sample_unipc, _ms, True, "vp", ("UniPCMultistepScheduler", {}), _K),
     Sampler("deis", "DEIS", sample_deis, partial(_ms, final="deis"), True, "vp", ("DEISMultistepScheduler", {}), _K),
-    Sampler("ddpm", "DDPM", sample_ddpm, partial(schedules.ddim_schedule, final="one"), False, "vp",
+    Sampler("ddpm", "DDPM", sample_ddpm, partial(schedules.ddim_schedule, final_alpha_one=True), False, "vp",
             ("DDPMScheduler", {})),
     Sampler("lcm", "LCM", sample_lcm, schedules.lcm_schedule, False, "vp", ("LCMScheduler", {})),
 ]

@@ -166,8 +166,7 @@ def multistep_schedule(config: dict, n: int, sigma_type: str = "default", *, fin
     """DPMSolverMultistep, UniPC and DEIS: n + 1 spaced points without the last; Karras /
     exponential levels span the whole training range, Karras timesteps rounded.
 
-    final: "config" (final_sigmas_type, DPM-Solver and UniPC) or "deis" (sigma_min, or the last
-    level repeated for Karras / exponential).
+    final: "config" (final_sigmas_type, DPM-Solver and UniPC) or "deis" (always sigma_min).
     """
     table = NoiseTable(config)
     t = spaced_timesteps(config, n, extra=True)
@@ -179,24 +178,20 @@ def multistep_schedule(config: dict, n: int, sigma_type: str = "default", *, fin
         t = np.trunc(t)  # the solvers keep int64 timesteps
     else:
         sigmas = table.sigma_at(t)
-    if final == "deis":
-        last = float(table.sigmas[0]) if sigma_type == "default" else float(sigmas[-1])
-    elif config.get("final_sigmas_type", "zero") == "sigma_min":
-        last = float(table.sigmas[0]) if sigma_type == "default" else float(sigmas[-1])
-    else:
-        last = 0.0
+    # Karras / exponential levels end at sigma_min too, so one value serves every variant
+    last = float(table.sigmas[0]) if final == "deis" or config.get("final_sigmas_type") == "sigma_min" else 0.0
     return Schedule(np.append(sigmas, last), t, table=table, params=_params(config, n))
 
 
-def ddim_schedule(config: dict, n: int, sigma_type: str = "default", *, final: str = "set_alpha_to_one") -> Schedule:
+def ddim_schedule(config: dict, n: int, sigma_type: str = "default", *, final_alpha_one: bool = False) -> Schedule:
     """DDIM, PLMS, DDPM: integer timesteps. Step i lands on t - T // n (`sigmas_prev`), which is the
     next timestep except under `linspace` spacing; below t = 0 on the final alpha_bar (DDIM and
-    PLMS: 1 or alpha_bar_0 by set_alpha_to_one; DDPM, final="one": always 1)."""
+    PLMS: 1 or alpha_bar_0 by set_alpha_to_one; DDPM, final_alpha_one: always 1)."""
     if sigma_type != "default":
         raise InputError(f"this sampler has no {sigma_type} schedule type")
     table = NoiseTable(config)
     t = spaced_timesteps(config, n)
-    if final == "one" or config.get("set_alpha_to_one", True):
+    if final_alpha_one or config.get("set_alpha_to_one", True):
         final_sigma = 0.0
     else:
         final_sigma = float(table.sigmas[0])
