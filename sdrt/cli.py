@@ -73,6 +73,32 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from tqdm.auto import tqdm
+
+    from sdrt import bench
+    from sdrt.bench import report
+    from sdrt.manifest import Manifest
+
+    settings = bench.Settings(sizes=args.sizes or [], repeats=args.repeats, warmup=args.warmup, steps=args.steps,
+                              batches=args.batches, sampler=args.sampler, eager=not args.no_eager,
+                              cold=not args.no_cold, end_to_end=not args.no_end_to_end)
+    if args.repeats < 1 or args.warmup < 0 or args.steps < 1 or min(args.batches) < 1:
+        raise InputError("--repeats, --steps and --batches must be >= 1, --warmup >= 0")
+    from sdrt.runtime.samplers import get_sampler
+
+    get_sampler(args.sampler)
+    manifest = Manifest.read(args.engine_dir)
+    paths = 2 if settings.eager else 1
+    with tqdm(total=bench.total_rounds(manifest, settings) * paths, unit="call", desc="bench",
+              disable=args.quiet, file=sys.stderr) as bar:
+        results = bench.run(args.engine_dir, settings, progress=lambda: bar.update(1))
+    files = report.write(results, Path(args.out), command="sdrt " + " ".join(sys.argv[1:]) if sys.argv else None)
+    print(report.markdown(results))
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
 def cmd_info(args) -> int:
     from sdrt.manifest import Manifest
 
@@ -161,6 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask", default=None, help="inpainting mask (not supported yet)")
     g.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"])
     g.set_defaults(fn=cmd_generate)
+
+    b = sub.add_parser("bench", parents=[quiet], help="sdrt engines vs eager PyTorch, side by side")
+    b.add_argument("engine_dir")
+    b.add_argument("--sizes", type=int, nargs="+", default=None, help="image sides in px (default: the model's)")
+    b.add_argument("--repeats", type=int, default=3, help="timed rounds per workload")
+    b.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    b.add_argument("--steps", type=int, default=10, help="steps of the end-to-end generations")
+    b.add_argument("--batches", type=int, nargs="+", default=[1], help="end-to-end batch sizes")
+    b.add_argument("--sampler", default=DEFAULT_SAMPLER)
+    b.add_argument("--no-eager", action="store_true", help="skip the eager PyTorch baseline")
+    b.add_argument("--no-cold", action="store_true", help="skip the cold-start subprocesses")
+    b.add_argument("--no-end-to-end", action="store_true", help="components only")
+    b.add_argument("--out", default="bench-results", help="directory for results.json/.md/.png")
+    b.set_defaults(fn=cmd_bench)
 
     i = sub.add_parser("info", help="describe an engine dir")
     i.add_argument("engine_dir")

@@ -1,0 +1,123 @@
+"""`sdrt bench`: sdrt's engines against the eager PyTorch path they were exported from, side by side
+in one run: per-component and end-to-end times, ratios taken round by round, achieved GFLOP/s against
+a GEMM probe, time to first image and peak RSS from cold starts. Writes JSON, Markdown and a chart."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sdrt.bench import measure
+from sdrt.errors import InputError
+from sdrt.manifest import Manifest
+
+log = logging.getLogger(__name__)
+BASELINE = "eager"
+PROMPT = "a photo of an astronaut riding a horse on mars"
+
+
+@dataclass
+class Settings:
+    sizes: list[int] = field(default_factory=list)  # image sides in px; [] = the model's default size
+    repeats: int = 3
+    warmup: int = 1
+    steps: int = 10  # end-to-end generations
+    batches: list[int] = field(default_factory=lambda: [1])  # end-to-end batch sizes (images per call)
+    sampler: str = "dpmpp_2m_karras"
+    eager: bool = True  # include the eager PyTorch baseline (needs the export extra)
+    cold: bool = True  # cold-start subprocesses: time to first image, peak RSS
+    end_to_end: bool = True
+
+
+def _paths(engine_dir: Path, manifest: Manifest, settings: Settings, skipped: list[str]) -> list:
+    from sdrt.bench.paths import EagerPath, EnginePath
+
+    paths = [EnginePath(engine_dir)]
+    if settings.eager:
+        try:
+            paths.append(EagerPath(manifest))
+        except (ImportError, InputError) as e:
+            skipped.append(f"eager: {e}")
+            log.warning("skipping the eager PyTorch path: %s", e)
+    return paths
+
+
+def _components(paths, manifest, settings, gemm, progress) -> dict:
+    specs = {k: c.spec for k, c in manifest.components.items()}
+    eager = next((p for p in paths if p.name == BASELINE), None)
+    out, current = {}, None
+    for wl in measure.component_workloads(specs, settings.sizes, manifest.dims.vae_scale_factor):
+        if current and current != wl.component:
+            for p in paths:  # one component's sessions / modules in memory at a time
+                p.unload(current)
+        current = wl.component
+        flops = eager.count_flops(wl.component, wl.feeds) if eager else None
+        samples = measure.rounds(paths, lambda p, wl=wl: p.run(wl.component, wl.feeds),
+                                 settings.warmup, settings.repeats, progress)
+        entry = {"component": wl.component, "size": wl.size, "batch": wl.batch, "flops": flops,
+                 "paths": {k: measure.summary(v) for k, v in samples.items() if v},
+                 "ratios": measure.pair_ratios(samples, BASELINE)}
+        if flops:
+            entry["gflops"] = {k: flops / s["median"] / 1e9 for k, s in entry["paths"].items()}
+            entry["fraction_of_peak"] = {k: g / gemm["gflops"] for k, g in entry["gflops"].items()}
+        out[wl.name] = entry
+    for p in paths:
+        p.unload(current)
+    return out
+
+
+def _end_to_end(paths, settings, progress) -> dict:
+    out = {}
+    for size in settings.sizes:
+        for batch in settings.batches:
+            samples = measure.rounds(
+                paths, lambda p, s=size, b=batch: p.generate(PROMPT, settings.steps, s, b, settings.sampler, 0),
+                settings.warmup, settings.repeats, progress)
+            summaries = {k: measure.summary(v) for k, v in samples.items() if v}
+            out[f"generate_b{batch}@{size}"] = {
+                "size": size, "batch": batch, "steps": settings.steps, "sampler": settings.sampler,
+                "paths": summaries, "ratios": measure.pair_ratios(samples, BASELINE),
+                "images_per_minute": {k: 60 * batch / s["median"] for k, s in summaries.items()}}
+    return out
+
+
+def run(engine_dir: str | Path, settings: Settings, progress=None) -> dict:
+    """Measure; return the results dict (also what `report.write` turns into files)."""
+    engine_dir = Path(engine_dir)
+    manifest = Manifest.read(engine_dir)
+    settings.sizes = settings.sizes or [manifest.default_image_size]
+    for s in settings.sizes:
+        if s % manifest.dims.vae_scale_factor:
+            raise InputError(f"--sizes {s}: not a multiple of the VAE scale factor {manifest.dims.vae_scale_factor}")
+    skipped: list[str] = []
+    results = {"machine": measure.machine(), "settings": asdict(settings), "engine_dir": str(engine_dir),
+               "source": manifest.source, "skipped": skipped, "gemm": measure.gemm_peak()}
+    paths = _paths(engine_dir, manifest, settings, skipped)
+    results["paths"] = [p.name for p in paths]
+    try:
+        results["components"] = _components(paths, manifest, settings, results["gemm"], progress)
+        if settings.end_to_end:
+            results["end_to_end"] = _end_to_end(paths, settings, progress)
+    finally:
+        for p in paths:
+            p.close()
+    if settings.cold:
+        results["cold_start"] = {}
+        for p in results["paths"]:
+            try:
+                results["cold_start"][p] = measure.cold_start(p, engine_dir, settings.sizes[0], settings.steps,
+                                                              settings.sampler)
+            except (RuntimeError, OSError, ValueError) as e:
+                skipped.append(f"cold start {p}: {e}")
+    return results
+
+
+def total_rounds(manifest: Manifest, settings: Settings) -> int:
+    """How many timed + warm-up calls per path `run` makes (for a progress bar)."""
+    sizes = settings.sizes or [manifest.default_image_size]
+    specs = {k: c.spec for k, c in manifest.components.items()}
+    n = len(measure.component_workloads(specs, sizes, manifest.dims.vae_scale_factor))
+    if settings.end_to_end:
+        n += len(sizes) * len(settings.batches)
+    return n * (settings.warmup + settings.repeats)

@@ -1,0 +1,111 @@
+"""The things `sdrt bench` measures ("paths"): sdrt's engines and the eager PyTorch modules they came from.
+
+Every path runs the same workloads: a component on inputs built from the engine's declared specs
+(`run`), and a whole generation (`generate`). The eager path runs the very modules export wrapped,
+so both sides compute the same outputs from the same inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from sdrt.errors import InputError
+from sdrt.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+
+class EnginePath:
+    """sdrt engines through ONNX Runtime (the runtime's own Backend objects and Pipeline)."""
+
+    def __init__(self, engine_dir: Path, provider: str = "cpu"):
+        from sdrt.runtime.pipeline import Pipeline
+
+        self.name = "sdrt" if provider == "cpu" else f"sdrt-{provider}"
+        self.pipe = Pipeline.load(engine_dir, provider=provider)
+
+    def run(self, component: str, feeds: dict[str, np.ndarray]) -> None:
+        self.pipe.engine(component).run(feeds)
+
+    def generate(self, prompt: str, steps: int, size: int, batch: int, sampler: str, seed: int) -> np.ndarray:
+        return self.pipe(prompt, steps=steps, width=size, height=size, num_images=batch, sampler=sampler,
+                         seed=seed).pixels
+
+    def unload(self, component: str) -> None:
+        engine = self.pipe.engines.pop(component, None)
+        if engine is not None:
+            engine.close()
+
+    def close(self) -> None:
+        self.pipe.close()
+
+
+class EagerPath:
+    """diffusers' PyTorch modules and StableDiffusionPipeline (fp32 on CPU), rebuilt from the
+    engine's source. Needs the `export` extra. The weights must hash to the manifest's sha256."""
+
+    name = "eager"
+
+    def __init__(self, manifest: Manifest):
+        import torch
+
+        from sdrt.export import sources
+
+        self.torch = torch
+        self._scratch = tempfile.TemporaryDirectory(prefix="sdrt-bench-")
+        try:
+            loaded = sources.load_source(str(manifest.source["name"]), Path(self._scratch.name))
+        except InputError as e:
+            raise InputError(f"eager path: cannot rebuild the engine's source: {e}") from None
+        self.pipe = loaded.pipe
+        self.pipe.set_progress_bar_config(disable=True)
+        digest = sources.content_hash(self.pipe)
+        if digest != manifest.source.get("sha256"):
+            raise InputError("eager path: the source's weights no longer match the engines "
+                             f"(sha256 {digest[:12]} != {str(manifest.source.get('sha256'))[:12]})")
+        self.scheduler_config = dict(self.pipe.scheduler.config)
+        self._modules = {}
+        self.flops: dict[str, int] = {}
+
+    def _module(self, component: str):
+        from sdrt.export.onnx_export import wrap
+
+        if component not in self._modules:
+            self._modules[component] = wrap(component, self.pipe)
+        return self._modules[component]
+
+    def run(self, component: str, feeds: dict[str, np.ndarray]) -> None:
+        module = self._module(component)
+        with self.torch.inference_mode():
+            module(*(self.torch.from_numpy(v) for v in feeds.values()))
+
+    def count_flops(self, component: str, feeds: dict[str, np.ndarray]) -> int:
+        """FLOPs of one call, counted by torch's FlopCounterMode (matmuls and convolutions)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            self.run(component, feeds)
+        return int(counter.get_total_flops())
+
+    def generate(self, prompt: str, steps: int, size: int, batch: int, sampler: str, seed: int) -> np.ndarray:
+        import diffusers
+
+        from sdrt.runtime.samplers import get_sampler
+
+        cls, overrides = get_sampler(sampler).diffusers_config()
+        self.pipe.scheduler = getattr(diffusers, cls).from_config(self.scheduler_config, **overrides)
+        generator = self.torch.Generator().manual_seed(seed)
+        with self.torch.inference_mode():
+            return self.pipe(prompt, num_inference_steps=steps, width=size, height=size,
+                             num_images_per_prompt=batch, generator=generator, output_type="np").images
+
+    def unload(self, component: str) -> None:
+        self._modules.pop(component, None)
+
+    def close(self) -> None:
+        self._modules.clear()
+        self._scratch.cleanup()

@@ -1,0 +1,72 @@
+"""`sdrt bench` smoke run on a tiny engine dir: the output's structure and sanity, not speed."""
+
+import json
+import statistics
+
+import pytest
+
+from sdrt.cli import main
+
+
+@pytest.fixture(scope="module")
+def results(engines, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert main(["-q", "bench", str(engines["eps"]), "--sizes", "64", "--repeats", "2", "--steps", "2",
+                 "--batches", "1", "2", "--out", str(out)]) == 0
+    return json.loads((out / "results.json").read_text()), out
+
+
+def test_outputs_written(results):
+    data, out = results
+    assert (out / "results.md").read_text().startswith("# sdrt bench")
+    assert (out / "results.png").stat().st_size > 1000
+    assert data["paths"] == ["sdrt", "eager"] and data["skipped"] == []
+    assert data["machine"]["cores"] >= 1 and data["gemm"]["gflops"] > 0
+
+
+def test_every_figure_positive_and_ratios_consistent(results):
+    data, _ = results
+    entries = {**data["components"], **data["end_to_end"]}
+    assert set(data["components"]) == {"text_encoder", "unet_b1@64", "unet_b2@64", "vae_decode@64", "vae_encode@64"}
+    assert set(data["end_to_end"]) == {"generate_b1@64", "generate_b2@64"}
+    for name, e in entries.items():
+        for path in ("sdrt", "eager"):
+            s = e["paths"][path]
+            assert len(s["samples"]) == 2 and all(t > 0 for t in s["samples"]), name
+            assert s["min"] <= s["median"] <= s["max"]
+        ratio = e["ratios"]["sdrt"]
+        per_round = [a / b for a, b in zip(e["paths"]["eager"]["samples"], e["paths"]["sdrt"]["samples"])]
+        assert ratio["per_round"] == pytest.approx(per_round)
+        assert ratio["median"] == pytest.approx(statistics.median(per_round))
+    for e in data["components"].values():
+        assert e["flops"] > 0
+        assert e["gflops"]["sdrt"] == pytest.approx(e["flops"] / e["paths"]["sdrt"]["median"] / 1e9)
+    for e in data["end_to_end"].values():
+        assert e["images_per_minute"]["sdrt"] == pytest.approx(60 * e["batch"] / e["paths"]["sdrt"]["median"])
+    for c in data["cold_start"].values():
+        assert 0 < c["load_s"] <= c["first_image_s"] and c["peak_rss_mb"] > 50
+
+
+def test_bad_settings_are_refused(engines, tmp_path, capsys):
+    assert main(["bench", str(engines["eps"]), "--sizes", "60", "--out", str(tmp_path)]) == 2
+    assert "not a multiple of the VAE scale factor 8" in capsys.readouterr().err
+    assert main(["bench", str(engines["eps"]), "--sampler", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown sampler" in capsys.readouterr().err
+    assert main(["bench", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+
+
+def test_eager_path_skipped_with_a_reason_when_source_is_gone(engines, tmp_path, capsys):
+    """An engine dir whose source folder moved: the eager path is skipped (recorded), sdrt still measured."""
+    import shutil
+
+    moved = tmp_path / "engines"
+    shutil.copytree(engines["eps"], moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["source"]["name"] = str(tmp_path / "moved-away")
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "out"
+    assert main(["-q", "bench", str(moved), "--sizes", "64", "--repeats", "1", "--warmup", "0", "--no-cold",
+                 "--no-end-to-end", "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["paths"] == ["sdrt"] and "eager" in data["skipped"][0]
+    assert data["components"]["unet_b2@64"]["paths"]["sdrt"]["median"] > 0
