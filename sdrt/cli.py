@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -93,7 +94,7 @@ def cmd_bench(args) -> int:
     with tqdm(total=bench.total_rounds(manifest, settings) * paths, unit="call", desc="bench",
               disable=args.quiet, file=sys.stderr) as bar:
         results = bench.run(args.engine_dir, settings, progress=lambda: bar.update(1))
-    files = report.write(results, Path(args.out), command="sdrt " + " ".join(sys.argv[1:]) if sys.argv else None)
+    files = report.write(results, Path(args.out), command=" ".join(["sdrt", *map(shlex.quote, args.argv)]))
     print(report.markdown(results))
     print("wrote " + ", ".join(str(f) for f in files))
     return 0
@@ -226,7 +227,9 @@ def _one_line(error: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        argv = sys.argv[1:] if argv is None else argv
         args = build_parser().parse_args(argv)
+        args.argv = argv  # as typed, for reports that say how to reproduce them
         _setup_logging(args.quiet)
         return args.fn(args)
     except SdrtError as e:
