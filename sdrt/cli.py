@@ -82,7 +82,8 @@ def cmd_bench(args) -> int:
     from sdrt.manifest import Manifest
 
     settings = bench.Settings(sizes=args.sizes or [], repeats=args.repeats, warmup=args.warmup, steps=args.steps,
-                              batches=args.batches, sampler=args.sampler, eager=not args.no_eager,
+                              batches=args.batches, sampler=args.sampler, providers=args.providers,
+                              eager=not args.no_eager,
                               cold=not args.no_cold, end_to_end=not args.no_end_to_end)
     if args.repeats < 1 or args.warmup < 0 or args.steps < 1 or min(args.batches) < 1:
         raise InputError("--repeats, --steps and --batches must be >= 1, --warmup >= 0")
@@ -90,7 +91,7 @@ def cmd_bench(args) -> int:
 
     get_sampler(args.sampler)
     manifest = Manifest.read(args.engine_dir)
-    paths = 2 if settings.eager else 1
+    paths = len(settings.providers) + settings.eager
     with tqdm(total=bench.total_rounds(manifest, settings) * paths, unit="call", desc="bench",
               disable=args.quiet, file=sys.stderr) as bar:
         results = bench.run(args.engine_dir, settings, progress=lambda: bar.update(1))
@@ -148,6 +149,7 @@ def cmd_samplers(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from sdrt import __version__
+    from sdrt.runtime.backends import PROVIDERS
     from sdrt.runtime.samplers import DEFAULT_SAMPLER, SCHEDULE_TYPES
 
     p = _Parser(prog="sdrt", description="Stable Diffusion on ONNX Runtime / TensorRT engines, no torch.")
@@ -186,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-image", default=None, help="img2img: start from this image")
     g.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change the image")
     g.add_argument("--mask", default=None, help="inpainting mask (not supported yet)")
-    g.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"])
+    g.add_argument("--provider", default="cpu", choices=list(PROVIDERS),
+                   help="cpu (ONNX Runtime), cuda / tensorrt (ONNX Runtime GPU), openvino (bf16 on CPUs "
+                        "with bf16 units), openvino-fp32")
     g.set_defaults(fn=cmd_generate)
 
     b = sub.add_parser("bench", parents=[quiet], help="sdrt engines vs eager PyTorch, side by side")
@@ -197,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=10, help="steps of the end-to-end generations")
     b.add_argument("--batches", type=int, nargs="+", default=[1], help="end-to-end batch sizes")
     b.add_argument("--sampler", default=DEFAULT_SAMPLER)
+    b.add_argument("--providers", nargs="+", default=["cpu"], choices=list(PROVIDERS),
+                   help="one sdrt path per runtime provider (e.g. cpu openvino)")
     b.add_argument("--no-eager", action="store_true", help="skip the eager PyTorch baseline")
     b.add_argument("--no-cold", action="store_true", help="skip the cold-start subprocesses")
     b.add_argument("--no-end-to-end", action="store_true", help="components only")

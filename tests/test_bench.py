@@ -12,7 +12,7 @@ from sdrt.cli import main
 def results(engines, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     assert main(["-q", "bench", str(engines["eps"]), "--sizes", "64", "--repeats", "2", "--steps", "2",
-                 "--batches", "1", "2", "--out", str(out)]) == 0
+                 "--batches", "1", "2", "--providers", "cpu", "openvino", "--out", str(out)]) == 0
     return json.loads((out / "results.json").read_text()), out
 
 
@@ -20,7 +20,7 @@ def test_outputs_written(results):
     data, out = results
     assert (out / "results.md").read_text().startswith("# sdrt bench")
     assert (out / "results.png").stat().st_size > 1000
-    assert data["paths"] == ["sdrt", "eager"] and data["skipped"] == []
+    assert data["paths"] == ["sdrt", "sdrt-openvino", "eager"] and data["skipped"] == []
     assert data["machine"]["cores"] >= 1 and data["gemm"]["gflops"] > 0
 
 
@@ -30,14 +30,15 @@ def test_every_figure_positive_and_ratios_consistent(results):
     assert set(data["components"]) == {"text_encoder", "unet_b1@64", "unet_b2@64", "vae_decode@64", "vae_encode@64"}
     assert set(data["end_to_end"]) == {"generate_b1@64", "generate_b2@64"}
     for name, e in entries.items():
-        for path in ("sdrt", "eager"):
+        for path in ("sdrt", "sdrt-openvino", "eager"):
             s = e["paths"][path]
             assert len(s["samples"]) == 2 and all(t > 0 for t in s["samples"]), name
             assert s["min"] <= s["median"] <= s["max"]
-        ratio = e["ratios"]["sdrt"]
-        per_round = [a / b for a, b in zip(e["paths"]["eager"]["samples"], e["paths"]["sdrt"]["samples"])]
-        assert ratio["per_round"] == pytest.approx(per_round)
-        assert ratio["median"] == pytest.approx(statistics.median(per_round))
+        for path in ("sdrt", "sdrt-openvino"):
+            ratio = e["ratios"][path]
+            per_round = [a / b for a, b in zip(e["paths"]["eager"]["samples"], e["paths"][path]["samples"])]
+            assert ratio["per_round"] == pytest.approx(per_round)
+            assert ratio["median"] == pytest.approx(statistics.median(per_round))
     for e in data["components"].values():
         assert e["flops"] > 0
         assert e["gflops"]["sdrt"] == pytest.approx(e["flops"] / e["paths"]["sdrt"]["median"] / 1e9)

@@ -119,6 +119,17 @@ def test_unknown_provider(engines):
         sdrt.Pipeline.load(engines["eps"], provider="metal")
 
 
+@pytest.mark.parametrize("provider,tol", [("openvino-fp32", 1e-4), ("openvino", 0.1)])
+def test_openvino_provider(engines, provider, tol):
+    """Same ONNX files through OpenVINO: fp32 equals ONNX Runtime; bf16 within bf16's precision."""
+    pytest.importorskip("openvino", reason="OpenVINO not installed (pip install sdrt[openvino])")
+    with sdrt.Pipeline.load(engines["eps"], provider=provider) as ov, sdrt.Pipeline.load(engines["eps"]) as cpu:
+        for kwargs in ({}, {"image": Image.new("RGB", (64, 48), "green"), "strength": 0.6}):
+            a = ov("a dog", seed=1, **ARGS, **kwargs).pixels
+            b = cpu("a dog", seed=1, **ARGS, **kwargs).pixels
+            assert np.abs(a - b).max() < tol
+
+
 @pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
 def test_gpu_providers(engines, provider):
     import onnxruntime as ort

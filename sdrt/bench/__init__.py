@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sdrt.bench import measure
-from sdrt.errors import InputError
+from sdrt.errors import InputError, SdrtError
 from sdrt.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,7 @@ class Settings:
     steps: int = 10  # end-to-end generations
     batches: list[int] = field(default_factory=lambda: [1])  # end-to-end batch sizes (images per call)
     sampler: str = "dpmpp_2m_karras"
+    providers: list[str] = field(default_factory=lambda: ["cpu"])  # one sdrt path per runtime provider
     eager: bool = True  # include the eager PyTorch baseline (needs the export extra)
     cold: bool = True  # cold-start subprocesses: time to first image, peak RSS
     end_to_end: bool = True
@@ -33,7 +34,15 @@ class Settings:
 def _paths(engine_dir: Path, manifest: Manifest, settings: Settings, skipped: list[str]) -> list:
     from sdrt.bench.paths import EagerPath, EnginePath
 
-    paths = [EnginePath(engine_dir)]
+    paths = []
+    for provider in settings.providers:
+        try:
+            paths.append(EnginePath(engine_dir, provider))
+        except SdrtError as e:  # a provider this machine lacks: say so, measure the rest
+            skipped.append(f"sdrt on {provider}: {e}")
+            log.warning("skipping provider %s: %s", provider, e)
+    if not paths:
+        raise InputError("no sdrt path could be loaded: " + "; ".join(skipped))
     if settings.eager:
         try:
             paths.append(EagerPath(manifest))

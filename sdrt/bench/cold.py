@@ -1,6 +1,6 @@
 """Time to first image from a cold start, and the process's peak RSS: run in a fresh process.
 
-    python -m sdrt.bench.cold {sdrt|eager} ENGINE_DIR SIZE STEPS SAMPLER   -> one JSON line
+    python -m sdrt.bench.cold {sdrt|sdrt-PROVIDER|eager} ENGINE_DIR SIZE STEPS SAMPLER   -> one JSON line
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ def main(kind: str, engine_dir: str, size: str, steps: str, sampler: str) -> Non
     t0 = time.perf_counter()
     from sdrt.manifest import Manifest
 
-    if kind == "sdrt":
+    if kind.startswith("sdrt"):
         from sdrt.bench.paths import EnginePath
 
-        path = EnginePath(Path(engine_dir))
+        path = EnginePath(Path(engine_dir), kind.partition("-")[2] or "cpu")
         path.pipe.warmup()
     else:
         from sdrt.bench.paths import EagerPath
