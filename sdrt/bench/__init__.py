@@ -99,7 +99,8 @@ def run(engine_dir: str | Path, settings: Settings, progress=None) -> dict:
     for s in settings.sizes:
         if s % manifest.dims.vae_scale_factor:
             raise InputError(f"--sizes {s}: not a multiple of the VAE scale factor {manifest.dims.vae_scale_factor}")
-    skipped: list[str] = []
+    skipped = [f"{c}: not in the engine dir" for c in sorted({c for _, c, _ in measure.COMPONENT_WORKLOADS})
+               if c not in manifest.components]
     results = {"machine": measure.machine(), "settings": asdict(settings), "engine_dir": str(engine_dir),
                "source": manifest.source, "skipped": skipped, "gemm": measure.gemm_peak()}
     paths = _paths(engine_dir, manifest, settings, skipped)

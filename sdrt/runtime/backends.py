@@ -24,9 +24,10 @@ OPENVINO_PRECISION = {"openvino": "bf16", "openvino-fp32": "f32"}
 
 
 class Backend:
-    def __init__(self, path: Path, spec: ComponentSpec):
+    def __init__(self, path: Path, spec: ComponentSpec, provider: str = "cpu"):
         self.path = Path(path)
         self.spec = spec
+        self.provider = provider  # an sdrt provider name (PROVIDERS)
         self.seconds = 0.0  # time spent in run()
         self.calls = 0
         self._load()
@@ -97,10 +98,6 @@ def check_provider(provider: str) -> None:
 class OrtBackend(Backend):
     """ONNX Runtime InferenceSession on the CPU, CUDA or TensorRT execution provider."""
 
-    def __init__(self, path: Path, spec: ComponentSpec, provider: str = "cpu"):
-        self.provider = provider
-        super().__init__(path, spec)
-
     def _load(self) -> None:
         import onnxruntime as ort
 
@@ -124,10 +121,6 @@ class OrtBackend(Backend):
 
 class OpenVinoBackend(Backend):
     """OpenVINO's CPU plugin compiling the same ONNX file (bf16 or fp32 inference precision)."""
-
-    def __init__(self, path: Path, spec: ComponentSpec, provider: str = "openvino"):
-        self.provider = provider
-        super().__init__(path, spec)
 
     def _load(self) -> None:
         check_provider(self.provider)
