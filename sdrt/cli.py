@@ -91,8 +91,7 @@ def cmd_bench(args) -> int:
 
     get_sampler(args.sampler)
     manifest = Manifest.read(args.engine_dir)
-    paths = len(settings.providers) + settings.eager
-    with tqdm(total=bench.total_rounds(manifest, settings) * paths, unit="call", desc="bench",
+    with tqdm(total=bench.total_rounds(manifest, settings), unit="call", desc="bench",
               disable=args.quiet, file=sys.stderr) as bar:
         results = bench.run(args.engine_dir, settings, progress=lambda: bar.update(1))
     files = report.write(results, Path(args.out), command=" ".join(["sdrt", *map(shlex.quote, args.argv)]))

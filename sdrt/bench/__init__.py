@@ -124,10 +124,10 @@ def run(engine_dir: str | Path, settings: Settings, progress=None) -> dict:
 
 
 def total_rounds(manifest: Manifest, settings: Settings) -> int:
-    """How many timed + warm-up calls per path `run` makes (for a progress bar)."""
+    """How many timed + warm-up calls `run` makes over all its paths (for a progress bar)."""
     sizes = settings.sizes or [manifest.default_image_size]
     specs = {k: c.spec for k, c in manifest.components.items()}
     n = len(measure.component_workloads(specs, sizes, manifest.dims.vae_scale_factor))
     if settings.end_to_end:
         n += len(sizes) * len(settings.batches)
-    return n * (settings.warmup + settings.repeats)
+    return n * (settings.warmup + settings.repeats) * (len(settings.providers) + settings.eager)

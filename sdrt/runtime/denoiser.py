@@ -28,8 +28,8 @@ class Denoiser:
         self._t = {float(s): float(t) for s, t in zip(schedule.sigmas, schedule.timesteps)}
         self._table = schedule.table
 
-    def timestep(self, sigma: float) -> float:
-        t = self._t.get(float(sigma))
+    def timestep(self, sigma: float, interpolate: bool = False) -> float:
+        t = None if interpolate else self._t.get(float(sigma))
         return t if t is not None else float(self._table.sigma_to_t(np.array(sigma)))
 
     def raw_output(self, x: np.ndarray, x0: np.ndarray, sigma: float) -> np.ndarray:
@@ -56,8 +56,7 @@ class Denoiser:
         model_in = (x * c_in).astype(np.float32)  # (N, C, h, w)
         if self.guided:
             model_in = np.concatenate([model_in, model_in])
-        t_value = float(self._table.sigma_to_t(np.array(sigma))) if midpoint else self.timestep(sigma)
-        t = np.full(len(model_in), t_value, dtype=np.float32)
+        t = np.full(len(model_in), self.timestep(sigma, interpolate=midpoint), dtype=np.float32)
         out = self.unet(model_in, t, self.context).astype(np.float64)
         if self.guided:
             uncond, cond = np.split(out, 2)
