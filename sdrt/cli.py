@@ -24,8 +24,17 @@ class _Parser(argparse.ArgumentParser):
 def cmd_export(args) -> int:
     from sdrt.export import export
 
+    profile = None
+    if args.backend == "tensorrt":
+        from sdrt.export.tensorrt import Profile
+
+        for flag, v in (("--trt-batch", args.trt_batch), ("--trt-sizes", args.trt_sizes)):
+            if not (0 < v[0] <= v[1] <= v[2]):
+                raise InputError(f"{flag} {' '.join(map(str, v))}: need 0 < MIN <= OPT <= MAX")
+        profile = Profile(tuple(args.trt_batch), tuple(args.trt_sizes))
     manifest = export(args.source, args.out_dir, backend=args.backend, precision=args.precision,
-                      opset=args.opset, force=args.force, progress=not args.quiet)
+                      opset=args.opset, force=args.force, progress=not args.quiet, optimize=not args.no_optimize,
+                      trt_profile=profile)
     worst = max(c.parity_max_abs or 0.0 for c in manifest.components.values())
     print(f"wrote {args.out_dir} ({', '.join(manifest.components)}; max parity error {worst:.2g})")
     return 0
@@ -122,6 +131,10 @@ def cmd_info(args) -> int:
         parity = "n/a" if c.parity_max_abs is None else f"{c.parity_max_abs:.2g} (tol {c.parity_tolerance:.2g})"
         print(f"\n{name}: {c.backend} {c.precision}, {size:,.1f} MiB, parity max abs error {parity}")
         print(f"  optimizations: {', '.join(c.optimizations) or 'none'}")
+        for target, g in c.targets.items():
+            fused = ", ".join(f"{k} x{v}" for k, v in g.fused.items()) or "nothing"
+            err = "n/a" if g.parity_max_abs is None else f"{g.parity_max_abs:.2g}"
+            print(f"  {target} graph: {g.file} ({fused}; parity max abs error {err})")
         for kind, tensors in (("in ", c.spec.inputs), ("out", c.spec.outputs)):
             for t in tensors:
                 print(f"  {kind} {t.name:<22} {t.dtype:<8} [{', '.join(str(x) for x in t.shape)}]")
@@ -166,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
     e.add_argument("--opset", type=int, default=None, help="ONNX opset (default 23)")
     e.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    e.add_argument("--trt-batch", type=int, nargs=3, default=[1, 1, 4], metavar=("MIN", "OPT", "MAX"),
+                   help="TensorRT profile: images per call (default 1 1 4)")
+    e.add_argument("--trt-sizes", type=int, nargs=3, default=[256, 512, 1024], metavar=("MIN", "OPT", "MAX"),
+                   help="TensorRT profile: image side in pixels (default 256 512 1024)")
+    e.add_argument("--no-optimize", action="store_true",
+                   help="write only the standard ONNX graphs, no per-target rewrites (sdrt.kernels)")
     e.set_defaults(fn=cmd_export)
 
     g = sub.add_parser("generate", parents=[quiet], help="prompt -> PNG (A1111 'parameters' metadata included)")

@@ -15,6 +15,22 @@ TOKENIZER_DIR = "tokenizer"
 
 
 @dataclass
+class TargetGraph:
+    """The component's graph rewritten for one target (sdrt.kernels), sharing the weights file."""
+    file: str  # relative to the engine dir
+    fused: dict[str, int]  # rewrite pass -> nodes it rewrote
+    parity_max_abs: float | None = None  # vs the PyTorch module, at export
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "fused": self.fused, "parity": {"max_abs_error": self.parity_max_abs}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> TargetGraph:
+        return cls(str(d["file"]), {str(k): int(v) for k, v in d.get("fused", {}).items()},
+                   d.get("parity", {}).get("max_abs_error"))
+
+
+@dataclass
 class ComponentEntry:
     spec: ComponentSpec
     files: list[str]  # relative to the engine dir; the first is the one to load
@@ -23,11 +39,17 @@ class ComponentEntry:
     optimizations: list[str] = field(default_factory=list)
     parity_max_abs: float | None = None  # vs the PyTorch module on sample inputs, at export
     parity_tolerance: float | None = None
+    targets: dict[str, TargetGraph] = field(default_factory=dict)  # target -> its rewritten graph
+
+    def file_for(self, target: str | None) -> str:
+        """The graph a target runs: its rewritten graph if the export made one, else the standard one."""
+        return self.targets[target].file if target in self.targets else self.files[0]
 
     def to_json(self) -> dict:
         d = {"files": self.files, "backend": self.backend, "precision": self.precision,
              "optimizations": self.optimizations,
-             "parity": {"max_abs_error": self.parity_max_abs, "tolerance": self.parity_tolerance}}
+             "parity": {"max_abs_error": self.parity_max_abs, "tolerance": self.parity_tolerance},
+             "targets": {k: v.to_json() for k, v in self.targets.items()}}
         d.update(self.spec.to_json())
         return d
 
@@ -35,7 +57,8 @@ class ComponentEntry:
     def from_json(cls, name: str, d: dict) -> ComponentEntry:
         parity = d.get("parity", {})
         return cls(ComponentSpec.from_json(name, d), list(d["files"]), d["backend"], d["precision"],
-                   list(d.get("optimizations", [])), parity.get("max_abs_error"), parity.get("tolerance"))
+                   list(d.get("optimizations", [])), parity.get("max_abs_error"), parity.get("tolerance"),
+                   {str(k): TargetGraph.from_json(v) for k, v in d.get("targets", {}).items()})
 
 
 @dataclass
@@ -94,7 +117,8 @@ class Manifest:
             raise InputError(f"{path} is corrupt: bad or missing field {e}") from None
         for name in COMPONENTS:
             if name in m.components:
-                for f in m.components[name].files:
+                c = m.components[name]
+                for f in c.files + [t.file for t in c.targets.values()]:
                     if not (d / f).is_file():
                         raise InputError(f"{d}: {name} file {f} is missing")
         return m

@@ -47,8 +47,12 @@ def test_info_and_samplers(engines, capsys):
     assert main(["info", str(engines["f4"])]) == 0
     text = capsys.readouterr().out
     assert "VAE scale factor 4" in text and "unet: onnx fp32" in text and "parity max abs error" in text
+    assert "onnxruntime graph: unet/model.onnxruntime.onnx (MultiHeadAttention x12" in text
+    assert "tensorrt graph: unet/model.tensorrt.onnx (DecomposedAttention x12" in text
     assert main(["info", "--json", str(engines["f4"])]) == 0
-    assert json.loads(capsys.readouterr().out)["vae_scale_factor"] == 4
+    info = json.loads(capsys.readouterr().out)
+    assert info["vae_scale_factor"] == 4
+    assert info["components"]["unet"]["targets"]["onnxruntime"]["fused"] == {"MultiHeadAttention": 12}
     assert main(["samplers"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("dpmpp_2m_karras") and "DPM++ 2M Karras" in line for line in lines)
@@ -113,11 +117,12 @@ def test_bad_engine_dirs(engines, tmp_path, capsys):
 def test_corrupt_onnx_file(engines, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(engines["eps"], broken)
-    data = (broken / "unet" / "model.onnx").read_bytes()
-    (broken / "unet" / "model.onnx").write_bytes(data[: len(data) // 3])
+    target = broken / "unet" / "model.onnxruntime.onnx"  # the graph the CPU provider runs
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 3])
     assert main(["generate", "x", "--engines", str(broken), "-o", str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err
-    assert "cannot load" in err and "unet/model.onnx" in err and len(err.strip().splitlines()) == 1
+    assert "cannot load" in err and "unet/model.onnxruntime.onnx" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o.png").exists()
 
 
@@ -153,3 +158,22 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch, capsys):
     assert main(["-q", "export", "tiny", str(out)]) == 1
     assert "differs from PyTorch" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tensorrt_export_without_tensorrt_fails_cleanly(tmp_path, capsys):
+    pytest.importorskip("torch")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    assert main(["export", "tiny", str(tmp_path / "out"), "--backend", "tensorrt"]) == 1
+    err = capsys.readouterr().err
+    assert "--backend tensorrt needs TensorRT" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", ["--trt-batch", "--trt-sizes"])
+def test_bad_tensorrt_profile(tmp_path, capsys, flag):
+    assert main(["export", "tiny", str(tmp_path / "out"), "--backend", "tensorrt", flag, "4", "2", "1"]) == 2
+    assert f"{flag} 4 2 1: need 0 < MIN <= OPT <= MAX" in capsys.readouterr().err

@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 from sdrt.components import COMPONENTS, ModelDims, component_specs
-from sdrt.errors import InputError
-from sdrt.manifest import TOKENIZER_DIR, ComponentEntry, Manifest
+from sdrt.errors import InputError, SdrtError
+from sdrt.manifest import TOKENIZER_DIR, ComponentEntry, Manifest, TargetGraph
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("onnx",)
-PRECISIONS = ("fp32",)
+BACKENDS = ("onnx", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def model_dims(pipe) -> ModelDims:
@@ -64,16 +64,118 @@ def _quiet_third_party() -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _target_graphs(name, spec, pipe, staging: Path, model_file: str, precision: str) -> dict:
+    from sdrt import kernels
+    from sdrt.export import onnx_export
+
+    out = {}
+    for target in kernels.TARGETS:
+        path, fused = kernels.optimize(staging / model_file, target)
+        err, _ = onnx_export.check_parity(name, spec, pipe, path, precision)
+        log.info("%s for %s: %s", name, target, ", ".join(f"{k} x{v}" for k, v in fused.items()))
+        out[target] = TargetGraph(str(path.relative_to(staging)), fused, err)
+    return out
+
+
+def _check_tensorrt() -> None:
+    try:
+        import tensorrt  # noqa: F401
+        from cuda.bindings import runtime  # noqa: F401
+    except ImportError:
+        raise SdrtError("--backend tensorrt needs TensorRT and cuda-python on a machine with an NVIDIA GPU "
+                        "(pip install sdrt[tensorrt])") from None
+
+
+def _tensorrt_engines(manifest: Manifest, staging: Path, profile, progress: bool) -> None:
+    """Build each component's engine from its TensorRT graph; the ONNX files stay beside it."""
+    from tqdm.auto import tqdm
+
+    from sdrt.export import tensorrt
+
+    profile = profile or tensorrt.Profile()
+    for name, c in tqdm(manifest.components.items(), desc="tensorrt", unit="engine", disable=not progress):
+        onnx_file = staging / c.file_for("tensorrt")
+        plan = onnx_file.parent / "model.plan"
+        weights = [staging / f for f in c.files if f.endswith(".data")]
+        t0 = time.perf_counter()
+        hit = tensorrt.build_engine(onnx_file, weights, plan, c.spec, profile, manifest.dims.vae_scale_factor)
+        log.info("%s: TensorRT engine %s in %.1f s", name, "from cache" if hit else "built", time.perf_counter() - t0)
+        c.backend = "tensorrt"
+        c.files = [str(plan.relative_to(staging))] + c.files
+        c.optimizations.append(f"TensorRT engine: batch {profile.batch}, {profile.pixels} px (min, opt, max)")
+
+
+def _to_fp16(name, spec, pipe, staging: Path, files: list[str], err, tol):
+    """Convert a staged fp32 component to fp16; the VAE decoder stays fp32 if fp16 overflows on
+    probe inputs. Returns (files, precision, parity error, tolerance, notes)."""
+    from sdrt.export import fp16, onnx_export
+
+    src = staging / files[0]
+    dst = src.with_name("model.fp16.onnx")
+    fp16.convert(src, dst)
+    notes = [f"fp16 (kept in fp32: {', '.join(fp16.FP32_OPS)})"]
+    if name == "vae_decoder":
+        probe = spec.sample_inputs(onnx_export.parity_sizes(spec), seed=2)
+        over = fp16.overflows(dst, probe, [t.name for t in spec.outputs])
+        if over:
+            for p in dst.parent.glob(dst.name + "*"):
+                p.unlink()
+            log.warning("vae_decoder: fp16 yields NaN/inf on probe inputs; keeping it in fp32")
+            return files, "fp32", err, tol, ["fp32: the fp16 decoder overflowed (NaN/inf) on probe inputs"]
+        if over is None:
+            notes.append("overflow probe not run (no fp16 executor on the exporting machine)")
+    for f in files:
+        (staging / f).unlink()
+    files = [str(dst.relative_to(staging)), str(dst.relative_to(staging)) + ".data"]
+    err, tol = onnx_export.check_parity(name, spec, pipe, dst, "fp16")
+    return files, "fp16", err, tol, notes
+
+
+def _int8_unet(manifest: Manifest, spec, pipe, staging: Path, optimize: bool) -> ComponentEntry:
+    """Replace the staged fp32 UNet by its int8 QDQ graph, calibrated on the staged fp32 engines."""
+    from sdrt import kernels
+    from sdrt.export import onnx_export, quantize
+
+    size = max(manifest.default_image_size // 2, spec.dims["h"][0] * manifest.dims.vae_scale_factor)
+    t0 = time.perf_counter()
+    feeds = quantize.calibration_feeds(staging, size)
+    fp32 = manifest.components["unet"]
+    src = staging / fp32.files[0]
+    dst = src.with_name("model.int8.onnx")
+    layers = quantize.quantize_unet(src, dst, feeds)
+    for f in fp32.files + [t.file for t in fp32.targets.values()]:
+        (staging / f).unlink()
+    files = sorted(str(p.relative_to(staging)) for p in dst.parent.iterdir() if p.is_file())
+    files.remove(str(dst.relative_to(staging)))
+    files.insert(0, str(dst.relative_to(staging)))
+    err, tol = onnx_export.check_parity("unet", spec, pipe, dst, "int8")
+    targets = {}
+    if optimize:
+        path, fused = kernels.optimize(dst, "onnxruntime")
+        targets["onnxruntime"] = TargetGraph(str(path.relative_to(staging)), fused,
+                                             onnx_export.check_parity("unet", spec, pipe, path, "int8")[0])
+    note = (f"int8 static QDQ: {layers} Conv/MatMul/Gemm layers, calibrated on {len(feeds)} UNet inputs "
+            f"from {len(quantize.CALIBRATION_PROMPTS)} {size} px trajectories")
+    log.info("%s in %.1f s", note, time.perf_counter() - t0)
+    return ComponentEntry(spec, files, fp32.backend, "int8", [note], err, tol, targets)
+
+
 def export(source: str, out_dir: str | Path, *, backend: str = "onnx", precision: str = "fp32",
-           opset: int | None = None, force: bool = False, progress: bool = True) -> Manifest:
-    """Export SOURCE (diffusers folder, hub id, `tiny`, `random-sd15`) to OUT_DIR; return its manifest."""
+           opset: int | None = None, force: bool = False, progress: bool = True,
+           optimize: bool = True, trt_profile=None) -> Manifest:
+    """Export SOURCE (diffusers folder, hub id, `tiny`, `random-sd15`) to OUT_DIR; return its manifest.
+
+    optimize: also write each target's rewritten graph (sdrt.kernels.TARGETS), parity-checked like
+    the standard one. backend "tensorrt": also build a TensorRT engine per component from its
+    TensorRT graph (needs a GPU; trt_profile: sdrt.export.tensorrt.Profile)."""
     from tqdm.auto import tqdm
 
     from sdrt.export import onnx_export, sources
 
     if backend not in BACKENDS:
-        raise InputError(f"--backend {backend}: this build exports {', '.join(BACKENDS)} "
-                         "(TensorRT engines are not built yet)")
+        raise InputError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
+    if backend == "tensorrt":
+        _check_tensorrt()
     if precision not in PRECISIONS:
         raise InputError(f"--precision {precision}: this build exports {', '.join(PRECISIONS)}")
     out_dir = Path(out_dir)
@@ -95,8 +197,12 @@ def export(source: str, out_dir: str | Path, *, backend: str = "onnx", precision
             for name in tqdm(COMPONENTS, desc="export", unit="component", disable=not progress):
                 files = onnx_export.export_component(name, specs[name], pipe, staging,
                                                      opset or onnx_export.DEFAULT_OPSET)
-                err, tol = onnx_export.check_parity(name, specs[name], pipe, staging / files[0], precision)
-                entries[name] = ComponentEntry(specs[name], files, backend, precision, [], err, tol)
+                err, tol = onnx_export.check_parity(name, specs[name], pipe, staging / files[0])
+                prec, notes = "fp32", []
+                if precision == "fp16":
+                    files, prec, err, tol, notes = _to_fp16(name, specs[name], pipe, staging, files, err, tol)
+                targets = _target_graphs(name, specs[name], pipe, staging, files[0], prec) if optimize else {}
+                entries[name] = ComponentEntry(specs[name], files, backend, prec, notes, err, tol, targets)
             pipe.tokenizer.save_pretrained(staging / TOKENIZER_DIR)
             manifest = Manifest(
                 source={"kind": loaded.kind, "name": loaded.name, "sha256": sources.content_hash(pipe)},
@@ -107,6 +213,12 @@ def export(source: str, out_dir: str | Path, *, backend: str = "onnx", precision
                 default_image_size=int(pipe.unet.config.sample_size) * dims.vae_scale_factor,
                 exporter=_versions() | {"opset": opset or onnx_export.DEFAULT_OPSET})
             manifest.write(staging)
+            if precision == "int8":
+                entries["unet"] = _int8_unet(manifest, specs["unet"], pipe, staging, optimize)
+                manifest.write(staging)
+            if backend == "tensorrt":
+                _tensorrt_engines(manifest, staging, trt_profile, progress)
+                manifest.write(staging)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)

@@ -21,6 +21,10 @@ PROVIDERS = ("cpu", "cuda", "tensorrt", "openvino", "openvino-fp32")
 # OpenVINO on the CPU: "openvino" lets it compute in bf16 where the CPU has bf16 units (AVX512_BF16 /
 # AMX; measured 3x faster than fp32 on the SD 1.5 UNet here), "openvino-fp32" keeps fp32
 OPENVINO_PRECISION = {"openvino": "bf16", "openvino-fp32": "f32"}
+# the graph each provider runs (sdrt.kernels.TARGETS; None: the exported standard ONNX graph).
+# ONNX Runtime's TensorRT provider gets the TensorRT graph: contrib ops would split its engine.
+PROVIDER_TARGET = {"cpu": "onnxruntime", "cuda": "onnxruntime", "tensorrt": "tensorrt",
+                   "openvino": None, "openvino-fp32": None}
 
 
 class Backend:
@@ -95,6 +99,21 @@ def check_provider(provider: str) -> None:
                         "install sdrt[gpu] on a machine with CUDA")
 
 
+_shared_cpu_arena = False
+
+
+def _use_shared_cpu_arena(ort, opts) -> None:
+    """All sessions of the process allocate CPU activations from one arena, growing only by what is
+    asked: a pipeline runs one component at a time, so its peak is the largest component's working
+    set, not the sum of four arenas each sized to its own peak (SD 1.5 at 512 px: 8.5 -> 7.1 GB)."""
+    global _shared_cpu_arena
+    if not _shared_cpu_arena:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": 1}))
+        _shared_cpu_arena = True
+    opts.add_session_config_entry("session.use_env_allocators", "1")
+
+
 class OrtBackend(Backend):
     """ONNX Runtime InferenceSession on the CPU, CUDA or TensorRT execution provider."""
 
@@ -106,6 +125,8 @@ class OrtBackend(Backend):
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        if self.provider == "cpu":
+            _use_shared_cpu_arena(ort, opts)
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf types
@@ -147,9 +168,93 @@ class OpenVinoBackend(Backend):
         self.request = self.model = None
 
 
+class TensorRtBackend(Backend):
+    """A serialized TensorRT engine (`sdrt export --backend tensorrt`), run with TensorRT's Python API
+    and cuda-python's runtime bindings (no torch). Device buffers are kept and grown per input shape;
+    a call repeating the previous shapes replays a captured CUDA graph.
+
+    Written against the TensorRT 10 and cuda-python 12 docs; not run here (no GPU on this project's
+    machines: README, "What was verified where")."""
+
+    def _load(self) -> None:
+        try:
+            import tensorrt as trt
+            from cuda.bindings import runtime as cudart
+        except ImportError:
+            raise SdrtError("TensorRT engines need `pip install sdrt[tensorrt]` on a machine with CUDA") from None
+        self.trt, self.cudart = trt, cudart
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise InputError(f"cannot load {self.path}: not an engine for this GPU / TensorRT version "
+                             "(re-export with --backend tensorrt here)")
+        self.context = self.engine.create_execution_context()
+        self.stream = self._check(cudart.cudaStreamCreate())
+        self.buffers: dict[str, tuple[int, int]] = {}  # tensor -> (device pointer, bytes)
+        self.graph_exec, self.graph_shapes = None, None
+
+    def _check(self, result):
+        err, *value = result if isinstance(result, tuple) else (result,)
+        if err != self.cudart.cudaError_t.cudaSuccess:
+            raise SdrtError(f"CUDA error {err} in {self.path}")
+        return value[0] if len(value) == 1 else value
+
+    def _buffer(self, name: str, nbytes: int) -> int:
+        ptr, size = self.buffers.get(name, (0, 0))
+        if size < nbytes:
+            if ptr:
+                self._check(self.cudart.cudaFree(ptr))
+            ptr = self._check(self.cudart.cudaMalloc(nbytes))
+            self.buffers[name] = (ptr, nbytes)
+            self.context.set_tensor_address(name, ptr)
+            self.graph_exec = None  # addresses changed: the captured graph is stale
+        return ptr
+
+    def _run(self, feeds):
+        trt, cudart = self.trt, self.cudart
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        shapes = tuple(feeds[t.name].shape for t in self.spec.inputs)
+        for t in self.spec.inputs:
+            arr = np.ascontiguousarray(feeds[t.name], dtype=trt.nptype(self.engine.get_tensor_dtype(t.name)))
+            self.context.set_input_shape(t.name, arr.shape)
+            ptr = self._buffer(t.name, arr.nbytes)
+            self._check(cudart.cudaMemcpyAsync(ptr, arr.ctypes.data, arr.nbytes, h2d, self.stream))
+        outputs = []
+        for t in self.spec.outputs:
+            out = np.empty(tuple(self.context.get_tensor_shape(t.name)),
+                           dtype=trt.nptype(self.engine.get_tensor_dtype(t.name)))
+            outputs.append((self._buffer(t.name, out.nbytes), out))
+        if self.graph_exec is not None and shapes == self.graph_shapes:
+            self._check(cudart.cudaGraphLaunch(self.graph_exec, self.stream))
+        elif shapes == self.graph_shapes:  # second call with these shapes: capture it for the next ones
+            self._check(cudart.cudaStreamBeginCapture(
+                self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
+            self.context.execute_async_v3(self.stream)
+            graph = self._check(cudart.cudaStreamEndCapture(self.stream))
+            self.graph_exec = self._check(cudart.cudaGraphInstantiate(graph, 0))
+            self._check(cudart.cudaGraphLaunch(self.graph_exec, self.stream))
+        else:
+            self.graph_exec, self.graph_shapes = None, shapes
+            if not self.context.execute_async_v3(self.stream):
+                raise SdrtError(f"TensorRT failed to run {self.path}")
+        for ptr, out in outputs:
+            self._check(cudart.cudaMemcpyAsync(out.ctypes.data, ptr, out.nbytes, d2h, self.stream))
+        self._check(cudart.cudaStreamSynchronize(self.stream))
+        return [out.astype(np.float32, copy=False) for _, out in outputs]
+
+    def close(self) -> None:
+        for ptr, _ in self.buffers.values():
+            self.cudart.cudaFree(ptr)
+        self.buffers = {}
+        self.context = self.engine = self.graph_exec = None
+
+
 def load_backend(path: Path, spec: ComponentSpec, backend: str, provider: str) -> Backend:
     if backend == "onnx" and provider in OPENVINO_PRECISION:
         return OpenVinoBackend(path, spec, provider)
     if backend == "onnx":
         return OrtBackend(path, spec, provider)
+    if backend == "tensorrt":
+        if provider != "tensorrt":
+            raise InputError(f"{path} is a TensorRT engine: run it with --provider tensorrt")
+        return TensorRtBackend(path, spec, provider)
     raise SdrtError(f"{path}: backend {backend!r} is not supported by this sdrt")

@@ -12,7 +12,7 @@ import numpy as np
 from sdrt.errors import InputError
 from sdrt.manifest import Manifest
 from sdrt.runtime import images, noise, samplers
-from sdrt.runtime.backends import check_provider, load_backend
+from sdrt.runtime.backends import PROVIDER_TARGET, check_provider, load_backend
 from sdrt.runtime.denoiser import Denoiser
 from sdrt.tokenizer import ClipTokenizer
 
@@ -31,31 +31,39 @@ class Pipeline:
     """Engines are loaded on first use, so bad arguments fail before any session is created and an
     engine a call does not need (the VAE encoder for txt2img) costs no memory."""
 
-    def __init__(self, engine_dir: Path, manifest: Manifest, tokenizer: ClipTokenizer, provider: str):
+    def __init__(self, engine_dir: Path, manifest: Manifest, tokenizer: ClipTokenizer, provider: str,
+                 optimized: bool = True):
         self.engine_dir = engine_dir
         self.manifest = manifest
         self.tokenizer = tokenizer
         self.provider = provider
+        # run the provider's rewritten graphs (sdrt.kernels) where the export made them
+        self.target = PROVIDER_TARGET.get(provider) if optimized else None
         self.engines = {}  # component name -> Backend, filled by engine()
 
     @classmethod
-    def load(cls, engine_dir: str | Path, provider: str = "cpu") -> Pipeline:
-        check_provider(provider)
+    def load(cls, engine_dir: str | Path, provider: str = "cpu", optimized: bool = True) -> Pipeline:
         d = Path(engine_dir)
         manifest = Manifest.read(d)
+        if not any(c.backend == "tensorrt" for c in manifest.components.values()):
+            check_provider(provider)  # TensorRT engines check their own imports when loaded
         if manifest.pipeline != "txt2img":
             raise InputError(f"{d}: a {manifest.pipeline} model; this sdrt runs txt2img/img2img models only")
         missing = {"text_encoder", "unet", "vae_decoder"} - set(manifest.components)
         if missing:
             raise InputError(f"{d}: manifest lacks {', '.join(sorted(missing))}")
-        return cls(d, manifest, ClipTokenizer.from_dir(d / manifest.tokenizer_dir), provider)
+        return cls(d, manifest, ClipTokenizer.from_dir(d / manifest.tokenizer_dir), provider, optimized)
 
     def engine(self, name: str):
         if name not in self.engines:
             c = self.manifest.components.get(name)
             if c is None:
                 raise InputError(f"{self.engine_dir}: no {name} engine")
-            self.engines[name] = load_backend(self.engine_dir / c.files[0], c.spec, c.backend, self.provider)
+            if c.precision == "fp16" and self.provider == "cpu":
+                raise InputError(f"{self.engine_dir}: {name} is fp16, which ONNX Runtime's CPU provider can't "
+                                 "run; use --provider cuda, tensorrt or openvino, or export with --precision fp32")
+            path = self.engine_dir / (c.files[0] if c.backend == "tensorrt" else c.file_for(self.target))
+            self.engines[name] = load_backend(path, c.spec, c.backend, self.provider)
         return self.engines[name]
 
     def warmup(self) -> None:

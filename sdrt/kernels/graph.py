@@ -1,0 +1,150 @@
+"""A small editable view of an ONNX graph for the rewrite passes: who produces and who consumes
+each value, constant lookup, node replacement, dead-node removal.
+
+Passes edit the GraphProto in place and never touch weights, so a rewritten graph can be saved next
+to the original and point at the same external data file (no second copy of a 3.4 GB UNet).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+MS_DOMAIN = "com.microsoft"
+
+
+class Graph:
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.g = model.graph
+        # protobuf hands out a new wrapper per index access; passes work on this list and
+        # commit() writes it back
+        self.nodes = list(self.g.node)
+        self._counter = 0
+        self.refresh()
+
+    def commit(self) -> None:
+        nodes = list(self.nodes)
+        del self.g.node[:]
+        self.g.node.extend(nodes)
+        self.nodes = list(self.g.node)
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.producer = {o: n for n in self.nodes for o in n.output if o}
+        self.consumers = defaultdict(list)
+        for n in self.nodes:
+            for i in n.input:
+                self.consumers[i].append(n)
+        self.initializers = {t.name: t for t in self.g.initializer}
+        self.shapes, self.types = {}, {}
+        for v in list(self.g.value_info) + list(self.g.input) + list(self.g.output):
+            self.types[v.name] = v.type.tensor_type.elem_type
+            dims = v.type.tensor_type.shape.dim
+            self.shapes[v.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in dims]
+
+    def only_consumer(self, value: str, op_type: str):
+        """The single node reading `value` if it is an `op_type` (and `value` is not a graph output)."""
+        users = self.consumers.get(value, [])
+        if len(users) == 1 and users[0].op_type == op_type and value not in self.graph_outputs:
+            return users[0]
+        return None
+
+    @property
+    def graph_outputs(self) -> set[str]:
+        return {o.name for o in self.g.output}
+
+    def parent(self, node, index: int, op_type: str):
+        """The producer of node.input[index] if it is an `op_type`."""
+        if index >= len(node.input):
+            return None
+        p = self.producer.get(node.input[index])
+        return p if p is not None and p.op_type == op_type else None
+
+    def constant(self, value: str) -> np.ndarray | None:
+        if value in self.initializers:
+            return numpy_helper.to_array(self.initializers[value])
+        p = self.producer.get(value)
+        if p is not None and p.op_type == "Constant":
+            return numpy_helper.to_array(p.attribute[0].t)
+        return None
+
+    def add_initializer(self, stem: str, array: np.ndarray) -> str:
+        self._counter += 1
+        name = f"sdrt_{stem}_{self._counter}"
+        self.g.initializer.append(numpy_helper.from_array(np.asarray(array), name))
+        self.initializers[name] = self.g.initializer[-1]
+        return name
+
+    def fresh(self, stem: str) -> str:
+        self._counter += 1
+        return f"sdrt_{stem}_{self._counter}"
+
+    def replace(self, old: list, new: list) -> None:
+        """Put `new` where the first of `old` was; drop the rest of `old`. Call refresh() after a batch."""
+        drop = {id(n) for n in old}
+        first = min(i for i, n in enumerate(self.nodes) if id(n) in drop)
+        self.nodes = ([n for n in self.nodes[:first] if id(n) not in drop] + list(new)
+                      + [n for n in self.nodes[first:] if id(n) not in drop])
+
+    def remove_dead(self) -> int:
+        """Drop nodes none of whose outputs is used (repeatedly); return how many went."""
+        removed = 0
+        while True:
+            self.refresh()
+            live = self.graph_outputs
+            dead = {id(n) for n in self.nodes
+                    if not any(o in live or self.consumers.get(o) for o in n.output)}
+            if not dead:
+                used = {i for n in self.nodes for i in n.input} | live
+                unused = [t for t in self.g.initializer if t.name not in used]
+                for t in unused:
+                    self.g.initializer.remove(t)
+                self.refresh()
+                return removed
+            self.nodes = [n for n in self.nodes if id(n) not in dead]
+            removed += len(dead)
+
+    def use_opset(self, domain: str, version: int = 1) -> None:
+        if not any(o.domain == domain for o in self.model.opset_import):
+            self.model.opset_import.append(helper.make_opsetid(domain, version))
+
+
+def toposort(graph: onnx.GraphProto) -> None:
+    """Order nodes so each comes after its inputs' producers (ONNX requires it; some tools append)."""
+    nodes = list(graph.node)
+    produced_by = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    order, state = [], [0] * len(nodes)  # 0 new, 1 in progress, 2 placed
+    for start in range(len(nodes)):
+        stack = [(start, False)]
+        while stack:
+            i, expanded = stack.pop()
+            if state[i] == 2:
+                continue
+            if expanded:
+                state[i] = 2
+                order.append(nodes[i])
+                continue
+            state[i] = 1
+            stack.append((i, True))
+            for x in nodes[i].input:
+                j = produced_by.get(x)
+                if j is not None and state[j] == 0:
+                    stack.append((j, False))
+    del graph.node[:]
+    graph.node.extend(order)
+
+
+def load_graph_only(path: Path) -> onnx.ModelProto:
+    """The graph without its external weights (they stay where they are)."""
+    return onnx.load(str(path), load_external_data=False)
+
+
+def save_graph_only(model: onnx.ModelProto, path: Path) -> None:
+    """Save a rewritten graph beside the original: external tensors keep pointing at the original's
+    data file (same directory), new small initializers are stored inline."""
+    onnx.save(model, str(path))

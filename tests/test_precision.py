@@ -1,0 +1,132 @@
+"""--precision fp16 (checked with ONNX's reference evaluator: no fp16 kernels on this CPU) and
+--precision int8 (static QDQ, run by ONNX Runtime)."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto
+
+import sdrt
+from sdrt.errors import InputError
+from sdrt.export import onnx_export
+from sdrt.export.fp16 import run_fp16
+from sdrt.manifest import Manifest
+from tests.conftest import SIZES
+
+W, H = SIZES["eps"]
+
+
+@pytest.fixture(scope="module")
+def fp16_engines(checkpoints, tmp_path_factory):
+    from sdrt.export import export
+
+    out = tmp_path_factory.mktemp("fp16") / "eps"
+    export(str(checkpoints["eps"]), out, precision="fp16", progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def int8_engines(checkpoints, tmp_path_factory):
+    from sdrt.export import export
+
+    out = tmp_path_factory.mktemp("int8") / "eps"
+    export(str(checkpoints["eps"]), out, precision="int8", progress=False)
+    return out
+
+
+def _graph(path):
+    return onnx.load(str(path))
+
+
+def test_fp16_export_converts_every_component(fp16_engines):
+    m = Manifest.read(fp16_engines)
+    for name, c in m.components.items():
+        assert c.precision == "fp16", name
+        # the standard and TensorRT graphs ran in the reference evaluator at export, within tolerance
+        assert c.parity_max_abs is not None and c.parity_max_abs <= c.parity_tolerance
+        assert c.targets["tensorrt"].parity_max_abs <= c.parity_tolerance
+        g = _graph(fp16_engines / c.files[0]).graph
+        types = collections.Counter(t.data_type for t in g.initializer if len(t.dims) > 1)
+        assert types[TensorProto.FLOAT16] > 0 and types[TensorProto.FLOAT] == 0, name  # weights in fp16
+        assert all(i.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.INT64) for i in g.input)
+
+
+def test_fp16_keeps_groupnorm_and_attention_softmax_in_fp32(fp16_engines):
+    m = Manifest.read(fp16_engines)
+    model = onnx.shape_inference.infer_shapes(_graph(fp16_engines / m.components["unet"].file_for("tensorrt")))
+    types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
+    nodes = model.graph.node
+    groupnorms = [n for n in nodes if n.op_type == "GroupNormalization"]
+    softmaxes = [n for n in nodes if n.op_type == "Softmax"]
+    assert groupnorms and softmaxes
+    for n in groupnorms + softmaxes:
+        assert types[n.output[0]] == TensorProto.FLOAT, n.name
+    convs = [n for n in nodes if n.op_type == "Conv"]
+    assert all(types[n.output[0]] == TensorProto.FLOAT16 for n in convs)
+
+
+def test_fp16_unet_matches_fp32_in_reference_evaluator(fp16_engines, engines):
+    """Numerical check of the fp16 graph itself, at the test image size, against the fp32 engine."""
+    import onnxruntime as ort
+
+    m16, m32 = Manifest.read(fp16_engines), Manifest.read(engines["eps"])
+    spec = m32.components["unet"].spec
+    feeds = spec.sample_inputs({"B": 2, "h": H // 8, "w": W // 8, "S": 77}, seed=4)
+    want = ort.InferenceSession(str(engines["eps"] / m32.components["unet"].files[0])).run(None, feeds)[0]
+    for target in (None, "tensorrt"):
+        got = run_fp16(fp16_engines / m16.components["unet"].file_for(target), feeds, ["out_sample"])[0]
+        scale = max(1.0, float(np.abs(want).max()))
+        assert np.abs(got.astype(np.float64) - want).max() < onnx_export.PARITY_TOLERANCE["fp16"] * scale
+
+
+def test_fp16_engines_refuse_the_cpu_provider(fp16_engines):
+    pipe = sdrt.Pipeline.load(fp16_engines)
+    with pytest.raises(InputError, match="fp16.*--provider cuda"):
+        pipe("x", steps=1, width=W, height=H)
+
+
+def test_vae_decoder_falls_back_to_fp32_when_fp16_overflows(checkpoints, tmp_path):
+    """A decoder whose activations exceed fp16's range (65504) yields inf in fp16: it stays fp32."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from sdrt.export import export
+
+    pipe = StableDiffusionPipeline.from_pretrained(checkpoints["eps"])
+    with torch.no_grad():
+        pipe.vae.decoder.conv_in.weight.mul_(1e6)  # GroupNorm follows: the output stays sane in fp32
+    pipe.save_pretrained(tmp_path / "ckpt")
+    m = export(str(tmp_path / "ckpt"), tmp_path / "out", precision="fp16", progress=False)
+    assert m.components["vae_decoder"].precision == "fp32"
+    assert "overflowed" in m.components["vae_decoder"].optimizations[0]
+    assert m.components["unet"].precision == "fp16"
+
+
+def test_int8_unet_is_static_qdq(int8_engines):
+    m = Manifest.read(int8_engines)
+    unet = m.components["unet"]
+    assert unet.precision == "int8" and unet.files[0] == "unet/model.int8.onnx"
+    assert all(c.precision == "fp32" for n, c in m.components.items() if n != "unet")
+    g = onnx.load(str(int8_engines / unet.files[0]), load_external_data=False).graph
+    ops = collections.Counter(n.op_type for n in g.node)
+    producers = {o: n for n in g.node for o in n.output}
+    quantized = [n for n in g.node if n.op_type in ("Conv", "MatMul", "Gemm") and
+                 getattr(producers.get(n.input[1]), "op_type", None) == "DequantizeLinear"]
+    assert f"{len(quantized)} Conv/MatMul/Gemm layers" in unet.optimizations[0]
+    layers = ops["Conv"] + ops["MatMul"] + ops["Gemm"]
+    assert ops["QuantizeLinear"] > 0 and len(quantized) > 0.8 * layers
+    assert unet.targets["onnxruntime"].fused == {"MultiHeadAttention": 12}
+    assert not (int8_engines / "unet" / "model.onnx").exists()  # the fp32 UNet is not shipped
+
+
+def test_int8_engine_generates_close_to_fp32(int8_engines, engines):
+    args = dict(prompt="a photo of an astronaut riding a horse", steps=4, seed=1, width=W, height=H)
+    a = sdrt.Pipeline.load(engines["eps"])(**args).pixels
+    b = sdrt.Pipeline.load(int8_engines)(**args).pixels
+    assert np.isfinite(b).all()
+    psnr = 10 * np.log10(1.0 / np.mean((a - b) ** 2))
+    assert psnr > 20, psnr  # random tiny weights: a loose bound; SD 1.5 numbers are in the README
