@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# The committed CPU results: random-sd15 (full SD 1.5 architecture, seeded random weights) at 512 and
-# 256 px, sdrt engines (ONNX Runtime fp32; OpenVINO, bf16 where the CPU has it) against eager PyTorch,
-# in one run. About 30 minutes on 2 cores.
+# The committed CPU results, random-sd15 (full SD 1.5 architecture, seeded random weights), each
+# in one run against eager PyTorch:
+#   cpu-2core/             512 and 256 px, components and 10-step generations: ONNX Runtime fp32,
+#                          OpenVINO (bf16 where the CPU has it). About 25 minutes on 2 cores.
+#   cpu-2core-precisions/  512 px components and cold starts: also the standard graphs without
+#                          sdrt.kernels rewrites (sdrt-plain) and the int8 UNet on both runtimes.
+#                          About 15 minutes, plus 5 for the int8 export.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ENGINES=${ENGINES:-engines/sd15}
-OUT=${OUT:-benchmarks/results/cpu-2core}
+INT8=${INT8:-engines/sd15-int8}
 [ -f "$ENGINES/manifest.json" ] || sdrt export random-sd15 "$ENGINES"
-sdrt bench "$ENGINES" --sizes 512 256 --repeats 3 --warmup 1 --steps 10 --providers cpu openvino --out "$OUT"
+[ -f "$INT8/manifest.json" ] || sdrt export random-sd15 "$INT8" --precision int8
+sdrt bench "$ENGINES" --sizes 512 256 --repeats 3 --warmup 1 --steps 10 --providers cpu openvino \
+    --out benchmarks/results/cpu-2core
+sdrt bench "$ENGINES" --sizes 512 --repeats 3 --warmup 1 --steps 10 --providers cpu openvino --plain \
+    --also "$INT8" --no-end-to-end --out benchmarks/results/cpu-2core-precisions

@@ -35,8 +35,14 @@ def cmd_export(args) -> int:
     manifest = export(args.source, args.out_dir, backend=args.backend, precision=args.precision,
                       opset=args.opset, force=args.force, progress=not args.quiet, optimize=not args.no_optimize,
                       trt_profile=profile)
-    worst = max(c.parity_max_abs or 0.0 for c in manifest.components.values())
-    print(f"wrote {args.out_dir} ({', '.join(manifest.components)}; max parity error {worst:.2g})")
+    checked = [c.parity_max_abs for c in manifest.components.values() if c.parity_max_abs is not None]
+    parity = f"max parity error {max(checked):.2g}" if checked else "parity not checked"
+    unchecked = len(manifest.components) - len(checked)
+    if unchecked and checked:
+        parity += f"; {unchecked} fp16 component(s) unchecked: no fp16 executor here"
+    elif unchecked:
+        parity += ": no fp16 executor here (the tests check fp16 graphs on `tiny`)"
+    print(f"wrote {args.out_dir} ({', '.join(manifest.components)}; {parity})")
     return 0
 
 
@@ -92,6 +98,7 @@ def cmd_bench(args) -> int:
 
     settings = bench.Settings(sizes=args.sizes or [], repeats=args.repeats, warmup=args.warmup, steps=args.steps,
                               batches=args.batches, sampler=args.sampler, providers=args.providers,
+                              plain=args.plain, also=args.also,
                               eager=not args.no_eager,
                               cold=not args.no_cold, end_to_end=not args.no_end_to_end)
     if args.repeats < 1 or args.warmup < 0 or args.steps < 1 or min(args.batches) < 1:
@@ -221,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sampler", default=DEFAULT_SAMPLER)
     b.add_argument("--providers", nargs="+", default=["cpu"], choices=list(PROVIDERS),
                    help="one sdrt path per runtime provider (e.g. cpu openvino)")
+    b.add_argument("--plain", action="store_true",
+                   help="also the standard graphs without sdrt.kernels rewrites (first provider)")
+    b.add_argument("--also", nargs="+", default=[], metavar="ENGINE_DIR",
+                   help="more engine dirs of the same model (e.g. an int8 export), on every provider")
     b.add_argument("--no-eager", action="store_true", help="skip the eager PyTorch baseline")
     b.add_argument("--no-cold", action="store_true", help="skip the cold-start subprocesses")
     b.add_argument("--no-end-to-end", action="store_true", help="components only")

@@ -71,3 +71,19 @@ def test_eager_path_skipped_with_a_reason_when_source_is_gone(engines, tmp_path,
     data = json.loads((out / "results.json").read_text())
     assert data["paths"] == ["sdrt"] and "eager" in data["skipped"][0]
     assert data["components"]["unet_b2@64"]["paths"]["sdrt"]["median"] > 0
+
+
+def test_plain_and_extra_engine_dirs_are_paths(engines, tmp_path):
+    """--plain adds the un-rewritten graphs; --also another engine dir (a copy here)."""
+    import shutil
+
+    twin = tmp_path / "twin"
+    shutil.copytree(engines["eps"], twin)
+    out = tmp_path / "out"
+    assert main(["-q", "bench", str(engines["eps"]), "--sizes", "64", "--repeats", "1", "--warmup", "0",
+                 "--no-end-to-end", "--no-eager", "--plain", "--also", str(twin), "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    # the twin's UNet is fp32, so its label is sdrt-fp32
+    assert data["paths"] == ["sdrt", "sdrt-plain", "sdrt-fp32"]
+    assert set(data["cold_start"]) == {"sdrt", "sdrt-plain", "sdrt-fp32"}
+    assert all(e["paths"]["sdrt-plain"]["median"] > 0 for e in data["components"].values())

@@ -26,6 +26,8 @@ class Settings:
     batches: list[int] = field(default_factory=lambda: [1])  # end-to-end batch sizes (images per call)
     sampler: str = "dpmpp_2m_karras"
     providers: list[str] = field(default_factory=lambda: ["cpu"])  # one sdrt path per runtime provider
+    plain: bool = False  # also the standard graphs (no sdrt.kernels rewrites) on the first provider
+    also: list[str] = field(default_factory=list)  # more engine dirs (e.g. int8), on every provider
     eager: bool = True  # include the eager PyTorch baseline (needs the export extra)
     cold: bool = True  # cold-start subprocesses: time to first image, peak RSS
     end_to_end: bool = True
@@ -34,18 +36,25 @@ class Settings:
 def _paths(engine_dir: Path, manifest: Manifest, settings: Settings, skipped: list[str]) -> list:
     from sdrt.bench.paths import EagerPath, EnginePath
 
+    variants = [(engine_dir, p, True, "sdrt") for p in settings.providers]
+    if settings.plain:
+        variants.append((engine_dir, settings.providers[0], False, "sdrt-plain"))
+    for d in settings.also:
+        unet = Manifest.read(d).components.get("unet")
+        label = f"sdrt-{unet.precision if unet else Path(d).name}"
+        variants += [(Path(d), p, True, label) for p in settings.providers]
     paths = []
-    for provider in settings.providers:
+    for d, provider, optimized, label in variants:
         try:
-            paths.append(EnginePath(engine_dir, provider))
+            paths.append(EnginePath(d, provider, optimized, label))
         except SdrtError as e:  # a provider this machine lacks: say so, measure the rest
-            skipped.append(f"sdrt on {provider}: {e}")
-            log.warning("skipping provider %s: %s", provider, e)
+            skipped.append(f"{label} on {provider}: {e}")
+            log.warning("skipping %s on %s: %s", label, provider, e)
     if not paths:
         raise InputError("no sdrt path could be loaded: " + "; ".join(skipped))
     if settings.eager:
         try:
-            paths.append(EagerPath(manifest))
+            paths.append(EagerPath(manifest, engine_dir))
         except (ImportError, InputError) as e:
             skipped.append(f"eager: {e}")
             log.warning("skipping the eager PyTorch path: %s", e)
@@ -114,12 +123,12 @@ def run(engine_dir: str | Path, settings: Settings, progress=None) -> dict:
             p.close()
     if settings.cold:
         results["cold_start"] = {}
-        for p in results["paths"]:
+        for p in paths:
             try:
-                results["cold_start"][p] = measure.cold_start(p, engine_dir, settings.sizes[0], settings.steps,
-                                                              settings.sampler)
+                results["cold_start"][p.name] = measure.cold_start(p, settings.sizes[0], settings.steps,
+                                                                   settings.sampler)
             except (RuntimeError, OSError, ValueError) as e:
-                skipped.append(f"cold start {p}: {e}")
+                skipped.append(f"cold start {p.name}: {e}")
     return results
 
 
@@ -130,4 +139,5 @@ def total_rounds(manifest: Manifest, settings: Settings) -> int:
     n = len(measure.component_workloads(specs, sizes, manifest.dims.vae_scale_factor))
     if settings.end_to_end:
         n += len(sizes) * len(settings.batches)
-    return n * (settings.warmup + settings.repeats) * (len(settings.providers) + settings.eager)
+    paths = len(settings.providers) * (1 + len(settings.also)) + settings.plain + settings.eager
+    return n * (settings.warmup + settings.repeats) * paths

@@ -1,6 +1,7 @@
 """Time to first image from a cold start, and the process's peak RSS: run in a fresh process.
 
-    python -m sdrt.bench.cold {sdrt|sdrt-PROVIDER|eager} ENGINE_DIR SIZE STEPS SAMPLER   -> one JSON line
+    python -m sdrt.bench.cold {sdrt|eager} ENGINE_DIR PROVIDER OPTIMIZED(1|0) SIZE STEPS SAMPLER
+    -> one JSON line
 """
 
 from __future__ import annotations
@@ -12,19 +13,18 @@ import time
 from pathlib import Path
 
 
-def main(kind: str, engine_dir: str, size: str, steps: str, sampler: str) -> None:
+def main(kind: str, engine_dir: str, provider: str, optimized: str, size: str, steps: str, sampler: str) -> None:
     t0 = time.perf_counter()
     from sdrt.manifest import Manifest
 
-    if kind.startswith("sdrt"):
+    if kind == "sdrt":
         from sdrt.bench.paths import EnginePath
 
-        path = EnginePath(Path(engine_dir), kind.partition("-")[2] or "cpu")
-        path.pipe.warmup()
+        path = EnginePath(Path(engine_dir), provider, optimized == "1")
     else:
         from sdrt.bench.paths import EagerPath
 
-        path = EagerPath(Manifest.read(engine_dir))
+        path = EagerPath(Manifest.read(engine_dir), Path(engine_dir))
     loaded = time.perf_counter()
     path.generate("a photo of an astronaut riding a horse", int(steps), int(size), 1, sampler, 0)
     done = time.perf_counter()
@@ -45,4 +45,4 @@ def peak_rss_kib() -> float:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:6])
+    main(*sys.argv[1:8])

@@ -141,10 +141,10 @@ def machine() -> dict:
     return info
 
 
-def cold_start(path_kind: str, engine_dir: Path, size: int, steps: int, sampler: str, timeout: int = 1800) -> dict:
+def cold_start(path, size: int, steps: int, sampler: str, timeout: int = 1800) -> dict:
     """Load + first image in a fresh process (so its peak RSS is this path's alone)."""
-    cmd = [sys.executable, "-m", "sdrt.bench.cold", path_kind, str(engine_dir), str(size), str(steps), sampler]
+    cmd = [sys.executable, "-m", "sdrt.bench.cold", *path.cold_args(), str(size), str(steps), sampler]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"cold start of {path_kind} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"cold start of {path.name} failed: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

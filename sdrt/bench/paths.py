@@ -22,11 +22,16 @@ log = logging.getLogger(__name__)
 class EnginePath:
     """sdrt engines through ONNX Runtime (the runtime's own Backend objects and Pipeline)."""
 
-    def __init__(self, engine_dir: Path, provider: str = "cpu"):
+    def __init__(self, engine_dir: Path, provider: str = "cpu", optimized: bool = True, label: str = "sdrt"):
         from sdrt.runtime.pipeline import Pipeline
 
-        self.name = "sdrt" if provider == "cpu" else f"sdrt-{provider}"
-        self.pipe = Pipeline.load(engine_dir, provider=provider)
+        self.name = label if provider == "cpu" else f"{label}-{provider}"
+        self.engine_dir, self.provider, self.optimized = Path(engine_dir), provider, optimized
+        self.pipe = Pipeline.load(engine_dir, provider=provider, optimized=optimized)
+
+    def cold_args(self) -> list[str]:
+        """The arguments `python -m sdrt.bench.cold` rebuilds this path from."""
+        return ["sdrt", str(self.engine_dir), self.provider, "1" if self.optimized else "0"]
 
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> None:
         self.pipe.engine(component).run(feeds)
@@ -50,7 +55,11 @@ class EagerPath:
 
     name = "eager"
 
-    def __init__(self, manifest: Manifest):
+    def cold_args(self) -> list[str]:
+        return ["eager", str(self.engine_dir), "cpu", "0"]
+
+    def __init__(self, manifest: Manifest, engine_dir: Path):
+        self.engine_dir = Path(engine_dir)
         import torch
 
         from sdrt.export import sources

@@ -74,10 +74,16 @@ def quantize_unet(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> i
     graph = onnx.load(str(src), load_external_data=False).graph
     layers = [n for n in graph.node if n.op_type in QUANTIZED_OPS and len(n.input) > 1]
     keep = [n.name for n in layers if any(k in n.input[1] for k in KEEP_FP32)]
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_exclude=keep, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    use_external_data_format=True, calibrate_method=CalibrationMethod.MinMax)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # onnxruntime.quantization logs advice on the root logger
+    try:
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_exclude=keep, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        use_external_data_format=True, calibrate_method=CalibrationMethod.MinMax)
+    finally:
+        root.setLevel(level)
     log.info("int8: %d layers quantized, %d kept in fp32, from %d calibration inputs",
              len(layers) - len(keep), len(keep), len(feeds))
     return len(layers) - len(keep)

@@ -63,7 +63,8 @@ def build_engine(onnx_path: Path, weights: list[Path], out_path: Path, spec: Com
     err, props = cudart.cudaGetDeviceProperties(0)
     if err != cudart.cudaError_t.cudaSuccess:
         raise SdrtError(f"TensorRT export needs a CUDA GPU ({err})")
-    gpu = f"{props.name.decode(errors='replace').strip()}-sm{props.major}{props.minor}"
+    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+    gpu = f"{name.strip(chr(0)).strip().replace(' ', '_')}-sm{props.major}{props.minor}"
     input_shapes = shapes(spec, profile, scale_factor)
     key = hashlib.sha256("|".join([_hash_files([onnx_path, *weights]), gpu, trt.__version__,
                                    repr(sorted(input_shapes.items()))]).encode()).hexdigest()[:32]

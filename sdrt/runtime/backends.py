@@ -100,6 +100,10 @@ def check_provider(provider: str) -> None:
 
 
 _shared_cpu_arena = False
+# ONNX Runtime's memory pattern pre-plans one block for a whole run. Allocating per tensor from the
+# arena instead frees as it goes: measured on SD 1.5 at 512 px, that lowers the UNet session's peak
+# (batch 2: 4.97 -> 4.22 GB, same speed) but raises the VAE decoder's (1.35 -> 1.73 GB of activations)
+NO_MEMORY_PATTERN = {"unet"}
 
 
 def _use_shared_cpu_arena(ort, opts) -> None:
@@ -127,14 +131,19 @@ class OrtBackend(Backend):
         opts.log_severity_level = 3
         if self.provider == "cpu":
             _use_shared_cpu_arena(ort, opts)
+            opts.enable_mem_pattern = self.spec.name not in NO_MEMORY_PATTERN
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf types
             raise InputError(f"cannot load {self.path} (corrupt or not an ONNX model?): {e}") from None
         self._outputs = [t.name for t in self.spec.outputs]
+        self._run_options = ort.RunOptions()
+        if self.provider == "cpu":  # hand the arena's free chunks back after each call (about 2% of a
+            # UNet step): the next component starts from a small arena instead of fragmenting a big one
+            self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     def _run(self, feeds):
-        return self.session.run(self._outputs, feeds)
+        return self.session.run(self._outputs, feeds, self._run_options)
 
     def close(self) -> None:
         self.session = None
