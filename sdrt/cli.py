@@ -109,7 +109,8 @@ def cmd_bench(args) -> int:
     manifest = Manifest.read(args.engine_dir)
     with tqdm(total=bench.total_rounds(manifest, settings), unit="call", desc="bench",
               disable=args.quiet, file=sys.stderr) as bar:
-        results = bench.run(args.engine_dir, settings, progress=lambda: bar.update(1))
+        results = bench.run(args.engine_dir, settings, progress=lambda: bar.update(1),
+                            checkpoint=lambda r: report.write_partial(r, Path(args.out)))
     files = report.write(results, Path(args.out), command=" ".join(["sdrt", *map(shlex.quote, args.argv)]))
     print(report.markdown(results))
     print("wrote " + ", ".join(str(f) for f in files))

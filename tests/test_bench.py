@@ -20,6 +20,7 @@ def test_outputs_written(results):
     data, out = results
     assert (out / "results.md").read_text().startswith("# sdrt bench")
     assert (out / "results.png").stat().st_size > 1000
+    assert not (out / "results.partial.json").exists()  # removed once the full results are written
     assert data["paths"] == ["sdrt", "sdrt-openvino", "eager"] and data["skipped"] == []
     assert data["machine"]["cores"] >= 1 and data["gemm"]["gflops"] > 0
 
@@ -87,3 +88,25 @@ def test_plain_and_extra_engine_dirs_are_paths(engines, tmp_path):
     assert data["paths"] == ["sdrt", "sdrt-plain", "sdrt-fp32"]
     assert set(data["cold_start"]) == {"sdrt", "sdrt-plain", "sdrt-fp32"}
     assert all(e["paths"]["sdrt-plain"]["median"] > 0 for e in data["components"].values())
+
+
+def test_partial_results_survive_an_interrupted_run(engines, tmp_path):
+    """Every finished workload is on disk (results.partial.json) before the next one starts."""
+    from sdrt import bench
+    from sdrt.bench import report
+
+    calls = []
+
+    def progress():  # dies in the middle of the third workload (UNet batch 2)
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+
+    settings = bench.Settings(sizes=[64], repeats=1, warmup=1, eager=False, cold=False)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(engines["eps"], settings, progress=progress,
+                  checkpoint=lambda r: report.write_partial(r, tmp_path))
+    partial = json.loads((tmp_path / report.PARTIAL).read_text())
+    assert list(partial["components"]) == ["text_encoder", "unet_b1@64"]
+    assert partial["components"]["unet_b1@64"]["paths"]["sdrt"]["median"] > 0
+    assert not (tmp_path / "results.json").exists()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import collections
+import os
 
 import numpy as np
 import onnx
@@ -121,6 +122,10 @@ def test_int8_unet_is_static_qdq(int8_engines):
     assert ops["QuantizeLinear"] > 0 and len(quantized) > 0.8 * layers
     assert unet.targets["onnxruntime"].fused == {"MultiHeadAttention": 12}
     assert not (int8_engines / "unet" / "model.onnx").exists()  # the fp32 UNet is not shipped
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (int8_engines / "unet").iterdir():  # onnxruntime writes 0600; export widens to the umask
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
 
 
 def test_int8_engine_generates_close_to_fp32(int8_engines, engines):

@@ -61,10 +61,10 @@ def _paths(engine_dir: Path, manifest: Manifest, settings: Settings, skipped: li
     return paths
 
 
-def _components(paths, manifest, settings, gemm, progress) -> dict:
+def _components(paths, manifest, settings, gemm, progress, out: dict, saved) -> dict:
     specs = {k: c.spec for k, c in manifest.components.items()}
     eager = next((p for p in paths if p.name == BASELINE), None)
-    out, current = {}, None
+    current = None
     for wl in measure.component_workloads(specs, settings.sizes, manifest.dims.vae_scale_factor):
         if current and current != wl.component:
             for p in paths:  # one component's sessions / modules in memory at a time
@@ -80,13 +80,13 @@ def _components(paths, manifest, settings, gemm, progress) -> dict:
             entry["gflops"] = {k: flops / s["median"] / 1e9 for k, s in entry["paths"].items()}
             entry["fraction_of_peak"] = {k: g / gemm["gflops"] for k, g in entry["gflops"].items()}
         out[wl.name] = entry
+        saved()
     for p in paths:
         p.unload(current)
     return out
 
 
-def _end_to_end(paths, settings, progress) -> dict:
-    out = {}
+def _end_to_end(paths, settings, progress, out: dict, saved) -> dict:
     for size in settings.sizes:
         for batch in settings.batches:
             samples = measure.rounds(
@@ -97,11 +97,13 @@ def _end_to_end(paths, settings, progress) -> dict:
                 "size": size, "batch": batch, "steps": settings.steps, "sampler": settings.sampler,
                 "paths": summaries, "ratios": measure.pair_ratios(samples, BASELINE),
                 "images_per_minute": {k: 60 * batch / s["median"] for k, s in summaries.items()}}
+            saved()
     return out
 
 
-def run(engine_dir: str | Path, settings: Settings, progress=None) -> dict:
-    """Measure; return the results dict (also what `report.write` turns into files)."""
+def run(engine_dir: str | Path, settings: Settings, progress=None, checkpoint=None) -> dict:
+    """Measure; return the results dict (also what `report.write` turns into files).
+    checkpoint(results) is called after every finished workload with what is measured so far."""
     engine_dir = Path(engine_dir)
     manifest = Manifest.read(engine_dir)
     settings.sizes = settings.sizes or [manifest.default_image_size]
@@ -114,10 +116,17 @@ def run(engine_dir: str | Path, settings: Settings, progress=None) -> dict:
                "source": manifest.source, "skipped": skipped, "gemm": measure.gemm_peak()}
     paths = _paths(engine_dir, manifest, settings, skipped)
     results["paths"] = [p.name for p in paths]
+
+    def saved():
+        if checkpoint is not None:
+            checkpoint(results)
+
     try:
-        results["components"] = _components(paths, manifest, settings, results["gemm"], progress)
+        results["components"] = {}
+        _components(paths, manifest, settings, results["gemm"], progress, results["components"], saved)
         if settings.end_to_end:
-            results["end_to_end"] = _end_to_end(paths, settings, progress)
+            results["end_to_end"] = {}
+            _end_to_end(paths, settings, progress, results["end_to_end"], saved)
     finally:
         for p in paths:
             p.close()
@@ -129,6 +138,7 @@ def run(engine_dir: str | Path, settings: Settings, progress=None) -> dict:
                                                                    settings.sampler)
             except (RuntimeError, OSError, ValueError) as e:
                 skipped.append(f"cold start {p.name}: {e}")
+            saved()
     return results
 
 

@@ -92,10 +92,23 @@ def chart(results: dict, path: Path) -> bool:
     return True
 
 
+PARTIAL = "results.partial.json"
+
+
+def write_partial(results: dict, out_dir: Path) -> None:
+    """What a run has measured so far (atomically replaced after every workload): a run that dies
+    after an hour keeps its finished workloads. `write` removes it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / (PARTIAL + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(out_dir / PARTIAL)
+
+
 def write(results: dict, out_dir: Path, command: str | None = None) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / "results.json", out_dir / "results.md"]
     files[0].write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / PARTIAL).unlink(missing_ok=True)
     files[1].write_text(markdown(results, command))
     if chart(results, out_dir / "results.png"):
         files.append(out_dir / "results.png")

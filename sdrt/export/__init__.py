@@ -107,7 +107,8 @@ def _tensorrt_engines(manifest: Manifest, staging: Path, profile, progress: bool
 
 def _to_fp16(name, spec, pipe, staging: Path, files: list[str], err, tol):
     """Convert a staged fp32 component to fp16; the VAE decoder stays fp32 if fp16 overflows on
-    probe inputs. Returns (files, precision, parity error, tolerance, notes)."""
+    probe inputs, or if no fp16 executor here can probe it. Returns (files, precision, parity error,
+    tolerance, notes)."""
     from sdrt.export import fp16, onnx_export
 
     src = staging / files[0]
@@ -117,13 +118,14 @@ def _to_fp16(name, spec, pipe, staging: Path, files: list[str], err, tol):
     if name == "vae_decoder":
         probe = spec.sample_inputs(onnx_export.parity_sizes(spec), seed=2)
         over = fp16.overflows(dst, probe, [t.name for t in spec.outputs])
-        if over:
+        if over is not False:  # overflowed, or could not be probed here: fp32 is the safe choice
             for p in dst.parent.glob(dst.name + "*"):
                 p.unlink()
-            log.warning("vae_decoder: fp16 yields NaN/inf on probe inputs; keeping it in fp32")
-            return files, "fp32", err, tol, ["fp32: the fp16 decoder overflowed (NaN/inf) on probe inputs"]
-        if over is None:
-            notes.append("overflow probe not run (no fp16 executor on the exporting machine)")
+            why = ("the fp16 decoder overflowed (NaN/inf) on probe inputs" if over else
+                   "fp16 could not be probed for overflow on this machine (no CUDA; too large for "
+                   "ONNX's reference evaluator): export on the GPU machine to get an fp16 decoder")
+            log.warning("vae_decoder kept in fp32: %s", why)
+            return files, "fp32", err, tol, [f"fp32: {why}"]
     for f in files:
         (staging / f).unlink()
     files = [str(dst.relative_to(staging)), str(dst.relative_to(staging)) + ".data"]
@@ -199,6 +201,11 @@ def export(source: str, out_dir: str | Path, *, backend: str = "onnx", precision
                                                      opset or onnx_export.DEFAULT_OPSET)
                 err, tol = onnx_export.check_parity(name, specs[name], pipe, staging / files[0])
                 prec, notes = "fp32", []
+                if optimize:  # weights into model.onnx.data, which the target graphs then share
+                    from sdrt.kernels.graph import externalize
+
+                    externalize(staging / files[0])
+                    files = onnx_export.component_files(staging, name)
                 if precision == "fp16":
                     files, prec, err, tol, notes = _to_fp16(name, specs[name], pipe, staging, files, err, tol)
                 targets = _target_graphs(name, specs[name], pipe, staging, files[0], prec) if optimize else {}
@@ -219,6 +226,11 @@ def export(source: str, out_dir: str | Path, *, backend: str = "onnx", precision
             if backend == "tensorrt":
                 _tensorrt_engines(manifest, staging, trt_profile, progress)
                 manifest.write(staging)
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in staging.rglob("*"):  # onnx and onnxruntime write some files 0600; engines are shared
+            if f.is_file():
+                f.chmod(0o666 & ~umask)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)

@@ -110,7 +110,12 @@ def export_component(name: str, spec: ComponentSpec, pipe, out_dir: Path, opset:
             report=False, verbose=False)
     program.save(target)  # torch writes external data itself when the model is over 2 GB
     del program
-    return sorted(str(p.relative_to(out_dir)) for p in target.parent.iterdir() if p.is_file())
+    return component_files(out_dir, name)
+
+
+def component_files(out_dir: Path, name: str) -> list[str]:
+    """The component's files relative to OUT_DIR, model.onnx first."""
+    return sorted(str(p.relative_to(out_dir)) for p in (out_dir / name).iterdir() if p.is_file())
 
 
 def check_parity(name: str, spec: ComponentSpec, pipe, onnx_path: Path,

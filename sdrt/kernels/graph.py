@@ -139,6 +139,17 @@ def toposort(graph: onnx.GraphProto) -> None:
     graph.node.extend(order)
 
 
+def externalize(path: Path) -> bool:
+    """Move inline weights of the model at PATH to PATH.data (so rewritten graphs can share them);
+    False if it already keeps them outside."""
+    model = onnx.load(str(path), load_external_data=False)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return False
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=path.name + ".data", size_threshold=1024)
+    return True
+
+
 def load_graph_only(path: Path) -> onnx.ModelProto:
     """The graph without its external weights (they stay where they are)."""
     return onnx.load(str(path), load_external_data=False)
