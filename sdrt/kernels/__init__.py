@@ -11,7 +11,7 @@ Which passes a target gets is decided by measurement (README, "Kernels"):
   GroupNormalization itself).
 GroupNormalization is left as ONNX's op on every target: ONNX Runtime's CPU provider has no kernel
 for it (it expands the op's function body), and rewriting it as Reshape/InstanceNormalization
-measured 8-25% slower there (SD 1.5 VAE decoder 11.2 vs 8.9-9.5 s at 512 px).
+measured 18-26% slower there (SD 1.5 VAE decoder 11.2 vs 8.9-9.5 s at 512 px).
 """
 
 from __future__ import annotations
