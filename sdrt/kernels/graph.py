@@ -65,14 +65,6 @@ class Graph:
         p = self.producer.get(node.input[index])
         return p if p is not None and p.op_type == op_type else None
 
-    def constant(self, value: str) -> np.ndarray | None:
-        if value in self.initializers:
-            return numpy_helper.to_array(self.initializers[value])
-        p = self.producer.get(value)
-        if p is not None and p.op_type == "Constant":
-            return numpy_helper.to_array(p.attribute[0].t)
-        return None
-
     def add_initializer(self, stem: str, array: np.ndarray) -> str:
         self._counter += 1
         name = f"sdrt_{stem}_{self._counter}"
