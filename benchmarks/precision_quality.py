@@ -18,26 +18,20 @@ from pathlib import Path
 
 import numpy as np
 
+from sdrt.export.quantize import record_inputs
 from sdrt.runtime.pipeline import Pipeline
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
 
 
-def generate(engine_dir, provider, args, record=None):
+def generate(engine_dir, provider, args):
+    """(pixels, seconds, every UNet input of the run)."""
     with Pipeline.load(engine_dir, provider=provider) as pipe:
-        unet = pipe.engine("unet")
-        if record is not None:
-            run = unet._run
-
-            def recording(feeds):
-                record.append({k: np.array(v) for k, v in feeds.items()})
-                return run(feeds)
-
-            unet._run = recording
+        feeds = record_inputs(pipe.engine("unet"))
         t0 = time.perf_counter()
         pixels = pipe(PROMPT, steps=args.steps, width=args.size, height=args.size, seed=0,
                       sampler=args.sampler).pixels
-        return pixels, time.perf_counter() - t0
+        return pixels, time.perf_counter() - t0, feeds
 
 
 def unet_outputs(engine_dir, provider, feeds):
@@ -55,8 +49,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/precision_quality.json")
     args = ap.parse_args()
 
-    feeds = []
-    ref, ref_s = generate(args.fp32_dir, "cpu", args, record=feeds)
+    ref, ref_s, feeds = generate(args.fp32_dir, "cpu", args)
     probe = [feeds[0], feeds[len(feeds) // 2], feeds[-1]]
     ref_unet = unet_outputs(args.fp32_dir, "cpu", probe)
     results = {"machine": platform.processor() or platform.machine(), "prompt": PROMPT, "size": args.size,
@@ -65,7 +58,7 @@ def main() -> None:
     for name, engine_dir, provider in (("int8 (ONNX Runtime CPU)", args.int8_dir, "cpu"),
                                        ("int8 (OpenVINO)", args.int8_dir, "openvino"),
                                        ("bf16 (OpenVINO, fp32 engines)", args.fp32_dir, "openvino")):
-        pixels, seconds = generate(engine_dir, provider, args)
+        pixels, seconds, _ = generate(engine_dir, provider, args)
         mse = float(np.mean((pixels.astype(np.float64) - ref) ** 2))
         outs = unet_outputs(engine_dir, provider, probe)
         rel = [float(np.sqrt(np.mean((o - r) ** 2) / np.mean(r ** 2))) for o, r in zip(outs, ref_unet)]

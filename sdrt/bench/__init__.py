@@ -61,7 +61,8 @@ def _paths(engine_dir: Path, manifest: Manifest, settings: Settings, skipped: li
     return paths
 
 
-def _components(paths, manifest, settings, gemm, progress, out: dict, saved) -> dict:
+def _components(paths, manifest, settings, gemm, progress, out: dict, saved) -> None:
+    """Fill OUT with one entry per component workload; saved() after each."""
     specs = {k: c.spec for k, c in manifest.components.items()}
     eager = next((p for p in paths if p.name == BASELINE), None)
     current = None
@@ -83,10 +84,10 @@ def _components(paths, manifest, settings, gemm, progress, out: dict, saved) -> 
         saved()
     for p in paths:
         p.unload(current)
-    return out
 
 
-def _end_to_end(paths, settings, progress, out: dict, saved) -> dict:
+def _end_to_end(paths, settings, progress, out: dict, saved) -> None:
+    """Fill OUT with one entry per (size, batch) generation; saved() after each."""
     for size in settings.sizes:
         for batch in settings.batches:
             samples = measure.rounds(
@@ -98,7 +99,6 @@ def _end_to_end(paths, settings, progress, out: dict, saved) -> dict:
                 "paths": summaries, "ratios": measure.pair_ratios(samples, BASELINE),
                 "images_per_minute": {k: 60 * batch / s["median"] for k, s in summaries.items()}}
             saved()
-    return out
 
 
 def run(engine_dir: str | Path, settings: Settings, progress=None, checkpoint=None) -> dict:

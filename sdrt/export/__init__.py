@@ -128,7 +128,7 @@ def _to_fp16(name, spec, pipe, staging: Path, files: list[str], err, tol):
             return files, "fp32", err, tol, [f"fp32: {why}"]
     for f in files:
         (staging / f).unlink()
-    files = [str(dst.relative_to(staging)), str(dst.relative_to(staging)) + ".data"]
+    files = onnx_export.component_files(staging, name)  # model.fp16.onnx, model.fp16.onnx.data
     err, tol = onnx_export.check_parity(name, spec, pipe, dst, "fp16")
     return files, "fp16", err, tol, notes
 
@@ -147,9 +147,7 @@ def _int8_unet(manifest: Manifest, spec, pipe, staging: Path, optimize: bool) ->
     layers = quantize.quantize_unet(src, dst, feeds)
     for f in fp32.files + [t.file for t in fp32.targets.values()]:
         (staging / f).unlink()
-    files = sorted(str(p.relative_to(staging)) for p in dst.parent.iterdir() if p.is_file())
-    files.remove(str(dst.relative_to(staging)))
-    files.insert(0, str(dst.relative_to(staging)))
+    files = onnx_export.component_files(staging, "unet")  # model.int8.onnx, model.int8.onnx.data
     err, tol = onnx_export.check_parity("unet", spec, pipe, dst, "int8")
     targets = {}
     if optimize:

@@ -33,21 +33,25 @@ CALIBRATION_PROMPTS = (
 CALIBRATION_STEPS = 8
 
 
+def record_inputs(backend) -> list[dict[str, np.ndarray]]:
+    """From now on, keep a copy of every feed BACKEND runs; returns the (growing) list."""
+    feeds, run = [], backend._run
+
+    def recording(f):
+        feeds.append({k: np.array(v) for k, v in f.items()})
+        return run(f)
+
+    backend._run = recording
+    return feeds
+
+
 def calibration_feeds(engine_dir: Path, size: int, prompts=CALIBRATION_PROMPTS,
                       steps: int = CALIBRATION_STEPS) -> list[dict[str, np.ndarray]]:
     """Inputs of every UNet call while the fp32 engines in ENGINE_DIR generate one image per prompt."""
     from sdrt.runtime.pipeline import Pipeline
 
-    feeds = []
     with Pipeline.load(engine_dir, optimized=False) as pipe:
-        unet = pipe.engine("unet")
-        run = unet._run
-
-        def recording(f):
-            feeds.append({k: np.array(v) for k, v in f.items()})
-            return run(f)
-
-        unet._run = recording
+        feeds = record_inputs(pipe.engine("unet"))
         for i, prompt in enumerate(prompts):
             pipe(prompt, steps=steps, sampler="euler", seed=i, width=size, height=size)
     return feeds

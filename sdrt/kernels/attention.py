@@ -62,15 +62,22 @@ def _additive_mask(graph: Graph, value: str, dtype: int) -> tuple[str | None, li
     return out, [helper.make_node("Where", [value, zero, low], [out], name=out)]
 
 
-def fuse_multihead_attention(graph: Graph) -> int:
-    """Rewrite every matching Attention block into MultiHeadAttention; return how many."""
-    fused = 0
+def _plain_attentions(graph: Graph):
+    """(node, attributes) of each Attention both rewrites handle: not causal, no softcap, and no
+    present key/value or QK outputs in use."""
     for node in [n for n in graph.nodes if n.op_type == "Attention"]:
         a = _attrs(node)
         if a.get("is_causal", 0) or a.get("softcap", 0.0) or a.get("qk_matmul_output_mode", 0):
             continue
         if len(node.output) > 1 and any(node.output[1:]):
-            continue  # present key/value or qk outputs are used
+            continue
+        yield node, a
+
+
+def fuse_multihead_attention(graph: Graph) -> int:
+    """Rewrite every matching Attention block into MultiHeadAttention; return how many."""
+    fused = 0
+    for node, a in _plain_attentions(graph):
         sources = [_head_split_source(graph, x) for x in node.input[:3]]
         if None in sources:
             continue
@@ -111,12 +118,7 @@ def decompose_attention(graph: Graph) -> int:
     """Attention(Q, K, V[, mask]) -> softmax(Q K^T * scale [+ mask]) V in plain ops. In an fp16 graph
     QK^T, the mask and the softmax are computed in fp32 (Casts around them)."""
     done = 0
-    for node in [n for n in graph.nodes if n.op_type == "Attention"]:
-        a = _attrs(node)
-        if a.get("is_causal", 0) or a.get("softcap", 0.0) or a.get("qk_matmul_output_mode", 0):
-            continue
-        if len(node.output) > 1 and any(node.output[1:]):
-            continue
+    for node, a in _plain_attentions(graph):
         q, k, v = node.input[:3]
         dtype = graph.types.get(q)
         if dtype not in FLOATS:
