@@ -15,8 +15,8 @@ INT8=${INT8:-engines/sd15-int8}
 sdrt bench "$ENGINES" --sizes 512 256 --repeats 3 --warmup 1 --steps 10 --providers cpu openvino \
     --out benchmarks/results/cpu-2core
 sdrt bench "$ENGINES" --sizes 512 --repeats 3 --warmup 1 --steps 10 --providers cpu openvino --plain \
-    --also "$INT8" --no-end-to-end --out benchmarks/results/cpu-2core-precisions
+    --also "$INT8" --no-peer --no-end-to-end --out benchmarks/results/cpu-2core-precisions
 # cpu-2core-throughput/: images per minute at batch 1, 2 and 4 (256 px, 10 steps), every precision.
 # About 20 minutes.
 sdrt bench "$ENGINES" --sizes 256 --batches 1 2 4 --repeats 2 --warmup 1 --steps 10 --providers cpu openvino \
-    --also "$INT8" --no-cold --out benchmarks/results/cpu-2core-throughput
+    --also "$INT8" --no-peer --no-cold --out benchmarks/results/cpu-2core-throughput

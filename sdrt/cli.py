@@ -99,7 +99,7 @@ def cmd_bench(args) -> int:
     settings = bench.Settings(sizes=args.sizes or [], repeats=args.repeats, warmup=args.warmup, steps=args.steps,
                               batches=args.batches, sampler=args.sampler, providers=args.providers,
                               plain=args.plain, also=args.also,
-                              eager=not args.no_eager,
+                              eager=not args.no_eager, peer=not args.no_peer,
                               cold=not args.no_cold, end_to_end=not args.no_end_to_end)
     if args.repeats < 1 or args.warmup < 0 or args.steps < 1 or min(args.batches) < 1:
         raise InputError("--repeats, --steps and --batches must be >= 1, --warmup >= 0")
@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--also", nargs="+", default=[], metavar="ENGINE_DIR",
                    help="more engine dirs of the same model (e.g. an int8 export), on every provider")
     b.add_argument("--no-eager", action="store_true", help="skip the eager PyTorch baseline")
+    b.add_argument("--no-peer", action="store_true",
+                   help="skip diffusers' OnnxStableDiffusionPipeline on the standard graphs (the peer ONNX path)")
     b.add_argument("--no-cold", action="store_true", help="skip the cold-start subprocesses")
     b.add_argument("--no-end-to-end", action="store_true", help="components only")
     b.add_argument("--out", default="bench-results", help="directory for results.json/.md/.png")

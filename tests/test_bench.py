@@ -21,7 +21,7 @@ def test_outputs_written(results):
     assert (out / "results.md").read_text().startswith("# sdrt bench")
     assert (out / "results.png").stat().st_size > 1000
     assert not (out / "results.partial.json").exists()  # removed once the full results are written
-    assert data["paths"] == ["sdrt", "sdrt-openvino", "eager"] and data["skipped"] == []
+    assert data["paths"] == ["sdrt", "sdrt-openvino", "diffusers-onnx", "eager"] and data["skipped"] == []
     assert data["machine"]["cores"] >= 1 and data["gemm"]["gflops"] > 0
 
 
@@ -31,11 +31,11 @@ def test_every_figure_positive_and_ratios_consistent(results):
     assert set(data["components"]) == {"text_encoder", "unet_b1@64", "unet_b2@64", "vae_decode@64", "vae_encode@64"}
     assert set(data["end_to_end"]) == {"generate_b1@64", "generate_b2@64"}
     for name, e in entries.items():
-        for path in ("sdrt", "sdrt-openvino", "eager"):
+        for path in ("sdrt", "sdrt-openvino", "diffusers-onnx", "eager"):
             s = e["paths"][path]
             assert len(s["samples"]) == 2 and all(t > 0 for t in s["samples"]), name
             assert s["min"] <= s["median"] <= s["max"]
-        for path in ("sdrt", "sdrt-openvino"):
+        for path in ("sdrt", "sdrt-openvino", "diffusers-onnx"):
             ratio = e["ratios"][path]
             per_round = [a / b for a, b in zip(e["paths"]["eager"]["samples"], e["paths"][path]["samples"])]
             assert ratio["per_round"] == pytest.approx(per_round)
@@ -45,6 +45,7 @@ def test_every_figure_positive_and_ratios_consistent(results):
         assert e["gflops"]["sdrt"] == pytest.approx(e["flops"] / e["paths"]["sdrt"]["median"] / 1e9)
     for e in data["end_to_end"].values():
         assert e["images_per_minute"]["sdrt"] == pytest.approx(60 * e["batch"] / e["paths"]["sdrt"]["median"])
+    assert set(data["cold_start"]) == {"sdrt", "sdrt-openvino", "diffusers-onnx", "eager"}
     for c in data["cold_start"].values():
         assert 0 < c["load_s"] <= c["first_image_s"] and c["peak_rss_mb"] > 50
 
@@ -70,7 +71,7 @@ def test_eager_path_skipped_with_a_reason_when_source_is_gone(engines, tmp_path,
     assert main(["-q", "bench", str(moved), "--sizes", "64", "--repeats", "1", "--warmup", "0", "--no-cold",
                  "--no-end-to-end", "--out", str(out)]) == 0
     data = json.loads((out / "results.json").read_text())
-    assert data["paths"] == ["sdrt"] and "eager" in data["skipped"][0]
+    assert data["paths"] == ["sdrt", "diffusers-onnx"] and "eager" in data["skipped"][0]
     assert data["components"]["unet_b2@64"]["paths"]["sdrt"]["median"] > 0
 
 
@@ -82,7 +83,7 @@ def test_plain_and_extra_engine_dirs_are_paths(engines, tmp_path):
     shutil.copytree(engines["eps"], twin)
     out = tmp_path / "out"
     assert main(["-q", "bench", str(engines["eps"]), "--sizes", "64", "--repeats", "1", "--warmup", "0",
-                 "--no-end-to-end", "--no-eager", "--plain", "--also", str(twin), "--out", str(out)]) == 0
+                 "--no-end-to-end", "--no-eager", "--no-peer", "--plain", "--also", str(twin), "--out", str(out)]) == 0
     data = json.loads((out / "results.json").read_text())
     # the twin's UNet is fp32, so its label is sdrt-fp32
     assert data["paths"] == ["sdrt", "sdrt-plain", "sdrt-fp32"]
@@ -102,7 +103,7 @@ def test_partial_results_survive_an_interrupted_run(engines, tmp_path):
         if len(calls) == 5:
             raise KeyboardInterrupt
 
-    settings = bench.Settings(sizes=[64], repeats=1, warmup=1, eager=False, cold=False)
+    settings = bench.Settings(sizes=[64], repeats=1, warmup=1, eager=False, peer=False, cold=False)
     with pytest.raises(KeyboardInterrupt):
         bench.run(engines["eps"], settings, progress=progress,
                   checkpoint=lambda r: report.write_partial(r, tmp_path))

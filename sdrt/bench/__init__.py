@@ -29,6 +29,7 @@ class Settings:
     plain: bool = False  # also the standard graphs (no sdrt.kernels rewrites) on the first provider
     also: list[str] = field(default_factory=list)  # more engine dirs (e.g. int8), on every provider
     eager: bool = True  # include the eager PyTorch baseline (needs the export extra)
+    peer: bool = True  # diffusers' OnnxStableDiffusionPipeline on the standard graphs (cpu / cuda providers)
     cold: bool = True  # cold-start subprocesses: time to first image, peak RSS
     end_to_end: bool = True
 
@@ -52,6 +53,8 @@ def _paths(engine_dir: Path, manifest: Manifest, settings: Settings, skipped: li
             log.warning("skipping %s on %s: %s", label, provider, e)
     if not paths:
         raise InputError("no sdrt path could be loaded: " + "; ".join(skipped))
+    if settings.peer:
+        paths += _peers(engine_dir, manifest, settings, skipped)
     if settings.eager:
         try:
             paths.append(EagerPath(manifest, engine_dir))
@@ -59,6 +62,22 @@ def _paths(engine_dir: Path, manifest: Manifest, settings: Settings, skipped: li
             skipped.append(f"eager: {e}")
             log.warning("skipping the eager PyTorch path: %s", e)
     return paths
+
+
+def _peers(engine_dir: Path, manifest: Manifest, settings: Settings, skipped: list[str]) -> list:
+    from sdrt.bench import peer
+
+    out = []
+    for provider in [p for p in settings.providers if p in peer.ORT_PROVIDERS]:
+        try:
+            path = peer.DiffusersOnnxPath(engine_dir, manifest, provider)
+            if settings.end_to_end or settings.cold:
+                path.check_sampler(settings.sampler)
+            out.append(path)
+        except InputError as e:
+            skipped.append(str(e))
+            log.warning("skipping %s", e)
+    return out
 
 
 def _components(paths, manifest, settings, gemm, progress, out: dict, saved) -> None:
@@ -149,5 +168,6 @@ def total_rounds(manifest: Manifest, settings: Settings) -> int:
     n = len(measure.component_workloads(specs, sizes, manifest.dims.vae_scale_factor))
     if settings.end_to_end:
         n += len(sizes) * len(settings.batches)
-    paths = len(settings.providers) * (1 + len(settings.also)) + settings.plain + settings.eager
+    peers = settings.peer * sum(p in ("cpu", "cuda") for p in settings.providers)
+    paths = len(settings.providers) * (1 + len(settings.also)) + settings.plain + settings.eager + peers
     return n * (settings.warmup + settings.repeats) * paths

@@ -1,6 +1,6 @@
 """Time to first image from a cold start, and the process's peak RSS: run in a fresh process.
 
-    python -m sdrt.bench.cold {sdrt|eager} ENGINE_DIR PROVIDER OPTIMIZED(1|0) SIZE STEPS SAMPLER
+    python -m sdrt.bench.cold {sdrt|eager|diffusers-onnx} ENGINE_DIR PROVIDER OPTIMIZED(1|0) SIZE STEPS SAMPLER
     -> one JSON line
 """
 
@@ -21,6 +21,10 @@ def main(kind: str, engine_dir: str, provider: str, optimized: str, size: str, s
         from sdrt.bench.paths import EnginePath
 
         path = EnginePath(Path(engine_dir), provider, optimized == "1")
+    elif kind == "diffusers-onnx":
+        from sdrt.bench.peer import DiffusersOnnxPath
+
+        path = DiffusersOnnxPath(Path(engine_dir), Manifest.read(engine_dir), provider)
     else:
         from sdrt.bench.paths import EagerPath
 
