@@ -107,15 +107,38 @@ NO_MEMORY_PATTERN = {"unet"}
 
 
 def _use_shared_cpu_arena(ort, opts) -> None:
-    """All sessions of the process allocate CPU activations from one arena, growing only by what is
-    asked: a pipeline runs one component at a time, so its peak is the largest component's working
-    set, not the sum of four arenas each sized to its own peak (SD 1.5 at 512 px: 8.5 -> 7.1 GB)."""
+    """All sessions of the process allocate CPU activations from one arena: a pipeline runs one
+    component at a time, so its peak is the largest component's working set, not the sum of four
+    arenas each sized to its own peak (SD 1.5 at 512 px: 8.5 -> 7.1 GB). The arena grows in
+    power-of-two regions (ONNX Runtime's default) rather than by exactly what is asked: fewer, larger
+    regions let freed neighbours merge, and a region's untouched pages cost no memory. Measured on
+    SD 1.5 at 512 px, first VAE decode after the UNet: 6.06 -> 5.70 GB peak, UNet step 4.68 -> 4.62 GB."""
     global _shared_cpu_arena
     if not _shared_cpu_arena:
         info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-        ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": 1}))
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": 0}))
         _shared_cpu_arena = True
     opts.add_session_config_entry("session.use_env_allocators", "1")
+
+
+_malloc_trim = None
+
+
+def release_free_memory() -> None:
+    """Return the memory the C allocator holds freed to the OS (glibc's malloc_trim; a no-op
+    elsewhere). ONNX Runtime frees a model's protobuf after creating its session, and small buffers
+    between calls, and glibc keeps those pages otherwise, so the next component's peak would sit on
+    top of them. Called after a CPU session is created and between a pipeline's phases."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
 
 
 class OrtBackend(Backend):
@@ -141,6 +164,7 @@ class OrtBackend(Backend):
         if self.provider == "cpu":  # hand the arena's free chunks back after each call (about 2% of a
             # UNet step): the next component starts from a small arena instead of fragmenting a big one
             self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+            release_free_memory()
 
     def _run(self, feeds):
         return self.session.run(self._outputs, feeds, self._run_options)

@@ -12,7 +12,7 @@ import numpy as np
 from sdrt.errors import InputError
 from sdrt.manifest import Manifest
 from sdrt.runtime import images, noise, samplers
-from sdrt.runtime.backends import PROVIDER_TARGET, check_provider, load_backend
+from sdrt.runtime.backends import PROVIDER_TARGET, check_provider, load_backend, release_free_memory
 from sdrt.runtime.denoiser import Denoiser
 from sdrt.tokenizer import ClipTokenizer
 
@@ -157,6 +157,7 @@ class Pipeline:
         x = smp.fn(denoise, x, schedule, noise=noise.ImageNoise(seeds, noise.SAMPLER), callback=on_step, **options)
         if len(schedule):
             x = samplers.final_latents(smp, schedule, x)
+        release_free_memory()  # what the UNet's calls left with the C allocator, before the decoder's peak
         pixels = self.decode(x)
         info = [images.a1111_parameters(prompt, negative_prompt or "", {
             "Steps": steps, "Sampler": smp.display,
