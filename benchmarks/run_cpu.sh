@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The committed CPU results, random-sd15 (full SD 1.5 architecture, seeded random weights), each
 # in one run against eager PyTorch:
-#   cpu-2core/             512 and 256 px, components and 10-step generations: ONNX Runtime fp32,
-#                          OpenVINO (bf16 where the CPU has it). About 25 minutes on 2 cores.
+#   cpu-2core/             512 and 256 px, components, 10-step generations and cold starts: ONNX
+#                          Runtime fp32, OpenVINO (bf16 where the CPU has it), diffusers'
+#                          OnnxStableDiffusionPipeline (the peer ONNX path). About 31 minutes on
+#                          2 cores. Compare a re-run with: python benchmarks/compare.py A B
 #   cpu-2core-precisions/  512 px components and cold starts: also the standard graphs without
 #                          sdrt.kernels rewrites (sdrt-plain) and the int8 UNet on both runtimes.
 #                          About 15 minutes, plus 5 for the int8 export.

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -89,6 +91,26 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _bench_engines(args, stack: contextlib.ExitStack) -> Path:
+    """The engine dir to measure: ENGINE_DIR itself, or, when it names a model source instead (tiny,
+    random-sd15, a diffusers folder, a hub id), a temporary export of it (removed afterwards)."""
+    from sdrt.manifest import MANIFEST
+
+    given = Path(args.engine_dir)
+    if (given / MANIFEST).is_file():
+        return given
+    try:
+        from sdrt.export import export, sources
+    except ImportError:  # the runtime-only install: only engine dirs
+        return given
+    if not sources.is_source(args.engine_dir):
+        return given  # Manifest.read says what is wrong with it
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sdrt-bench-")))
+    log.info("%s is a model source, not an engine dir: exporting it to %s first", args.engine_dir, tmp)
+    export(args.engine_dir, tmp / "engines", progress=not args.quiet)
+    return tmp / "engines"
+
+
 def cmd_bench(args) -> int:
     from tqdm.auto import tqdm
 
@@ -106,11 +128,13 @@ def cmd_bench(args) -> int:
     from sdrt.runtime.samplers import get_sampler
 
     get_sampler(args.sampler)
-    manifest = Manifest.read(args.engine_dir)
-    with tqdm(total=bench.total_rounds(manifest, settings), unit="call", desc="bench",
-              disable=args.quiet, file=sys.stderr) as bar:
-        results = bench.run(args.engine_dir, settings, progress=lambda: bar.update(1),
-                            checkpoint=lambda r: report.write_partial(r, Path(args.out)))
+    with contextlib.ExitStack() as stack:
+        engine_dir = _bench_engines(args, stack)
+        manifest = Manifest.read(engine_dir)
+        with tqdm(total=bench.total_rounds(manifest, settings), unit="call", desc="bench",
+                  disable=args.quiet, file=sys.stderr) as bar:
+            results = bench.run(engine_dir, settings, progress=lambda: bar.update(1),
+                                checkpoint=lambda r: report.write_partial(r, Path(args.out)))
     files = report.write(results, Path(args.out), command=" ".join(["sdrt", *map(shlex.quote, args.argv)]))
     print(report.markdown(results))
     print("wrote " + ", ".join(str(f) for f in files))
@@ -220,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=cmd_generate)
 
     b = sub.add_parser("bench", parents=[quiet], help="sdrt engines vs eager PyTorch, side by side")
-    b.add_argument("engine_dir")
+    b.add_argument("engine_dir", help="an engine dir, or a model source to export first into a temporary one "
+                   "(tiny, random-sd15, a diffusers folder, a hub id)")
     b.add_argument("--sizes", type=int, nargs="+", default=None, help="image sides in px (default: the model's)")
     b.add_argument("--repeats", type=int, default=3, help="timed rounds per workload")
     b.add_argument("--warmup", type=int, default=1, help="untimed rounds first")

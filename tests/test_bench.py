@@ -111,3 +111,57 @@ def test_partial_results_survive_an_interrupted_run(engines, tmp_path):
     assert list(partial["components"]) == ["text_encoder", "unet_b1@64"]
     assert partial["components"]["unet_b1@64"]["paths"]["sdrt"]["median"] > 0
     assert not (tmp_path / "results.json").exists()
+
+
+def test_compare_states_the_spread_between_two_runs(results):
+    """benchmarks/compare.py: every ratio of run A against run B and the largest relative difference."""
+    import copy
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("compare", Path(__file__).parents[1] / "benchmarks" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    data, _ = results
+    lines, worst = compare.compare(data, data)
+    assert worst == 0 and lines[-1].startswith("Largest relative difference of a ratio: 0%")
+    other = copy.deepcopy(data)
+    other["components"]["unet_b2@64"]["ratios"]["sdrt"]["median"] *= 1.25
+    lines, worst = compare.compare(data, other)
+    assert worst == pytest.approx(0.25)
+    assert any(line.startswith("| unet_b2@64 | sdrt |") and line.endswith("| +25% |") for line in lines)
+
+
+def test_gpu_figures_are_reported_where_measured(results, engines):
+    """Peak GPU memory gets a column when a cold start measured it (cuda / tensorrt providers);
+    eager PyTorch on the GPU is refused clearly by a torch without CUDA."""
+    import copy
+
+    import torch
+
+    from sdrt.bench import report
+    from sdrt.bench.paths import EagerPath
+    from sdrt.errors import InputError
+    from sdrt.manifest import Manifest
+
+    data = copy.deepcopy(results[0])
+    assert "peak GPU MB" not in report.markdown(data)
+    data["cold_start"]["sdrt"]["peak_gpu_mb"] = 2345.0
+    data["machine"]["gpus"] = ["NVIDIA H100 80GB HBM3, 81559 MiB, 560.35"]
+    md = report.markdown(data)
+    assert "| peak GPU MB |" in md and "2,345 |" in md and "GPU: NVIDIA H100" in md
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="has no CUDA device"):
+            EagerPath(Manifest.read(engines["eps"]), engines["eps"], "cuda")
+
+
+def test_a_model_source_is_exported_to_a_temporary_engine_dir_first(tmp_path):
+    from pathlib import Path
+
+    out = tmp_path / "out"
+    assert main(["-q", "bench", "tiny", "--sizes", "64", "--repeats", "1", "--warmup", "0", "--no-cold",
+                 "--no-end-to-end", "--no-peer", "--no-eager", "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["paths"] == ["sdrt"] and data["source"]["name"] == "tiny"
+    assert data["components"]["unet_b2@64"]["paths"]["sdrt"]["median"] > 0
+    assert not Path(data["engine_dir"]).exists()  # the temporary export is gone

@@ -14,6 +14,7 @@ from sdrt.manifest import Manifest
 
 log = logging.getLogger(__name__)
 BASELINE = "eager"
+GPU_PROVIDERS = ("cuda", "tensorrt")
 PROMPT = "a photo of an astronaut riding a horse on mars"
 
 
@@ -56,8 +57,9 @@ def _paths(engine_dir: Path, manifest: Manifest, settings: Settings, skipped: li
     if settings.peer:
         paths += _peers(engine_dir, manifest, settings, skipped)
     if settings.eager:
-        try:
-            paths.append(EagerPath(manifest, engine_dir))
+        try:  # GPU providers are compared with eager PyTorch fp16 on the GPU, CPU ones with fp32
+            device = "cuda" if any(p in GPU_PROVIDERS for p in settings.providers) else "cpu"
+            paths.append(EagerPath(manifest, engine_dir, device))
         except (ImportError, InputError) as e:
             skipped.append(f"eager: {e}")
             log.warning("skipping the eager PyTorch path: %s", e)
@@ -131,8 +133,10 @@ def run(engine_dir: str | Path, settings: Settings, progress=None, checkpoint=No
             raise InputError(f"--sizes {s}: not a multiple of the VAE scale factor {manifest.dims.vae_scale_factor}")
     skipped = [f"{c}: not in the engine dir" for c in sorted({c for _, c, _ in measure.COMPONENT_WORKLOADS})
                if c not in manifest.components]
+    gpu = any(p in GPU_PROVIDERS for p in settings.providers)
     results = {"machine": measure.machine(), "settings": asdict(settings), "engine_dir": str(engine_dir),
-               "source": manifest.source, "skipped": skipped, "gemm": measure.gemm_peak()}
+               "source": manifest.source, "skipped": skipped,
+               "gemm": measure.gemm_peak(device="cuda" if gpu else "cpu")}
     paths = _paths(engine_dir, manifest, settings, skipped)
     results["paths"] = [p.name for p in paths]
 

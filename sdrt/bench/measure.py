@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -88,8 +89,23 @@ def pair_ratios(samples: dict[str, list[float]], baseline: str) -> dict[str, dic
     return out
 
 
-def gemm_peak(n: int = 2048, repeats: int = 3) -> dict:
-    """Measured fp32 matmul rate on this machine: the 'peak' figures are fractions of it."""
+def gemm_peak(n: int = 2048, repeats: int = 3, device: str = "cpu") -> dict:
+    """Measured matmul rate on this machine: the 'peak' figures are fractions of it. fp32 on the CPU;
+    on a CUDA GPU (device "cuda") fp16, the precision GPU engines run in."""
+    if device == "cuda":
+        import torch
+
+        n = max(n, 8192)  # big enough to fill a GPU
+        a = torch.randn(n, n, device="cuda", dtype=torch.float16)
+
+        def mm():
+            a @ a
+            torch.cuda.synchronize()
+
+        mm()
+        best = min(_timed(mm) for _ in range(repeats))
+        return {"gflops": 2 * n**3 / best / 1e9, "n": n, "dtype": "float16",
+                "backend": f"torch {torch.__version__} on {torch.cuda.get_device_name()}"}
     try:
         import torch
 
@@ -138,6 +154,10 @@ def machine() -> dict:
         info["onnxruntime_providers"] = ort.get_available_providers()
     except ImportError:
         pass
+    if shutil.which("nvidia-smi"):
+        proc = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                               "--format=csv,noheader"], capture_output=True, text=True, check=False)
+        info["gpus"] = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
     return info
 
 

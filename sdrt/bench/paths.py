@@ -50,17 +50,22 @@ class EnginePath:
 
 
 class EagerPath:
-    """diffusers' PyTorch modules and StableDiffusionPipeline (fp32 on CPU), rebuilt from the
-    engine's source. Needs the `export` extra. The weights must hash to the manifest's sha256."""
+    """diffusers' PyTorch modules and StableDiffusionPipeline, rebuilt from the engine's source: fp32
+    on the CPU, fp16 on a CUDA GPU (device "cuda", what GPU users run). Needs the `export` extra. The
+    weights must hash to the manifest's sha256."""
 
     name = "eager"
 
     def cold_args(self) -> list[str]:
-        return ["eager", str(self.engine_dir), "cpu", "0"]
+        return ["eager", str(self.engine_dir), self.device, "0"]
 
-    def __init__(self, manifest: Manifest, engine_dir: Path):
-        self.engine_dir = Path(engine_dir)
+    def __init__(self, manifest: Manifest, engine_dir: Path, device: str = "cpu"):
+        self.engine_dir, self.device = Path(engine_dir), device
         import torch
+
+        if device == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"eager path on the GPU: torch {torch.__version__} has no CUDA device "
+                             "(a CPU build?); install a CUDA build of torch for GPU ratios")
 
         from sdrt.export import sources
 
@@ -77,6 +82,9 @@ class EagerPath:
             raise InputError("eager path: the source's weights no longer match the engines "
                              f"(sha256 {digest[:12]} != {str(manifest.source.get('sha256'))[:12]})")
         self.scheduler_config = dict(self.pipe.scheduler.config)
+        self.dtype = torch.float16 if device == "cuda" else torch.float32
+        if device == "cuda":
+            self.pipe.to("cuda", self.dtype)
         self._modules = {}
         self.flops: dict[str, int] = {}
 
@@ -87,10 +95,16 @@ class EagerPath:
             self._modules[component] = wrap(component, self.pipe)
         return self._modules[component]
 
+    def _tensor(self, array: np.ndarray):
+        t = self.torch.from_numpy(array).to(self.device)
+        return t.to(self.dtype) if t.is_floating_point() else t
+
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> None:
         module = self._module(component)
         with self.torch.inference_mode():
-            module(*(self.torch.from_numpy(v) for v in feeds.values()))
+            module(*(self._tensor(v) for v in feeds.values()))
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()  # the time of the work, not of queueing it
 
     def count_flops(self, component: str, feeds: dict[str, np.ndarray]) -> int:
         """FLOPs of one call, counted by torch's FlopCounterMode (matmuls and convolutions)."""

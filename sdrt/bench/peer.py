@@ -114,7 +114,8 @@ def session(engine_dir: Path, manifest: Manifest, component: str, provider: str 
     import onnxruntime as ort
 
     entry = manifest.components[component]
-    path = Path(engine_dir) / entry.files[0]
+    # the first ONNX file (a TensorRT export lists its model.plan before it)
+    path = Path(engine_dir) / next(f for f in entry.files if f.endswith(".onnx"))
     model = diffusers_graph(component, onnx.load(str(path), load_external_data=False), manifest.vae_scaling_factor)
     options = ort.SessionOptions()
     # the weights stay in the engine dir's file; the edited graph is only in memory
@@ -140,7 +141,9 @@ class DiffusersOnnxPath:
                 import diffusers
                 from diffusers import OnnxRuntimeModel, OnnxStableDiffusionPipeline  # noqa: F401
                 from transformers import CLIPTokenizerFast
-        except ImportError as e:
+
+                OnnxRuntimeModel(model=None)  # raises where diffusers has removed it (0.43)
+        except (ImportError, ValueError) as e:
             raise InputError(f"{NAME}: needs diffusers with OnnxStableDiffusionPipeline "
                              f"(pip install 'sdrt[export]'): {e}") from None
         self.name = NAME if provider == "cpu" else f"{NAME}-{provider}"
@@ -148,6 +151,7 @@ class DiffusersOnnxPath:
         self._diffusers = diffusers
         self.tokenizer = CLIPTokenizerFast.from_pretrained(self.engine_dir / manifest.tokenizer_dir)
         self.models: dict[str, object] = {}
+        self._pipes: dict[str, object] = {}
 
     def cold_args(self) -> list[str]:
         return [NAME, str(self.engine_dir), self.provider, "0"]
@@ -177,16 +181,27 @@ class DiffusersOnnxPath:
                              "(its init_noise_sigma is a torch tensor); ddim, pndm, dpmpp_2m*, unipc, deis work")
 
     def pipeline(self, sampler: str):
+        """diffusers' pipeline with SAMPLER's scheduler (made once per sampler; it resets the
+        scheduler at every call)."""
+        if sampler in self._pipes:
+            return self._pipes[sampler]
         self.check_sampler(sampler)
         scheduler = self.scheduler(sampler)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pipe = self._diffusers.OnnxStableDiffusionPipeline(
-                vae_encoder=self._model("vae_encoder") if "vae_encoder" in self.manifest.components else None,
-                vae_decoder=self._model("vae_decoder"), text_encoder=self._model("text_encoder"),
-                tokenizer=self.tokenizer, unet=self._model("unet"), scheduler=scheduler, safety_checker=None,
-                feature_extractor=None, requires_safety_checker=False)
+        log = self._diffusers.utils.logging
+        verbosity = log.get_verbosity()
+        log.set_verbosity_error()  # its deprecation notice, once per pipeline
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pipe = self._diffusers.OnnxStableDiffusionPipeline(
+                    vae_encoder=self._model("vae_encoder") if "vae_encoder" in self.manifest.components else None,
+                    vae_decoder=self._model("vae_decoder"), text_encoder=self._model("text_encoder"),
+                    tokenizer=self.tokenizer, unet=self._model("unet"), scheduler=scheduler, safety_checker=None,
+                    feature_extractor=None, requires_safety_checker=False)
+        finally:
+            log.set_verbosity(verbosity)
         pipe.set_progress_bar_config(disable=True)
+        self._pipes[sampler] = pipe
         return pipe
 
     def generate(self, prompt: str, steps: int, size: int, batch: int, sampler: str, seed: int,
@@ -197,6 +212,8 @@ class DiffusersOnnxPath:
 
     def unload(self, component: str) -> None:
         self.models.pop(component, None)
+        self._pipes.clear()  # they hold the component's session
 
     def close(self) -> None:
         self.models.clear()
+        self._pipes.clear()

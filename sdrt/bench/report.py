@@ -27,7 +27,9 @@ def markdown(results: dict, command: str | None = None) -> str:
              f"{m.get('onnxruntime', '?')}, torch {m.get('torch', '–')}, diffusers {m.get('diffusers', '–')}. "
              f"Median seconds over {results['settings']['repeats']} rounds after {results['settings']['warmup']} "
              f"warm-up; ratio = eager time / path time, taken round by round (median, min–max). "
-             f"GEMM probe: {results['gemm']['gflops']:.0f} GFLOP/s fp32.", ""]
+             f"GEMM probe: {results['gemm']['gflops']:.0f} GFLOP/s "
+             f"{ {'float16': 'fp16'}.get(results['gemm'].get('dtype'), 'fp32')}"
+             + "".join(f"; GPU: {g}" for g in m.get("gpus", [])) + ".", ""]
     if command:
         lines += [f"Reproduce: `{command}`", ""]
     header = "| workload | " + " | ".join(f"{p} s" for p in paths) + " | " + " | ".join(
@@ -49,9 +51,13 @@ def markdown(results: dict, command: str | None = None) -> str:
                          + " | ".join(_seconds(e, p) for p in paths) + " | "
                          + " | ".join(_ratio(e, p) for p in others) + " | " + " | ".join(ipm) + " |")
     if results.get("cold_start"):
-        lines += ["", "| cold start (fresh process) | load s | first image s | peak RSS MB |", "|---|---|---|---|"]
-        for p, c in results["cold_start"].items():
-            lines.append(f"| {p} | {c['load_s']:.1f} | {c['first_image_s']:.1f} | {c['peak_rss_mb']:,.0f} |")
+        cold = results["cold_start"]
+        gpu = any("peak_gpu_mb" in c for c in cold.values())
+        lines += ["", "| cold start (fresh process) | load s | first image s | peak RSS MB |"
+                  + (" peak GPU MB |" if gpu else ""), "|---|---|---|---|" + ("---|" if gpu else "")]
+        for p, c in cold.items():
+            g = (f" {c['peak_gpu_mb']:,.0f} |" if "peak_gpu_mb" in c else " – |") if gpu else ""
+            lines.append(f"| {p} | {c['load_s']:.1f} | {c['first_image_s']:.1f} | {c['peak_rss_mb']:,.0f} |" + g)
     if results.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(results["skipped"])]
     return "\n".join(lines) + "\n"

@@ -97,6 +97,15 @@ def _from_pretrained(ref: str, **kw):
                                                    torch_dtype=None, **kw)
 
 
+def is_source(source: str) -> bool:
+    """Whether SOURCE names a checkpoint `load_source` would try: a built-in name, a diffusers
+    folder, or something shaped like a hub id (org/name) that is not a local path."""
+    path = Path(source)
+    if source in BUILTIN or (path / "model_index.json").is_file():
+        return True
+    return not path.exists() and source.count("/") == 1 and not source.startswith((".", "/"))
+
+
 def load_source(source: str, workdir: Path) -> Loaded:
     """Resolve SOURCE into PyTorch modules. Raises InputError when SOURCE is not a checkpoint."""
     if source in BUILTIN:
