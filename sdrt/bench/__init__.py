@@ -172,6 +172,8 @@ def total_rounds(manifest: Manifest, settings: Settings) -> int:
     n = len(measure.component_workloads(specs, sizes, manifest.dims.vae_scale_factor))
     if settings.end_to_end:
         n += len(sizes) * len(settings.batches)
-    peers = settings.peer * sum(p in ("cpu", "cuda") for p in settings.providers)
+    from sdrt.bench.peer import ORT_PROVIDERS
+
+    peers = settings.peer * sum(p in ORT_PROVIDERS for p in settings.providers)
     paths = len(settings.providers) * (1 + len(settings.also)) + settings.plain + settings.eager + peers
     return n * (settings.warmup + settings.repeats) * paths
