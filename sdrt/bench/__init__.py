@@ -34,6 +34,11 @@ class Settings:
     cold: bool = True  # cold-start subprocesses: time to first image, peak RSS
     end_to_end: bool = True
 
+    @property
+    def device(self) -> str:
+        """Where the baseline and the GEMM probe run: "cuda" when any provider is a GPU one."""
+        return "cuda" if any(p in GPU_PROVIDERS for p in self.providers) else "cpu"
+
 
 def _paths(engine_dir: Path, manifest: Manifest, settings: Settings, skipped: list[str]) -> list:
     from sdrt.bench.paths import EagerPath, EnginePath
@@ -58,8 +63,7 @@ def _paths(engine_dir: Path, manifest: Manifest, settings: Settings, skipped: li
         paths += _peers(engine_dir, manifest, settings, skipped)
     if settings.eager:
         try:  # GPU providers are compared with eager PyTorch fp16 on the GPU, CPU ones with fp32
-            device = "cuda" if any(p in GPU_PROVIDERS for p in settings.providers) else "cpu"
-            paths.append(EagerPath(manifest, engine_dir, device))
+            paths.append(EagerPath(manifest, engine_dir, settings.device))
         except (ImportError, InputError) as e:
             skipped.append(f"eager: {e}")
             log.warning("skipping the eager PyTorch path: %s", e)
@@ -133,10 +137,8 @@ def run(engine_dir: str | Path, settings: Settings, progress=None, checkpoint=No
             raise InputError(f"--sizes {s}: not a multiple of the VAE scale factor {manifest.dims.vae_scale_factor}")
     skipped = [f"{c}: not in the engine dir" for c in sorted({c for _, c, _ in measure.COMPONENT_WORKLOADS})
                if c not in manifest.components]
-    gpu = any(p in GPU_PROVIDERS for p in settings.providers)
     results = {"machine": measure.machine(), "settings": asdict(settings), "engine_dir": str(engine_dir),
-               "source": manifest.source, "skipped": skipped,
-               "gemm": measure.gemm_peak(device="cuda" if gpu else "cpu")}
+               "source": manifest.source, "skipped": skipped, "gemm": measure.gemm_peak(device=settings.device)}
     paths = _paths(engine_dir, manifest, settings, skipped)
     results["paths"] = [p.name for p in paths]
 

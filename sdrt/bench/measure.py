@@ -92,33 +92,32 @@ def pair_ratios(samples: dict[str, list[float]], baseline: str) -> dict[str, dic
 def gemm_peak(n: int = 2048, repeats: int = 3, device: str = "cpu") -> dict:
     """Measured matmul rate on this machine: the 'peak' figures are fractions of it. fp32 on the CPU;
     on a CUDA GPU (device "cuda") fp16, the precision GPU engines run in."""
+    dtype = "float32"
     if device == "cuda":
         import torch
 
-        n = max(n, 8192)  # big enough to fill a GPU
+        n, dtype = max(n, 8192), "float16"  # big enough to fill a GPU
         a = torch.randn(n, n, device="cuda", dtype=torch.float16)
 
         def mm():
             a @ a
             torch.cuda.synchronize()
 
-        mm()
-        best = min(_timed(mm) for _ in range(repeats))
-        return {"gflops": 2 * n**3 / best / 1e9, "n": n, "dtype": "float16",
-                "backend": f"torch {torch.__version__} on {torch.cuda.get_device_name()}"}
-    try:
-        import torch
+        backend = f"torch {torch.__version__} on {torch.cuda.get_device_name()}"
+    else:
+        try:
+            import torch
 
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        mm, backend = (lambda: a @ b), f"torch {torch.__version__}"
-    except ImportError:
-        import numpy as np
+            a, b = torch.randn(n, n), torch.randn(n, n)
+            mm, backend = (lambda: a @ b), f"torch {torch.__version__}"
+        except ImportError:
+            import numpy as np
 
-        a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-        mm, backend = (lambda: a @ a), f"numpy {np.__version__}"
+            a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+            mm, backend = (lambda: a @ a), f"numpy {np.__version__}"
     mm()
     best = min(_timed(mm) for _ in range(repeats))
-    return {"gflops": 2 * n**3 / best / 1e9, "n": n, "dtype": "float32", "backend": backend}
+    return {"gflops": 2 * n**3 / best / 1e9, "n": n, "dtype": dtype, "backend": backend}
 
 
 def _timed(fn) -> float:

@@ -97,13 +97,17 @@ def _from_pretrained(ref: str, **kw):
                                                    torch_dtype=None, **kw)
 
 
+def _hub_id_shaped(source: str) -> bool:
+    return source.count("/") == 1 and not source.startswith((".", "/"))
+
+
 def is_source(source: str) -> bool:
     """Whether SOURCE names a checkpoint `load_source` would try: a built-in name, a diffusers
     folder, or something shaped like a hub id (org/name) that is not a local path."""
     path = Path(source)
     if source in BUILTIN or (path / "model_index.json").is_file():
         return True
-    return not path.exists() and source.count("/") == 1 and not source.startswith((".", "/"))
+    return not path.exists() and _hub_id_shaped(source)
 
 
 def load_source(source: str, workdir: Path) -> Loaded:
@@ -120,7 +124,7 @@ def load_source(source: str, workdir: Path) -> Loaded:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise InputError(f"{source}: could not load the diffusers folder: {e}") from None
         return Loaded(pipe, "diffusers", str(path.resolve()))
-    if source.count("/") == 1 and not source.startswith((".", "/")):
+    if _hub_id_shaped(source):
         try:
             pipe = _from_pretrained(source)
         except Exception as e:  # network, auth or missing repo: all reported the same way
