@@ -3,7 +3,7 @@
     python benchmarks/profile_unet.py ENGINE_DIR [--size 512 --batch 2 --runs 2]
 
 Writes benchmarks/results/unet_profile.json: per op type, total ms and share of the call, for the
-last run (the first warms up), with the graph the CPU provider runs (the `onnxruntime` target).
+last run (the first warms up), with the graph the CPU provider runs (its first target graph present, PROVIDER_TARGETS).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from sdrt.manifest import Manifest
+from sdrt.runtime.backends import PROVIDER_TARGETS
 
 
 def main() -> None:
@@ -30,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
     m = Manifest.read(args.engine_dir)
     unet = m.components["unet"]
-    path = Path(args.engine_dir) / unet.file_for("onnxruntime")
+    path = Path(args.engine_dir) / unet.file_for(PROVIDER_TARGETS["cpu"])
     side = args.size // m.dims.vae_scale_factor
     feeds = unet.spec.sample_inputs({"B": args.batch, "h": side, "w": side}, seed=0)
     with tempfile.TemporaryDirectory() as tmp:

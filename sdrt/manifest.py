@@ -41,9 +41,13 @@ class ComponentEntry:
     parity_tolerance: float | None = None
     targets: dict[str, TargetGraph] = field(default_factory=dict)  # target -> its rewritten graph
 
-    def file_for(self, target: str | None) -> str:
-        """The graph a target runs: its rewritten graph if the export made one, else the standard one."""
-        return self.targets[target].file if target in self.targets else self.files[0]
+    def file_for(self, targets: str | tuple[str, ...] | None) -> str:
+        """The graph to run for TARGETS (a target, or targets in order of preference): the first
+        rewritten graph the export made, else the standard one."""
+        for t in (targets,) if isinstance(targets, str) else targets or ():
+            if t in self.targets:
+                return self.targets[t].file
+        return self.files[0]
 
     def to_json(self) -> dict:
         d = {"files": self.files, "backend": self.backend, "precision": self.precision,

@@ -49,6 +49,7 @@ def test_info_and_samplers(engines, capsys):
     assert "VAE scale factor 4" in text and "unet: onnx fp32" in text and "parity max abs error" in text
     assert "onnxruntime graph: unet/model.onnxruntime.onnx (MultiHeadAttention x12" in text
     assert "tensorrt graph: unet/model.tensorrt.onnx (DecomposedAttention x12" in text
+    assert "onnxruntime-cpu graph: unet/model.onnxruntime-cpu.onnx (MultiHeadAttention x12, WinogradConv x27" in text
     assert main(["info", "--json", str(engines["f4"])]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["vae_scale_factor"] == 4
@@ -117,12 +118,12 @@ def test_bad_engine_dirs(engines, tmp_path, capsys):
 def test_corrupt_onnx_file(engines, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(engines["eps"], broken)
-    target = broken / "unet" / "model.onnxruntime.onnx"  # the graph the CPU provider runs
+    target = broken / "unet" / "model.onnxruntime-cpu.onnx"  # the graph the CPU provider runs
     data = target.read_bytes()
     target.write_bytes(data[: len(data) // 3])
     assert main(["generate", "x", "--engines", str(broken), "-o", str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err
-    assert "cannot load" in err and "unet/model.onnxruntime.onnx" in err and len(err.strip().splitlines()) == 1
+    assert "cannot load" in err and "unet/model.onnxruntime-cpu.onnx" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o.png").exists()
 
 

@@ -9,10 +9,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 import sdrt
-from sdrt.kernels import TARGETS, reference
+from sdrt.kernels import TARGETS, reference, winograd
 from sdrt.kernels.attention import decompose_attention, fuse_multihead_attention
 from sdrt.kernels.graph import MS_DOMAIN, Graph
 from sdrt.manifest import Manifest
@@ -144,6 +144,95 @@ def test_numpy_attention_reference_matches_onnx_spec():
     assert np.abs(reference.attention(q, k, v, mask) - want).max() < OP_TOL
 
 
+WINOGRAD_TOL = 1e-4  # max abs on O(1) outputs: F(4x4, 3x3) in fp32 rounds to about 1e-5 relative
+CONV_SHAPES = [  # batch, in channels, out channels, height, width (odd sides: partial edge tiles)
+    (1, 3, 5, 7, 9), (2, 8, 4, 32, 33), (3, 16, 8, 40, 36), (1, 4, 4, 4, 4)]
+
+
+def test_winograd_transforms_compute_a_correlation():
+    """The 1-D F(4, 3): A^T [(G g) * (B^T d)] is the 4 outputs of correlating 6 inputs with 3 taps."""
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        d, g = rng.standard_normal(6), rng.standard_normal(3)
+        want = np.array([d[i:i + 3] @ g for i in range(4)])
+        got = winograd.AT @ ((winograd.G @ g) * (winograd.BT @ d))
+        assert np.abs(got - want).max() < 1e-12
+    bt2, g2, at2 = winograd.transforms()
+    assert bt2.shape == (36, 36) and g2.shape == (36, 9) and at2.shape == (16, 36)
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES[:3], ids=["odd", "b2", "b3"])
+def test_winograd_reference_matches_direct_convolution(shape):
+    n, c, k, h, w = shape
+    rng = np.random.default_rng(1)
+    x, wt, b = rng.standard_normal((n, c, h, w)), rng.standard_normal((k, c, 3, 3)), rng.standard_normal(k)
+    got = reference.winograd_conv(x, wt, b, winograd.BT, winograd.G, winograd.AT)
+    assert np.abs(got - reference.conv2d(x, wt, b)).max() < 1e-9
+
+
+def _conv_model(c, k, side=("h", "w"), bias=True, weight_input=False, **attrs) -> onnx.ModelProto:
+    """One Conv as the exporter writes it: symbolic sides in the shape annotations."""
+    f = TensorProto.FLOAT
+    rng = np.random.default_rng(2)
+    kernel = attrs.pop("kernel", 3)
+    w = (rng.standard_normal((k, c // attrs.get("group", 1), kernel, kernel)) / np.sqrt(9 * c)).astype(np.float32)
+    inits = [] if weight_input else [numpy_helper.from_array(w, "w")]
+    inputs = [helper.make_tensor_value_info("x", f, ["N", c, *side])]
+    if weight_input:
+        inputs.append(helper.make_tensor_value_info("w", f, list(w.shape)))
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(k).astype(np.float32), "b"))
+    attrs.setdefault("pads", [1, 1, 1, 1])
+    node = helper.make_node("Conv", ["x", "w", "b"] if bias else ["x", "w"], ["y"], name="conv", **attrs)
+    out_side = [s if attrs.get("strides", [1, 1]) == [1, 1] else f"(({s} - 1)//2) + 1" for s in side]
+    graph = helper.make_graph([node], "conv", inputs, [helper.make_tensor_value_info("y", f, ["N", k, *out_side])],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=["odd", "b2", "b3", "one-tile"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_winograd_rewrite_matches_numpy(shape, bias):
+    n, c, k, h, w = shape
+    model = _conv_model(c, k, bias=bias)
+    x = np.random.default_rng(3).standard_normal((n, c, h, w)).astype(np.float32)
+    (plain,) = _run(model, {"x": x})
+    params = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    ref = reference.conv2d(x, params["w"], params.get("b"))
+    assert winograd.winograd_conv(Graph(model)) == 1
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    assert ops["DepthToSpace"] == 1 and ops["MatMul"] == 3  # filter transform, the 36 GEMMs, output transform
+    (gather,) = [n for n in model.graph.node if n.op_type == "Conv"]  # the tiles' input transform, 6x6 stride 4
+    assert list(Graph(model).initializers[gather.input[1]].dims) == [36, 1, 6, 6]
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["x"]  # G is overridable, never a required input
+    (got,) = session.run(None, {"x": x})
+    assert got.shape == (n, k, h, w)
+    assert np.abs(plain - ref).max() < OP_TOL
+    assert np.abs(got - ref).max() < WINOGRAD_TOL
+
+
+@pytest.mark.parametrize("model", [
+    _conv_model(4, 4, strides=[2, 2]), _conv_model(4, 4, group=2), _conv_model(4, 4, dilations=[2, 2], pads=[2] * 4),
+    _conv_model(4, 4, kernel=1, pads=[0] * 4), _conv_model(4, 4, pads=[0] * 4), _conv_model(4, 4, weight_input=True),
+    _conv_model(4, 4, side=("h // 4", "w // 4")), _conv_model(4, 4, side=("h", "w**2")),
+    _conv_model(2048, 4)], ids=["stride2", "group2", "dilated", "1x1", "unpadded", "runtime-weight",
+                                "16x16-at-512px", "unknown-side", "64MiB-of-tiles"])
+def test_winograd_leaves_other_convolutions_alone(model):
+    assert winograd.winograd_conv(Graph(model)) == 0
+    assert [n.op_type for n in model.graph.node] == ["Conv"]
+
+
+def test_shape_annotations_are_evaluated_at_512_px():
+    assert winograd.eval_dim("h", 64) == 64
+    assert winograd.eval_dim("(((h - 1)//2)) + 1", 64) == 32
+    assert winograd.eval_dim("8*h", 64) == 512
+    assert winograd.eval_dim(7, 64) == 7
+    assert winograd.eval_dim("h**2", 64) is None and winograd.eval_dim("f(h)", 64) is None
+    assert winograd.eval_dim(None, 64) is None
+
+
 def _attention_modules(checkpoint, component):
     """How many attention calls the PyTorch module makes: what each pass must rewrite, exactly."""
     import torch
@@ -156,6 +245,9 @@ def _attention_modules(checkpoint, component):
     return sum(type(m).__name__ in names for m in module.modules())
 
 
+ATTENTION_PASSES = ("MultiHeadAttention", "DecomposedAttention")
+
+
 @pytest.mark.parametrize("kind", CHECKPOINTS)
 def test_every_attention_is_rewritten_for_every_target(engines, checkpoints, kind):
     manifest = Manifest.read(engines[kind])
@@ -164,18 +256,77 @@ def test_every_attention_is_rewritten_for_every_target(engines, checkpoints, kin
         expected = _attention_modules(checkpoints[kind], name)
         assert expected > 0
         for target, passes in TARGETS.items():
+            if target not in entry.targets:  # the same graph as another target's: not written twice
+                assert target == "onnxruntime-cpu" and name == "text_encoder"
+                continue
             graph = entry.targets[target]
-            assert graph.fused == {p: expected for p in passes}, (name, target)
+            assert {p: n for p, n in graph.fused.items() if p in ATTENTION_PASSES} == \
+                {p: expected for p in passes if p in ATTENTION_PASSES}, (name, target)
             ops = collections.Counter(n.op_type for n in
                                       onnx.load(engines[kind] / graph.file, load_external_data=False).graph.node)
             assert ops["Attention"] == 0
-            if target == "onnxruntime":
+            if "MultiHeadAttention" in passes:
                 assert ops["MultiHeadAttention"] == expected
             # parity at export: rewritten graph vs the PyTorch module, same tolerance as the standard one
             assert graph.parity_max_abs <= entry.parity_tolerance
         counts[name] = expected
     if kind == "eps":  # the built-in tiny: 4 CLIP layers, 6 transformer blocks (self + cross), 1 + 1 VAE
         assert counts == {"text_encoder": 4, "unet": 12, "vae_decoder": 1, "vae_encoder": 1}
+
+
+def _winograd_layers(checkpoint, component) -> int:
+    """How many Conv2d modules the Winograd pass must rewrite, from PyTorch: 3x3, stride 1, dilation
+    1, one group, padding 1, output at least MIN_SIDE on each side and at most MAX_TILE_BYTES of
+    tiles per image, all at 512 px (latent side winograd.REFERENCE_SIDE), found by running it."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(checkpoint, torch_dtype=torch.float32)
+    side = winograd.REFERENCE_SIDE
+    f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    latent = torch.zeros(1, pipe.vae.config.latent_channels, side, side)
+    module, args = {
+        "unet": (pipe.unet, (torch.zeros(1, pipe.unet.config.in_channels, side, side), torch.tensor([1.0]),
+                             torch.zeros(1, 77, pipe.text_encoder.config.hidden_size))),
+        "vae_decoder": (pipe.vae.decoder, (latent,)),
+        "vae_encoder": (pipe.vae.encoder, (torch.zeros(1, 3, side * f, side * f),)),
+        "text_encoder": (pipe.text_encoder, (torch.zeros(1, 77, dtype=torch.long),)),
+    }[component]
+    found = []
+
+    def hook(m, inputs, out):
+        h, w = out.shape[2:]
+        tiles = -(-h // winograd.TILE) * -(-w // winograd.TILE)
+        if (m.kernel_size == (3, 3) and m.stride == (1, 1) and m.dilation == (1, 1) and m.groups == 1
+                and m.padding == (1, 1) and min(h, w) >= winograd.MIN_SIDE
+                and 36 * m.in_channels * tiles * 4 <= winograd.MAX_TILE_BYTES):
+            found.append(m)
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        module(*args)
+    for h in handles:
+        h.remove()
+    return len(found)
+
+
+@pytest.mark.parametrize("kind", CHECKPOINTS)
+def test_winograd_rewrites_exactly_the_eligible_convolutions(engines, checkpoints, kind):
+    manifest = Manifest.read(engines[kind])
+    counts = {}
+    for name, entry in manifest.components.items():
+        expected = _winograd_layers(checkpoints[kind], name)
+        graph = entry.targets.get("onnxruntime-cpu")
+        got = graph.fused["WinogradConv"] if graph else 0
+        assert got == expected, name
+        if graph:
+            ops = collections.Counter(n.op_type for n in
+                                      onnx.load(engines[kind] / graph.file, load_external_data=False).graph.node)
+            assert ops["DepthToSpace"] == expected
+            assert graph.parity_max_abs <= entry.parity_tolerance
+        counts[name] = got
+    if kind == "eps":  # tiny's UNet has two levels (64 and 32 at 512 px), its VAE one and a 2x one
+        assert counts == {"text_encoder": 0, "unet": 27, "vae_decoder": 25, "vae_encoder": 14}
 
 
 @pytest.mark.parametrize("kind", CHECKPOINTS)
@@ -185,7 +336,24 @@ def test_optimized_engines_match_standard_end_to_end(engines, kind):
                 num_images=2, sampler="dpmpp_2m_karras")
     plain = sdrt.Pipeline.load(engines[kind], optimized=False)
     fused = sdrt.Pipeline.load(engines[kind])
-    assert fused.engine("unet").path.name == "model.onnxruntime.onnx"
+    assert fused.engine("unet").path.name == "model.onnxruntime-cpu.onnx"
+    assert fused.engine("text_encoder").path.name == "model.onnxruntime.onnx"  # no convolutions: no cpu graph
     assert plain.engine("unet").path.name == "model.onnx"
     a, b = plain(**args).pixels, fused(**args).pixels
     assert np.abs(a - b).max() < 2e-3
+
+
+def test_cpu_falls_back_to_the_onnxruntime_graph(engines, tmp_path):
+    """Engines exported before the onnxruntime-cpu target existed still get their fused attention."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(engines["eps"], old)
+    manifest = Manifest.read(old)
+    for c in manifest.components.values():
+        if "onnxruntime-cpu" in c.targets:
+            (old / c.targets.pop("onnxruntime-cpu").file).unlink()
+    manifest.write(old)
+    pipe = sdrt.Pipeline.load(old)
+    assert pipe.engine("unet").path.name == "model.onnxruntime.onnx"
+    assert sdrt.Pipeline.load(old, provider="cpu", optimized=False).engine("unet").path.name == "model.onnx"

@@ -41,3 +41,37 @@ def multi_head_attention(query: np.ndarray, key: np.ndarray, value: np.ndarray, 
     additive attention_bias broadcastable to (B, heads, S, L); output (B, S, heads*head_dim_v)."""
     q, k, v = (split_heads(np.asarray(t, np.float64), num_heads) for t in (query, key, value))
     return merge_heads(attention(q, k, v, attention_bias, scale))
+
+
+def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, pad: int = 1) -> np.ndarray:
+    """ONNX Conv, stride 1, one group, the same padding on every side: x (N, C, H, W), w (K, C, r, s)."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    r, s = w.shape[2:]
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    h, wd = xp.shape[2] - r + 1, xp.shape[3] - s + 1
+    y = sum(np.einsum("nchw,kc->nkhw", xp[:, :, i:i + h, j:j + wd], w[:, :, i, j]) for i in range(r) for j in range(s))
+    return y if b is None else y + np.asarray(b, np.float64)[:, None, None]
+
+
+def winograd_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, bt: np.ndarray, g: np.ndarray,
+                  at: np.ndarray) -> np.ndarray:
+    """A 3x3, stride-1, padding-1 Conv by Winograd's minimal filtering F(m x m, 3 x 3) with the 1-D
+    transforms B^T (a x a), G (a x 3), A^T (m x a), a = m + 2: each m x m output tile is
+    A^T [(G w G^T) * (B^T d B)] A for the a x a input tile d at stride m (the textbook algorithm,
+    tile by tile; sdrt.kernels.winograd writes the same with ONNX ops)."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    m, a = at.shape
+    n, c, h, wd = x.shape
+    th, tw = -(-h // m), -(-wd // m)
+    xp = np.zeros((n, c, th * m + 2, tw * m + 2))
+    xp[:, :, 1:h + 1, 1:wd + 1] = x
+    u = np.einsum("ai,kcij,bj->kcab", g, w, g)  # G w G^T per (out, in) channel pair
+    y = np.zeros((n, w.shape[0], th * m, tw * m))
+    for ty in range(th):
+        for tx in range(tw):
+            d = xp[:, :, ty * m:ty * m + a, tx * m:tx * m + a]
+            v = np.einsum("ai,ncij,bj->ncab", bt, d, bt)  # B^T d B
+            mm = np.einsum("kcab,ncab->nkab", u, v)
+            y[:, :, ty * m:(ty + 1) * m, tx * m:(tx + 1) * m] = np.einsum("ia,nkab,jb->nkij", at, mm, at)
+    y = y[:, :, :h, :wd]
+    return y if b is None else y + np.asarray(b, np.float64)[:, None, None]

@@ -21,10 +21,13 @@ PROVIDERS = ("cpu", "cuda", "tensorrt", "openvino", "openvino-fp32")
 # OpenVINO on the CPU: "openvino" lets it compute in bf16 where the CPU has bf16 units (AVX512_BF16 /
 # AMX; measured 3x faster than fp32 on the SD 1.5 UNet here), "openvino-fp32" keeps fp32
 OPENVINO_PRECISION = {"openvino": "bf16", "openvino-fp32": "f32"}
-# the graph each provider runs (sdrt.kernels.TARGETS; None: the exported standard ONNX graph).
-# ONNX Runtime's TensorRT provider gets the TensorRT graph: contrib ops would split its engine.
-PROVIDER_TARGET = {"cpu": "onnxruntime", "cuda": "onnxruntime", "tensorrt": "tensorrt",
-                   "openvino": None, "openvino-fp32": None}
+# the graphs each provider runs, first present first (sdrt.kernels.TARGETS; none present: the
+# exported standard ONNX graph). The export writes a target's graph only where its passes changed
+# something (the text encoder has no onnxruntime-cpu graph: no convolutions), and engines exported
+# before a target existed lack it. ONNX Runtime's TensorRT provider gets the TensorRT graph: contrib
+# ops would split its engine.
+PROVIDER_TARGETS = {"cpu": ("onnxruntime-cpu", "onnxruntime"), "cuda": ("onnxruntime",),
+                    "tensorrt": ("tensorrt",), "openvino": (), "openvino-fp32": ()}
 
 
 class Backend:

@@ -12,7 +12,7 @@ import numpy as np
 from sdrt.errors import InputError
 from sdrt.manifest import Manifest
 from sdrt.runtime import images, noise, samplers
-from sdrt.runtime.backends import PROVIDER_TARGET, check_provider, load_backend, release_free_memory
+from sdrt.runtime.backends import PROVIDER_TARGETS, check_provider, load_backend, release_free_memory
 from sdrt.runtime.denoiser import Denoiser
 from sdrt.tokenizer import ClipTokenizer
 
@@ -38,7 +38,7 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.provider = provider
         # run the provider's rewritten graphs (sdrt.kernels) where the export made them
-        self.target = PROVIDER_TARGET.get(provider) if optimized else None
+        self.targets = PROVIDER_TARGETS.get(provider, ()) if optimized else ()
         self.engines = {}  # component name -> Backend, filled by engine()
 
     @classmethod
@@ -62,7 +62,7 @@ class Pipeline:
             if c.precision == "fp16" and self.provider == "cpu":
                 raise InputError(f"{self.engine_dir}: {name} is fp16, which ONNX Runtime's CPU provider can't "
                                  "run; use --provider cuda, tensorrt or openvino, or export with --precision fp32")
-            path = self.engine_dir / (c.files[0] if c.backend == "tensorrt" else c.file_for(self.target))
+            path = self.engine_dir / (c.files[0] if c.backend == "tensorrt" else c.file_for(self.targets))
             self.engines[name] = load_backend(path, c.spec, c.backend, self.provider)
         return self.engines[name]
 
