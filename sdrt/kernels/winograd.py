@@ -110,6 +110,7 @@ def _attr(node, name, default):
 
 
 def eligible(graph: Graph, node) -> bool:
+    """Whether the pass rewrites NODE (the rule in the module docstring)."""
     if node.op_type != "Conv" or len(node.input) < 2:
         return False
     w = graph.initializers.get(node.input[1])
