@@ -4,6 +4,7 @@ and rewritten engines vs the standard ones and vs PyTorch."""
 from __future__ import annotations
 
 import collections
+import functools
 
 import numpy as np
 import onnx
@@ -233,14 +234,27 @@ def test_shape_annotations_are_evaluated_at_512_px():
     assert winograd.eval_dim(None, 64) is None
 
 
-def _attention_modules(checkpoint, component):
-    """How many attention calls the PyTorch module makes: what each pass must rewrite, exactly."""
+@functools.cache
+def _torch_pipe(checkpoint):
+    """The checkpoint's diffusers pipeline (fp32), loaded once for every test that reads it."""
     import torch
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(checkpoint, torch_dtype=torch.float32)
-    module = {"text_encoder": pipe.text_encoder, "unet": pipe.unet, "vae_decoder": pipe.vae.decoder,
-              "vae_encoder": pipe.vae.encoder}[component]
+    return StableDiffusionPipeline.from_pretrained(checkpoint, torch_dtype=torch.float32)
+
+
+def _torch_module(pipe, component):
+    return {"text_encoder": pipe.text_encoder, "unet": pipe.unet, "vae_decoder": pipe.vae.decoder,
+            "vae_encoder": pipe.vae.encoder}[component]
+
+
+def _op_counts(path) -> collections.Counter:
+    return collections.Counter(n.op_type for n in onnx.load(path, load_external_data=False).graph.node)
+
+
+def _attention_modules(checkpoint, component):
+    """How many attention calls the PyTorch module makes: what each pass must rewrite, exactly."""
+    module = _torch_module(_torch_pipe(checkpoint), component)
     names = {"Attention", "CLIPAttention", "CLIPSdpaAttention"}
     return sum(type(m).__name__ in names for m in module.modules())
 
@@ -262,8 +276,7 @@ def test_every_attention_is_rewritten_for_every_target(engines, checkpoints, kin
             graph = entry.targets[target]
             assert {p: n for p, n in graph.fused.items() if p in ATTENTION_PASSES} == \
                 {p: expected for p in passes if p in ATTENTION_PASSES}, (name, target)
-            ops = collections.Counter(n.op_type for n in
-                                      onnx.load(engines[kind] / graph.file, load_external_data=False).graph.node)
+            ops = _op_counts(engines[kind] / graph.file)
             assert ops["Attention"] == 0
             if "MultiHeadAttention" in passes:
                 assert ops["MultiHeadAttention"] == expected
@@ -279,18 +292,18 @@ def _winograd_layers(checkpoint, component) -> int:
     1, one group, padding 1, output at least MIN_SIDE on each side and at most MAX_TILE_BYTES of
     tiles per image, all at 512 px (latent side winograd.REFERENCE_SIDE), found by running it."""
     import torch
-    from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(checkpoint, torch_dtype=torch.float32)
+    pipe = _torch_pipe(checkpoint)
     side = winograd.REFERENCE_SIDE
     f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     latent = torch.zeros(1, pipe.vae.config.latent_channels, side, side)
-    module, args = {
-        "unet": (pipe.unet, (torch.zeros(1, pipe.unet.config.in_channels, side, side), torch.tensor([1.0]),
-                             torch.zeros(1, 77, pipe.text_encoder.config.hidden_size))),
-        "vae_decoder": (pipe.vae.decoder, (latent,)),
-        "vae_encoder": (pipe.vae.encoder, (torch.zeros(1, 3, side * f, side * f),)),
-        "text_encoder": (pipe.text_encoder, (torch.zeros(1, 77, dtype=torch.long),)),
+    module = _torch_module(pipe, component)
+    args = {
+        "unet": (torch.zeros(1, pipe.unet.config.in_channels, side, side), torch.tensor([1.0]),
+                 torch.zeros(1, 77, pipe.text_encoder.config.hidden_size)),
+        "vae_decoder": (latent,),
+        "vae_encoder": (torch.zeros(1, 3, side * f, side * f),),
+        "text_encoder": (torch.zeros(1, 77, dtype=torch.long),),
     }[component]
     found = []
 
@@ -320,9 +333,7 @@ def test_winograd_rewrites_exactly_the_eligible_convolutions(engines, checkpoint
         got = graph.fused["WinogradConv"] if graph else 0
         assert got == expected, name
         if graph:
-            ops = collections.Counter(n.op_type for n in
-                                      onnx.load(engines[kind] / graph.file, load_external_data=False).graph.node)
-            assert ops["DepthToSpace"] == expected
+            assert _op_counts(engines[kind] / graph.file)["DepthToSpace"] == expected
             assert graph.parity_max_abs <= entry.parity_tolerance
         counts[name] = got
     if kind == "eps":  # tiny's UNet has two levels (64 and 32 at 512 px), its VAE one and a 2x one

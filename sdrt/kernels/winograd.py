@@ -175,7 +175,7 @@ def _rewrite(graph: Graph, k: _Constants, node) -> list:
     v0 = op("Conv", [x1, k.get("input_transform", bt2.reshape(36, 1, WINDOW, WINDOW).astype(np.float32))],
             strides=[TILE, TILE], pads=[1, 1, TILE, TILE])  # end pads: ceil(H/4) tiles for any H
     v1 = op("Unsqueeze", [v0, i64("axis0", [0])])
-    v2 = op("Reshape", [v1, k.get(f"shape_tiles_{C}", np.array([-1, C, 36, 0, 0], np.int64))])
+    v2 = op("Reshape", [v1, i64(f"shape_tiles_{C}", [-1, C, 36, 0, 0])])
     v3 = op("Transpose", [v2], perm=[0, 2, 1, 3, 4])
     v = op("Reshape", [v3, i64("shape_flat_tiles", [0, 0, 0, -1])])
     # filters, transformed: U = G g G^T as [36, K, C]
@@ -183,13 +183,13 @@ def _rewrite(graph: Graph, k: _Constants, node) -> list:
     wt = op("Transpose", [w], perm=[2, 3, 0, 1])
     w9 = op("Reshape", [wt, i64("shape_taps", [9, -1])])
     u0 = op("MatMul", [g, w9])
-    u = op("Reshape", [u0, k.get(f"shape_filters_{K}_{C}", np.array([36, K, C], np.int64))])
+    u = op("Reshape", [u0, i64(f"shape_filters_{K}_{C}", [36, K, C])])
     m = op("MatMul", [u, v])  # [N, 36, K, T]
     # output transform: [N, 36, K*T] -> [N, 16 K, TH, TW] -> DepthToSpace -> [N, K, 4 TH, 4 TW]
     m1 = op("Reshape", [m, i64("shape_tile_major", [0, 36, -1])])
     y5 = op("MatMul", [k.get("output_transform", at2.astype(np.float32)), m1])
     tiles = op("Shape", [v0], start=2)
-    blocks = op("Concat", [k.get(f"shape_blocks_{K}", np.array([0, 16 * K], np.int64)), tiles], axis=0)
+    blocks = op("Concat", [i64(f"shape_blocks_{K}", [0, 16 * K]), tiles], axis=0)
     y1 = op("DepthToSpace", [op("Reshape", [y5, blocks])], blocksize=TILE, mode="DCR")
     y = op("Slice", [y1, i64("zeros2", [0, 0]), op("Shape", [x], start=2), i64("axes_hw", [2, 3])])
     if bias is not None:
