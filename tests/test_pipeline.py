@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import sdrt
-from sdrt.errors import InputError
+from sdrt.errors import InputError, SdrtError
 from sdrt.runtime import samplers
 
 ARGS = dict(steps=3, width=64, height=48)
@@ -138,6 +138,11 @@ def test_gpu_providers(engines, provider):
     if wanted not in ort.get_available_providers():
         pytest.skip(f"{wanted} not available: needs onnxruntime-gpu and an NVIDIA GPU")
     with sdrt.Pipeline.load(engines["eps"], provider=provider) as gpu, sdrt.Pipeline.load(engines["eps"]) as cpu:
-        a = gpu("a dog", seed=1, **ARGS).pixels
+        try:
+            a = gpu("a dog", seed=1, **ARGS).pixels
+        except SdrtError as e:  # ONNX Runtime lists the TensorRT provider wherever it was built with it
+            if "could not start TensorrtExecutionProvider" not in str(e):
+                raise
+            pytest.skip(f"TensorRT's libraries are not installed: {e}")
         b = cpu("a dog", seed=1, **ARGS).pixels
     assert np.abs(a - b).max() < 2e-2  # TensorRT runs fp16

@@ -50,6 +50,8 @@ def test_fp16_export_converts_every_component(fp16_engines):
         # the standard and TensorRT graphs ran in the reference evaluator at export, within tolerance
         assert c.parity_max_abs is not None and c.parity_max_abs <= c.parity_tolerance
         assert c.targets["tensorrt"].parity_max_abs <= c.parity_tolerance
+        for f in {c.files[0], *(t.file for t in c.targets.values())}:
+            onnx.checker.check_model(str(fp16_engines / f))  # one node per value (SSA), names ONNX Runtime loads
         g = _graph(fp16_engines / c.files[0]).graph
         types = collections.Counter(t.data_type for t in g.initializer if len(t.dims) > 1)
         assert types[TensorProto.FLOAT16] > 0 and types[TensorProto.FLOAT] == 0, name  # weights in fp16
@@ -82,6 +84,41 @@ def test_fp16_unet_matches_fp32_in_reference_evaluator(fp16_engines, engines):
         got = run_fp16(fp16_engines / m16.components["unet"].file_for(target), feeds, ["out_sample"])[0]
         scale = max(1.0, float(np.abs(want).max()))
         assert np.abs(got.astype(np.float64) - want).max() < onnx_export.PARITY_TOLERANCE["fp16"] * scale
+
+
+def _cuda():
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("CUDAExecutionProvider not available: needs onnxruntime-gpu and an NVIDIA GPU")
+
+
+def test_fp16_multihead_attention_graphs_were_checked_on_cuda(fp16_engines):
+    """Where CUDA is present export also runs the MultiHeadAttention graphs in fp16 (no other
+    runtime has fp16 kernels for that contrib op) and records their parity."""
+    _cuda()
+    m = Manifest.read(fp16_engines)
+    checked = [(name, c.targets["onnxruntime"]) for name, c in m.components.items() if "onnxruntime" in c.targets]
+    assert {name for name, _ in checked} >= {"unet", "text_encoder", "vae_decoder"}
+    for name, t in checked:
+        assert t.parity_max_abs is not None and t.parity_max_abs <= m.components[name].parity_tolerance, name
+
+
+def test_fp16_engines_generate_on_cuda_close_to_fp32(fp16_engines, engines):
+    """The whole pipeline on ONNX Runtime's CUDA provider in fp16 against the fp32 CPU engines;
+    fp32 engines on CUDA too (TF32 matmuls), txt2img and img2img."""
+    _cuda()
+    from PIL import Image
+
+    args = dict(prompt="a dog", seed=1, steps=4, width=W, height=H)
+    with sdrt.Pipeline.load(engines["eps"]) as cpu:
+        want = [cpu(**args).pixels, cpu(**args, image=Image.new("RGB", (W, H), "green"), strength=0.6).pixels]
+    for path in (fp16_engines, engines["eps"]):
+        with sdrt.Pipeline.load(path, provider="cuda") as gpu:
+            got = [gpu(**args).pixels, gpu(**args, image=Image.new("RGB", (W, H), "green"), strength=0.6).pixels]
+        for g, w in zip(got, want):
+            assert np.isfinite(g).all()
+            assert np.abs(g - w).max() < 2e-2, path
 
 
 def test_fp16_engines_refuse_the_cpu_provider(fp16_engines):

@@ -34,6 +34,7 @@ def convert(src: Path, dst: Path) -> None:
     model = float16.convert_float_to_float16(
         model, keep_io_types=True, disable_shape_infer=True,
         op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS))
+    _drop_repeated_casts(model.graph)
     toposort(model.graph)  # the converter appends its input Casts at the end
     # it also leaves value_info that contradicts the graph (weights declared fp32 though stored fp16, a
     # shared weight's Cast declared once per consumer): keep only single entries for computed values
@@ -46,6 +47,25 @@ def convert(src: Path, dst: Path) -> None:
     model.graph.value_info.extend(kept)
     onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
               location=dst.name + ".data", size_threshold=1024)
+
+
+def _drop_repeated_casts(graph) -> None:
+    """The converter casts a weight kept in fp32 once per consumer, each Cast with the same name and
+    output: a weight shared by several GroupNormalizations (an exporter dedups equal constants) then
+    has several nodes writing one value, which ONNX Runtime refuses to load ("two nodes with same node
+    name"; found on a GPU, where these graphs first ran in ONNX Runtime). Keep the first of each."""
+    first: dict[str, object] = {}
+    kept = []
+    for node in graph.node:
+        repeat = [first[o] for o in node.output if o in first]
+        if repeat:
+            if len(repeat) != len(node.output) or any(r != node for r in repeat):
+                raise ValueError(f"fp16 conversion: {node.name} writes an existing value differently")
+            continue
+        first.update({o: node for o in node.output})
+        kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 def run_fp16(path: Path, feeds: dict[str, np.ndarray], output_names: list[str]) -> list[np.ndarray] | None:

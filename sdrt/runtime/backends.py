@@ -84,6 +84,17 @@ def ort_providers(provider: str, cache_dir: Path) -> list:
     raise InputError(f"unknown provider {provider!r}; choose one of: {', '.join(PROVIDERS)}")
 
 
+def ort_provider_name(provider: str) -> str:
+    """The ONNX Runtime execution provider that serves an sdrt provider name."""
+    first = ort_providers(provider, Path("."))[0]
+    return first if isinstance(first, str) else first[0]
+
+
+GPU_LIBRARIES = {"CUDAExecutionProvider": "CUDA 13 and cuDNN 9 (pip install onnxruntime-gpu[cuda,cudnn], or a "
+                                          "system CUDA on the library path)",
+                 "TensorrtExecutionProvider": "TensorRT 10+ (libnvinfer) besides CUDA and cuDNN"}
+
+
 def check_provider(provider: str) -> None:
     """Fail early, with the fix, when this machine cannot serve `provider`."""
     if provider in OPENVINO_PRECISION:
@@ -94,12 +105,37 @@ def check_provider(provider: str) -> None:
         return
     import onnxruntime as ort
 
-    first = ort_providers(provider, Path("."))[0]
-    wanted = first if isinstance(first, str) else first[0]
+    wanted = ort_provider_name(provider)
     if wanted not in ort.get_available_providers():
         raise SdrtError(f"provider {provider}: this onnxruntime has no {wanted} "
                         f"(available: {', '.join(ort.get_available_providers())}); "
                         "install sdrt[gpu] on a machine with CUDA")
+
+
+_cuda_preloaded = False
+
+
+def preload_cuda_libraries(ort) -> None:
+    """Load CUDA and cuDNN from NVIDIA's pip packages (`onnxruntime-gpu[cuda,cudnn]`) before the
+    first GPU session: the dynamic loader does not search there, and without torch imported first
+    nothing else puts them in the process. `onnxruntime.preload_dlls` (1.21+) does it, then falls back
+    to the default search path (a system CUDA). It reports what it cannot find on stdout, which would
+    mix into the CLI's output: that goes to the debug log instead."""
+    global _cuda_preloaded
+    if _cuda_preloaded or not hasattr(ort, "preload_dlls"):
+        return
+    import contextlib
+    import io
+
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        try:
+            ort.preload_dlls()
+        except Exception as e:  # a missing library shows again, named, when the session is created
+            print(e)
+    if said.getvalue().strip():
+        log.debug("onnxruntime.preload_dlls: %s", said.getvalue().strip())
+    _cuda_preloaded = True
 
 
 _shared_cpu_arena = False
@@ -151,6 +187,8 @@ class OrtBackend(Backend):
         import onnxruntime as ort
 
         check_provider(self.provider)
+        if self.provider != "cpu":
+            preload_cuda_libraries(ort)
         providers = ort_providers(self.provider, self.path.parent / "trt_cache")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -162,6 +200,12 @@ class OrtBackend(Backend):
             self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf types
             raise InputError(f"cannot load {self.path} (corrupt or not an ONNX model?): {e}") from None
+        wanted = ort_provider_name(self.provider)
+        if self.session.get_providers()[0] != wanted:  # ONNX Runtime falls back when a provider's libraries
+            # are missing, with a line on stdout: a GPU run silently on the CPU would be worse than an error
+            raise SdrtError(f"provider {self.provider}: ONNX Runtime could not start {wanted} for {self.path} "
+                            f"and fell back to {self.session.get_providers()[0]}; it needs "
+                            f"{GPU_LIBRARIES.get(wanted, 'its libraries')}")
         self._outputs = [t.name for t in self.spec.outputs]
         self._run_options = ort.RunOptions()
         if self.provider == "cpu":  # hand the arena's free chunks back after each call (about 2% of a
