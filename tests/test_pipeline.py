@@ -130,6 +130,45 @@ def test_openvino_provider(engines, provider, tol):
             assert np.abs(a - b).max() < tol
 
 
+def test_gpu_provider_that_falls_back_is_an_error(engines, monkeypatch):
+    """ONNX Runtime falls back to the CPU when a GPU provider's libraries are missing, with a line on
+    stdout; sdrt names the provider and the libraries instead of running a GPU job on the CPU."""
+    import onnxruntime as ort
+
+    real = ort.InferenceSession
+
+    class FellBack(real):
+        def __init__(self, path, opts=None, providers=None, **kw):
+            super().__init__(path, opts, providers=["CPUExecutionProvider"], **kw)
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", FellBack)
+    with sdrt.Pipeline.load(engines["eps"], provider="cuda") as gpu:
+        with pytest.raises(SdrtError, match="could not start CUDAExecutionProvider .* fell back to "
+                                            "CPUExecutionProvider; it needs CUDA 13 and cuDNN 9"):
+            gpu("a dog", seed=1, **ARGS)
+
+
+@pytest.mark.parametrize("installed,says", [({"onnxruntime"}, "on a machine with an NVIDIA GPU"),
+                                            ({"onnxruntime", "onnxruntime-gpu"}, "both installed")])
+def test_missing_gpu_provider_says_how_to_install_it(monkeypatch, installed, says):
+    from importlib import metadata
+
+    import onnxruntime as ort
+
+    from sdrt.runtime.backends import check_provider
+
+    def version(dist):
+        if dist not in installed:
+            raise metadata.PackageNotFoundError(dist)
+        return "1.31.1"
+
+    monkeypatch.setattr(metadata, "version", version)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(SdrtError, match=f"no CUDAExecutionProvider .*{says}.*pip install 'onnxruntime-gpu"):
+        check_provider("cuda")
+
+
 @pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
 def test_gpu_providers(engines, provider):
     import onnxruntime as ort

@@ -14,9 +14,12 @@ from sdrt.errors import SdrtError
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 23  # emits ONNX Attention / GroupNormalization: smaller graph, less memory (FIELD-NOTES)
-# max abs error / max(1, max |reference|). int8's bound only catches a broken graph; its accuracy is
-# measured by the benchmark (README, "int8").
-PARITY_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "int8": 0.5}
+# max abs error / max(1, max |reference|). fp16's bound leaves room for fp16 rounding, which is
+# larger on a GPU's kernels than on the CPU's casts (random-sd15 UNet: 0.020 on an H100's CUDA
+# provider, 0.013 on the CPU provider; it was 2e-2, which that GPU export passed by 5%); a wrong graph
+# errs by O(1). int8's bound only catches a broken graph; its accuracy is measured by the benchmark
+# (README, "int8").
+PARITY_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "int8": 0.5}
 
 
 def wrap(name: str, pipe):
@@ -119,9 +122,9 @@ def component_files(out_dir: Path, name: str) -> list[str]:
 
 
 def check_parity(name: str, spec: ComponentSpec, pipe, onnx_path: Path,
-                 precision: str = "fp32") -> tuple[float | None, float]:
+                 precision: str = "fp32") -> tuple[float, float]:
     """Run the ONNX file and the torch module on the same inputs; return (max abs error, tolerance).
-    fp16 graphs run where they can (sdrt.export.fp16.run_fp16); the error is None where they can't.
+    fp16 graphs run on ONNX Runtime's CUDA provider, or its CPU provider (sdrt.export.fp16.run_fp16).
 
     Raises SdrtError when the error is over tolerance: a wrong engine must not look valid.
     """
@@ -134,10 +137,6 @@ def check_parity(name: str, spec: ComponentSpec, pipe, onnx_path: Path,
     names = [t.name for t in spec.outputs]
     if precision == "fp16":
         got = fp16.run_fp16(onnx_path, feeds, names)
-        if got is None:
-            log.info("%s: fp16 parity not checked: no fp16 executor here (ONNX Runtime's CUDA provider; "
-                     "ONNX's reference evaluator runs standard ops on small models only)", onnx_path)
-            return None, PARITY_TOLERANCE[precision]
     else:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # not its notes on sdrt's overridable constants (sdrt.kernels.winograd)

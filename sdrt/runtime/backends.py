@@ -71,16 +71,24 @@ class Backend:
         self.close()
 
 
+# ONNX Runtime's CUDA provider. Measured on an H100, SD 1.5 fp16 at 512 px (benchmarks/results/gpu-h100):
+# cuDNN's largest conv workspace and the power-of-two arena cost GPU memory for no speed (VAE decoder
+# session 4.78 -> 3.46 GB, UNet batch 2 3.75 -> 3.40 GB, times within noise); NHWC (prefer_nhwc) was
+# no faster on either.
+CUDA_OPTIONS = {"cudnn_conv_algo_search": "EXHAUSTIVE", "cudnn_conv_use_max_workspace": "0",
+                "arena_extend_strategy": "kSameAsRequested"}
+
+
 def ort_providers(provider: str, cache_dir: Path) -> list:
     """ONNX Runtime execution providers for an sdrt provider name, most preferred first."""
     if provider == "cpu":
         return ["CPUExecutionProvider"]
     if provider == "cuda":
-        return [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "EXHAUSTIVE"}), "CPUExecutionProvider"]
+        return [("CUDAExecutionProvider", CUDA_OPTIONS), "CPUExecutionProvider"]
     if provider == "tensorrt":
         trt = {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
                "trt_engine_cache_path": str(cache_dir), "trt_timing_cache_enable": True}
-        return [("TensorrtExecutionProvider", trt), "CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [("TensorrtExecutionProvider", trt), ("CUDAExecutionProvider", CUDA_OPTIONS), "CPUExecutionProvider"]
     raise InputError(f"unknown provider {provider!r}; choose one of: {', '.join(PROVIDERS)}")
 
 
@@ -93,6 +101,24 @@ def ort_provider_name(provider: str) -> str:
 GPU_LIBRARIES = {"CUDAExecutionProvider": "CUDA 13 and cuDNN 9 (pip install onnxruntime-gpu[cuda,cudnn], or a "
                                           "system CUDA on the library path)",
                  "TensorrtExecutionProvider": "TensorRT 10+ (libnvinfer) besides CUDA and cuDNN"}
+
+
+def gpu_install_hint() -> str:
+    """How to get ONNX Runtime's GPU build here. `onnxruntime` and `onnxruntime-gpu` install the same
+    `onnxruntime` module, so with both installed whichever was installed last wins."""
+    from importlib import metadata
+
+    installed = set()
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.version(dist)
+            installed.add(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    fix = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'onnxruntime-gpu[cuda,cudnn]'"
+    if installed == {"onnxruntime", "onnxruntime-gpu"}:
+        return f"onnxruntime and onnxruntime-gpu are both installed and the CPU build's files won: {fix}"
+    return f"on a machine with an NVIDIA GPU: {fix}"
 
 
 def check_provider(provider: str) -> None:
@@ -108,8 +134,7 @@ def check_provider(provider: str) -> None:
     wanted = ort_provider_name(provider)
     if wanted not in ort.get_available_providers():
         raise SdrtError(f"provider {provider}: this onnxruntime has no {wanted} "
-                        f"(available: {', '.join(ort.get_available_providers())}); "
-                        "install sdrt[gpu] on a machine with CUDA")
+                        f"(available: {', '.join(ort.get_available_providers())}); {gpu_install_hint()}")
 
 
 _cuda_preloaded = False

@@ -60,8 +60,9 @@ class Pipeline:
             if c is None:
                 raise InputError(f"{self.engine_dir}: no {name} engine")
             if c.precision == "fp16" and self.provider == "cpu":
-                raise InputError(f"{self.engine_dir}: {name} is fp16, which ONNX Runtime's CPU provider can't "
-                                 "run; use --provider cuda, tensorrt or openvino, or export with --precision fp32")
+                raise InputError(f"{self.engine_dir}: {name} is fp16, for GPUs: ONNX Runtime's CPU provider has no "
+                                 "fp16 kernels for it (it would compute in fp32 between casts, slower than the fp32 "
+                                 "engines); use --provider cuda, tensorrt or openvino, or export with --precision fp32")
             path = self.engine_dir / (c.files[0] if c.backend == "tensorrt" else c.file_for(self.targets))
             self.engines[name] = load_backend(path, c.spec, c.backend, self.provider)
         return self.engines[name]
