@@ -1,7 +1,8 @@
 """`--backend tensorrt`: TensorRT engines built from each component's TensorRT graph (sdrt.kernels).
 
 Written against the TensorRT 10 Python API (name-based tensors, strongly typed networks) and not
-run on this project's machines, which have no GPU (README, "What was verified where").
+run yet: TensorRT could not be installed on the machines this project had, the lent H100 included
+(README, "where it was checked").
 
 - The network is strongly typed: TensorRT keeps the ONNX graph's types, so an `--precision fp16`
   export gives fp16 engines whose fp32 islands (GroupNorm, attention softmax) stay fp32.

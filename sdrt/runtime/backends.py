@@ -278,8 +278,8 @@ class TensorRtBackend(Backend):
     and cuda-python's runtime bindings (no torch). Device buffers are kept and grown per input shape;
     a call repeating the previous shapes replays a captured CUDA graph.
 
-    Written against the TensorRT 10 and cuda-python 12 docs; not run here (no GPU on this project's
-    machines: README, "What was verified where")."""
+    Written against the TensorRT 10 and cuda-python 12 docs; not run anywhere yet (TensorRT could not
+    be installed on the machines this project had, the lent H100 included: README)."""
 
     def _load(self) -> None:
         try:
