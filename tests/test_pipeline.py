@@ -145,7 +145,7 @@ def test_gpu_provider_that_falls_back_is_an_error(engines, monkeypatch):
     monkeypatch.setattr(ort, "InferenceSession", FellBack)
     with sdrt.Pipeline.load(engines["eps"], provider="cuda") as gpu:
         with pytest.raises(SdrtError, match="could not start CUDAExecutionProvider .* fell back to "
-                                            "CPUExecutionProvider; it needs CUDA 13 and cuDNN 9"):
+                                            "CPUExecutionProvider; it needs .*CUDA.* and cuDNN 9"):
             gpu("a dog", seed=1, **ARGS)
 
 

@@ -98,9 +98,13 @@ def ort_provider_name(provider: str) -> str:
     return first if isinstance(first, str) else first[0]
 
 
-GPU_LIBRARIES = {"CUDAExecutionProvider": "CUDA 13 and cuDNN 9 (pip install onnxruntime-gpu[cuda,cudnn], or a "
-                                          "system CUDA on the library path)",
-                 "TensorrtExecutionProvider": "TensorRT 10+ (libnvinfer) besides CUDA and cuDNN"}
+def gpu_libraries(ort, provider_name: str) -> str:
+    """What ONNX Runtime's GPU provider needs loaded, for an error message."""
+    cuda = f"CUDA {ort.cuda_version}" if getattr(ort, "cuda_version", "") else "the CUDA it was built for"
+    needs = f"{cuda} and cuDNN 9 (pip install 'onnxruntime-gpu[cuda,cudnn]', or a system CUDA on the library path)"
+    if provider_name == "TensorrtExecutionProvider":
+        return f"TensorRT 10+ (libnvinfer) besides {needs}"
+    return needs
 
 
 def gpu_install_hint() -> str:
@@ -230,7 +234,7 @@ class OrtBackend(Backend):
             # are missing, with a line on stdout: a GPU run silently on the CPU would be worse than an error
             raise SdrtError(f"provider {self.provider}: ONNX Runtime could not start {wanted} for {self.path} "
                             f"and fell back to {self.session.get_providers()[0]}; it needs "
-                            f"{GPU_LIBRARIES.get(wanted, 'its libraries')}")
+                            f"{gpu_libraries(ort, wanted)}")
         self._outputs = [t.name for t in self.spec.outputs]
         self._run_options = ort.RunOptions()
         if self.provider == "cpu":  # hand the arena's free chunks back after each call (about 2% of a
