@@ -12,7 +12,6 @@ import pytest
 from onnx import TensorProto
 
 import sdrt
-from sdrt.errors import InputError
 from sdrt.export import onnx_export
 from sdrt.export.fp16 import run_fp16
 from sdrt.manifest import Manifest
@@ -130,10 +129,14 @@ def test_fp16_engines_generate_on_cuda_close_to_fp32(fp16_engines, engines):
             assert np.abs(g - w).max() < 2e-2, path
 
 
-def test_fp16_engines_refuse_the_cpu_provider(fp16_engines):
-    pipe = sdrt.Pipeline.load(fp16_engines)
-    with pytest.raises(InputError, match="fp16.*--provider cuda"):
-        pipe("x", steps=1, width=W, height=H)
+def test_fp16_engines_run_on_the_cpu_provider_with_a_warning(fp16_engines, engines, caplog):
+    args = dict(prompt="a dog", seed=1, steps=4, width=W, height=H)
+    with caplog.at_level("WARNING", logger="sdrt"), sdrt.Pipeline.load(fp16_engines) as cpu16:
+        got = cpu16(**args).pixels
+    assert "fp16, made for GPUs" in caplog.text and "--precision fp32" in caplog.text
+    with sdrt.Pipeline.load(engines["eps"]) as cpu32:
+        want = cpu32(**args).pixels
+    assert np.isfinite(got).all() and np.abs(got - want).max() < 2e-2
 
 
 def test_vae_decoder_falls_back_to_fp32_when_fp16_overflows(checkpoints, tmp_path):

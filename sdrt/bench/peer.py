@@ -134,7 +134,7 @@ class DiffusersOnnxPath:
             raise InputError(f"{NAME}: diffusers' ONNX pipeline assumes a VAE scale factor of 8; this model has "
                              f"VAE scale factor {manifest.dims.vae_scale_factor}")
         if provider == "cpu" and any(c.precision == "fp16" for c in manifest.components.values()):
-            raise InputError(f"{NAME}: an fp16 export does not run on the CPU")
+            raise InputError(f"{NAME}: an fp16 export is for GPUs; on the CPU the peer is compared in fp32")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
