@@ -27,6 +27,8 @@ def cmd_export(args) -> int:
     from sdrt.export import export
 
     profile = None
+    if args.cpu_size is not None and args.cpu_size <= 0:
+        raise InputError(f"--cpu-size {args.cpu_size}: need a positive image side in pixels")
     if args.backend == "tensorrt":
         from sdrt.export.tensorrt import Profile
 
@@ -36,7 +38,7 @@ def cmd_export(args) -> int:
         profile = Profile(tuple(args.trt_batch), tuple(args.trt_sizes))
     manifest = export(args.source, args.out_dir, backend=args.backend, precision=args.precision,
                       opset=args.opset, force=args.force, progress=not args.quiet, optimize=not args.no_optimize,
-                      trt_profile=profile)
+                      trt_profile=profile, cpu_size=args.cpu_size)
     parity = max(c.parity_max_abs for c in manifest.components.values())
     print(f"wrote {args.out_dir} ({', '.join(manifest.components)}; max parity error {parity:.2g})")
     return 0
@@ -211,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TensorRT profile: image side in pixels (default 256 512 1024)")
     e.add_argument("--no-optimize", action="store_true",
                    help="write only the standard ONNX graphs, no per-target rewrites (sdrt.kernels)")
+    e.add_argument("--cpu-size", type=int, default=None, metavar="PX",
+                   help="image side the CPU graph's Winograd convolutions are chosen for: layers whose "
+                        "latent map is at least 32x32 at this size (default 512 px for SD; e.g. 256 "
+                        "if you generate small images)")
     e.set_defaults(fn=cmd_export)
 
     g = sub.add_parser("generate", parents=[quiet], help="prompt -> PNG (A1111 'parameters' metadata included)")

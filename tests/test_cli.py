@@ -178,3 +178,9 @@ def test_tensorrt_export_without_tensorrt_fails_cleanly(tmp_path, capsys):
 def test_bad_tensorrt_profile(tmp_path, capsys, flag):
     assert main(["export", "tiny", str(tmp_path / "out"), "--backend", "tensorrt", flag, "4", "2", "1"]) == 2
     assert f"{flag} 4 2 1: need 0 < MIN <= OPT <= MAX" in capsys.readouterr().err
+
+
+def test_bad_cpu_size(tmp_path, capsys):
+    assert main(["export", "tiny", str(tmp_path / "out"), "--cpu-size", "0"]) == 2
+    assert "--cpu-size 0: need a positive image side in pixels" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import sdrt
+from sdrt.errors import InputError
 from sdrt.kernels import TARGETS, reference, winograd
 from sdrt.kernels.attention import decompose_attention, fuse_multihead_attention
 from sdrt.kernels.graph import MS_DOMAIN, Graph
@@ -225,6 +226,14 @@ def test_winograd_leaves_other_convolutions_alone(model):
     assert [n.op_type for n in model.graph.node] == ["Conv"]
 
 
+@pytest.mark.parametrize("side,latent_side,rewritten", [("h // 2", 64, 1), ("h // 2", 32, 0), ("h // 4", 64, 0),
+                                                      ("h // 4", 128, 1)])
+def test_winograd_layer_choice_follows_the_size_it_is_made_for(side, latent_side, rewritten):
+    """A map at half / a quarter of the latent side is rewritten where it is at least 32x32."""
+    model = _conv_model(4, 4, side=(side, side.replace("h", "w")))
+    assert winograd.winograd_conv(Graph(model), latent_side) == rewritten
+
+
 def test_shape_annotations_are_evaluated_at_512_px():
     assert winograd.eval_dim("h", 64) == 64
     assert winograd.eval_dim("(((h - 1)//2)) + 1", 64) == 32
@@ -287,14 +296,13 @@ def test_every_attention_is_rewritten_for_every_target(engines, checkpoints, kin
         assert counts == {"text_encoder": 4, "unet": 12, "vae_decoder": 1, "vae_encoder": 1}
 
 
-def _winograd_layers(checkpoint, component) -> int:
+def _winograd_layers(checkpoint, component, side: int = winograd.REFERENCE_SIDE) -> int:
     """How many Conv2d modules the Winograd pass must rewrite, from PyTorch: 3x3, stride 1, dilation
     1, one group, padding 1, output at least MIN_SIDE on each side and at most MAX_TILE_BYTES of
-    tiles per image, all at 512 px (latent side winograd.REFERENCE_SIDE), found by running it."""
+    tiles per image, all at latent side SIDE (default 64: 512 px), found by running it."""
     import torch
 
     pipe = _torch_pipe(checkpoint)
-    side = winograd.REFERENCE_SIDE
     f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     latent = torch.zeros(1, pipe.vae.config.latent_channels, side, side)
     module = _torch_module(pipe, component)
@@ -338,6 +346,23 @@ def test_winograd_rewrites_exactly_the_eligible_convolutions(engines, checkpoint
         counts[name] = got
     if kind == "eps":  # tiny's UNet has two levels (64 and 32 at 512 px), its VAE one and a 2x one
         assert counts == {"text_encoder": 0, "unet": 27, "vae_decoder": 25, "vae_encoder": 14}
+
+
+def test_cpu_size_chooses_the_winograd_layers_for_that_size(checkpoints, tmp_path):
+    """`sdrt export --cpu-size 256`: the layers eligible at a 32-latent, counted from PyTorch; the
+    choice is recorded; a size the VAE can't produce is refused."""
+    from sdrt.export import export
+
+    m = export(str(checkpoints["eps"]), tmp_path / "e", progress=False, cpu_size=256)
+    for name, entry in m.components.items():
+        graph = entry.targets.get("onnxruntime-cpu")
+        got = graph.fused["WinogradConv"] if graph else 0
+        assert got == _winograd_layers(checkpoints["eps"], name, side=32), name
+        assert any("Winograd layers chosen for 256 px" in o for o in entry.optimizations) == bool(got)
+    assert m.components["unet"].targets["onnxruntime-cpu"].fused["WinogradConv"] < 27  # fewer than at 512 px
+    with pytest.raises(InputError, match="--cpu-size 300: need a positive multiple of the VAE scale factor"):
+        export(str(checkpoints["eps"]), tmp_path / "bad", progress=False, cpu_size=300)
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("kind", CHECKPOINTS)

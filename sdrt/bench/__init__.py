@@ -46,9 +46,15 @@ def _paths(engine_dir: Path, manifest: Manifest, settings: Settings, skipped: li
     variants = [(engine_dir, p, True, "sdrt") for p in settings.providers]
     if settings.plain:
         variants.append((engine_dir, settings.providers[0], False, "sdrt-plain"))
+    main = manifest.components.get("unet")
+    used = {label for *_, label in variants}
     for d in settings.also:
         unet = Manifest.read(d).components.get("unet")
-        label = f"sdrt-{unet.precision if unet else Path(d).name}"
+        # named by its precision where that tells it apart (an int8 export), else by its folder
+        label = f"sdrt-{unet.precision}" if unet and main and unet.precision != main.precision else None
+        if label is None or label in used:
+            label = f"sdrt-{Path(d).name}"
+        used.add(label)
         variants += [(Path(d), p, True, label) for p in settings.providers]
     paths = []
     for d, provider, optimized, label in variants:

@@ -64,13 +64,13 @@ def _quiet_third_party() -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _target_graphs(name, spec, pipe, staging: Path, model_file: str, precision: str) -> dict:
+def _target_graphs(name, spec, pipe, staging: Path, model_file: str, precision: str, latent_side: int) -> dict:
     from sdrt import kernels
     from sdrt.export import onnx_export
 
     out = {}
     for target in kernels.TARGETS:
-        path, fused = kernels.optimize(staging / model_file, target)
+        path, fused = kernels.optimize(staging / model_file, target, latent_side)
         same = kernels.same_graph_as(target, fused)
         if same in out:  # e.g. onnxruntime-cpu on a component without convolutions
             path.unlink()
@@ -80,6 +80,17 @@ def _target_graphs(name, spec, pipe, staging: Path, model_file: str, precision: 
         log.info("%s for %s: %s", name, target, ", ".join(f"{k} x{v}" for k, v in fused.items()))
         out[target] = TargetGraph(str(path.relative_to(staging)), fused, err)
     return out
+
+
+def _latent_side(cpu_size: int | None, vae_scale_factor: int) -> int:
+    from sdrt.kernels.winograd import REFERENCE_SIDE
+
+    if cpu_size is None:
+        return REFERENCE_SIDE
+    if cpu_size <= 0 or cpu_size % vae_scale_factor:
+        raise InputError(f"--cpu-size {cpu_size}: need a positive multiple of the VAE scale factor "
+                         f"({vae_scale_factor})")
+    return cpu_size // vae_scale_factor
 
 
 def _check_tensorrt() -> None:
@@ -164,12 +175,13 @@ def _int8_unet(manifest: Manifest, spec, pipe, staging: Path, optimize: bool) ->
 
 def export(source: str, out_dir: str | Path, *, backend: str = "onnx", precision: str = "fp32",
            opset: int | None = None, force: bool = False, progress: bool = True,
-           optimize: bool = True, trt_profile=None) -> Manifest:
+           optimize: bool = True, trt_profile=None, cpu_size: int | None = None) -> Manifest:
     """Export SOURCE (diffusers folder, hub id, `tiny`, `random-sd15`) to OUT_DIR; return its manifest.
 
     optimize: also write each target's rewritten graph (sdrt.kernels.TARGETS), parity-checked like
-    the standard one. backend "tensorrt": also build a TensorRT engine per component from its
-    TensorRT graph (needs a GPU; trt_profile: sdrt.export.tensorrt.Profile)."""
+    the standard one. cpu_size: the image side the CPU graph's Winograd layers are chosen for
+    (default: latent side 64, 512 px for SD). backend "tensorrt": also build a TensorRT engine per
+    component from its TensorRT graph (needs a GPU; trt_profile: sdrt.export.tensorrt.Profile)."""
     from tqdm.auto import tqdm
 
     from sdrt.export import onnx_export, sources
@@ -195,6 +207,7 @@ def export(source: str, out_dir: str | Path, *, backend: str = "onnx", precision
             log.info("loaded %s in %.1f s", source, time.perf_counter() - t0)
             dims = model_dims(pipe)
             specs = component_specs(dims)
+            latent_side = _latent_side(cpu_size, dims.vae_scale_factor)
             entries = {}
             for name in tqdm(COMPONENTS, desc="export", unit="component", disable=not progress):
                 files = onnx_export.export_component(name, specs[name], pipe, staging,
@@ -208,7 +221,12 @@ def export(source: str, out_dir: str | Path, *, backend: str = "onnx", precision
                     files = onnx_export.component_files(staging, name)
                 if precision == "fp16":
                     files, prec, err, tol, notes = _to_fp16(name, specs[name], pipe, staging, files, err, tol)
-                targets = _target_graphs(name, specs[name], pipe, staging, files[0], prec) if optimize else {}
+                targets = {}
+                if optimize:
+                    targets = _target_graphs(name, specs[name], pipe, staging, files[0], prec, latent_side)
+                    if any(t.fused.get("WinogradConv") for t in targets.values()):
+                        notes.append(f"Winograd layers chosen for {latent_side * dims.vae_scale_factor} px "
+                                     "(onnxruntime-cpu graph; sdrt export --cpu-size)")
                 entries[name] = ComponentEntry(specs[name], files, backend, prec, notes, err, tol, targets)
             pipe.tokenizer.save_pretrained(staging / TOKENIZER_DIR)
             manifest = Manifest(

@@ -26,11 +26,12 @@ from pathlib import Path
 
 from sdrt.kernels.attention import decompose_attention, fuse_multihead_attention
 from sdrt.kernels.graph import Graph, load_graph_only, save_graph_only
-from sdrt.kernels.winograd import winograd_conv
+from sdrt.kernels.winograd import REFERENCE_SIDE, winograd_conv
 
-PASSES: dict[str, Callable[[Graph], int]] = {
-    "MultiHeadAttention": fuse_multihead_attention,
-    "DecomposedAttention": decompose_attention,
+# each pass: (graph, latent side the layer choice is made for) -> nodes rewritten
+PASSES: dict[str, Callable[[Graph, int], int]] = {
+    "MultiHeadAttention": lambda graph, side: fuse_multihead_attention(graph),
+    "DecomposedAttention": lambda graph, side: decompose_attention(graph),
     "WinogradConv": winograd_conv,
 }
 TARGETS: dict[str, tuple[str, ...]] = {
@@ -56,16 +57,17 @@ def same_graph_as(target: str, counts: dict[str, int]) -> str | None:
     return None
 
 
-def apply(graph: Graph, passes: tuple[str, ...]) -> dict[str, int]:
-    return {name: PASSES[name](graph) for name in passes}
+def apply(graph: Graph, passes: tuple[str, ...], latent_side: int = REFERENCE_SIDE) -> dict[str, int]:
+    return {name: PASSES[name](graph, latent_side) for name in passes}
 
 
-def optimize(src: Path, target: str) -> tuple[Path, dict[str, int]]:
-    """Write SRC's graph rewritten for TARGET beside it; return (path, nodes rewritten per pass)."""
+def optimize(src: Path, target: str, latent_side: int = REFERENCE_SIDE) -> tuple[Path, dict[str, int]]:
+    """Write SRC's graph rewritten for TARGET beside it; return (path, nodes rewritten per pass).
+    LATENT_SIDE: the latent side size-dependent choices are made for (Winograd layers)."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
     model = load_graph_only(src)
-    counts = apply(Graph(model), TARGETS[target])
+    counts = apply(Graph(model), TARGETS[target], latent_side)
     dst = src.parent / target_file(src.name, target)
     save_graph_only(model, dst)
     return dst, counts

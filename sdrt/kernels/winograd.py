@@ -21,8 +21,9 @@ rewritten layers' weights (+0.95 GB). The output transform as MatMul + DepthToSp
 faster than as ConvTranspose (4.87 vs 5.04 s).
 
 Which layers: a 3x3 Conv with stride 1, dilation 1, one group, padding 1 on every side and a
-constant fp32 weight, whose output map at 512 px (SD 1.5's size, where this was measured) is at
-least `MIN_SIDE` on each side and whose transformed tiles take at most `MAX_TILE_BYTES` per image.
+constant fp32 weight, whose output map at 512 px (SD 1.5's size, where this was measured; another
+size with `sdrt export --cpu-size`) is at least `MIN_SIDE` on each side and whose transformed tiles
+take at most `MAX_TILE_BYTES` per image.
 For SD 1.5 that is the UNet's 64x64 and 32x32 levels and the VAE's 64x64 level. Smaller maps have
 too few tiles to pay for the transforms (UNet with its 16x16 level too: 4.90 vs 4.87 s; 1280
 channels at 8x8 alone: 0.6x); larger tile tensors cost more memory than they save time (the VAE
@@ -63,8 +64,8 @@ AT = np.array([[1, 1, 1, 1, 1, 0],
                [0, 1, -1, 8, -8, 1]], np.float64)
 TILE, WINDOW = 4, 6  # output tile side, input tile side
 
-REFERENCE_SIDE = 64  # latent side the shape annotations are evaluated at: 512 px
-MIN_SIDE = 32  # rewrite layers whose output is at least 32x32 at 512 px
+REFERENCE_SIDE = 64  # latent side the shape annotations are evaluated at by default: 512 px
+MIN_SIDE = 32  # rewrite layers whose output is at least 32x32 there
 MAX_TILE_BYTES = 64 << 20  # ... and whose transformed input tiles take at most 64 MiB per image
 
 
@@ -109,8 +110,9 @@ def _attr(node, name, default):
     return default
 
 
-def eligible(graph: Graph, node) -> bool:
-    """Whether the pass rewrites NODE (the rule in the module docstring)."""
+def eligible(graph: Graph, node, latent_side: int = REFERENCE_SIDE) -> bool:
+    """Whether the pass rewrites NODE (the rule in the module docstring), for images whose latent
+    side is LATENT_SIDE (`sdrt export --cpu-size`; default 64, i.e. 512 px)."""
     if node.op_type != "Conv" or len(node.input) < 2:
         return False
     w = graph.initializers.get(node.input[1])
@@ -126,7 +128,7 @@ def eligible(graph: Graph, node) -> bool:
     shape = graph.shapes.get(node.output[0])
     if not shape or len(shape) != 4:
         return False
-    sides = [eval_dim(d, REFERENCE_SIDE) for d in shape[2:]]
+    sides = [eval_dim(d, latent_side) for d in shape[2:]]
     if any(s is None or s < MIN_SIDE for s in sides):
         return False
     channels = int(w.dims[1])
@@ -198,11 +200,11 @@ def _rewrite(graph: Graph, k: _Constants, node) -> list:
     return nodes
 
 
-def winograd_conv(graph: Graph) -> int:
+def winograd_conv(graph: Graph, latent_side: int = REFERENCE_SIDE) -> int:
     """Rewrite each eligible 3x3 Conv as F(4x4, 3x3) Winograd; return how many were rewritten."""
     k = _Constants(graph)
     count = 0
-    for node in [n for n in graph.nodes if eligible(graph, n)]:
+    for node in [n for n in graph.nodes if eligible(graph, n, latent_side)]:
         graph.replace([node], _rewrite(graph, k, node))
         count += 1
     if count:
