@@ -59,11 +59,13 @@ class Pipeline:
             c = self.manifest.components.get(name)
             if c is None:
                 raise InputError(f"{self.engine_dir}: no {name} engine")
-            if c.precision == "fp16" and self.provider == "cpu":
+            if c.precision == "fp16" and self.provider == "cpu" and not any(
+                    self.manifest.components[n].precision == "fp16" for n in self.engines):  # once per pipeline
                 # it runs (ops without fp16 kernels compute in fp32 between casts), but at fp32's speed with
                 # fp32 copies of the weights beside the fp16 ones (SD 1.5 UNet: 5.8 against 4.1 GB peak)
-                log.warning("%s: %s is fp16, made for GPUs; ONNX Runtime's CPU provider runs it no faster than "
-                            "fp32 and with more memory: export with --precision fp32 for CPUs", self.engine_dir, name)
+                log.warning("%s: the engines are fp16, made for GPUs; ONNX Runtime's CPU provider runs them no "
+                            "faster than fp32 and with more memory: export with --precision fp32 for CPUs",
+                            self.engine_dir)
             path = self.engine_dir / (c.files[0] if c.backend == "tensorrt" else c.file_for(self.targets))
             self.engines[name] = load_backend(path, c.spec, c.backend, self.provider)
         return self.engines[name]
