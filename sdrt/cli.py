@@ -27,8 +27,6 @@ def cmd_export(args) -> int:
     from sdrt.export import export
 
     profile = None
-    if args.cpu_size is not None and args.cpu_size <= 0:
-        raise InputError(f"--cpu-size {args.cpu_size}: need a positive image side in pixels")
     if args.backend == "tensorrt":
         from sdrt.export.tensorrt import Profile
 

@@ -87,7 +87,7 @@ def _latent_side(cpu_size: int | None, vae_scale_factor: int) -> int:
 
     if cpu_size is None:
         return REFERENCE_SIDE
-    if cpu_size <= 0 or cpu_size % vae_scale_factor:
+    if cpu_size % vae_scale_factor:
         raise InputError(f"--cpu-size {cpu_size}: need a positive multiple of the VAE scale factor "
                          f"({vae_scale_factor})")
     return cpu_size // vae_scale_factor
@@ -192,6 +192,8 @@ def export(source: str, out_dir: str | Path, *, backend: str = "onnx", precision
         _check_tensorrt()
     if precision not in PRECISIONS:
         raise InputError(f"--precision {precision}: this build exports {', '.join(PRECISIONS)}")
+    if cpu_size is not None and cpu_size <= 0:  # before loading the model; the VAE factor check needs it
+        raise InputError(f"--cpu-size {cpu_size}: need a positive image side in pixels")
     out_dir = Path(out_dir)
     _check_target(out_dir, force)
     _quiet_third_party()
