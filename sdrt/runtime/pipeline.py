@@ -142,12 +142,14 @@ class Pipeline:
         uncond = None
         if guidance_scale > 1:  # diffusers: guidance <= 1 runs the conditional pass only
             uncond = np.repeat(self.encode_prompts([negative_prompt or ""], clip_skip), num_images, axis=0)
+        release_free_memory()  # each phase (text, init image, sampling, decoding) starts from a small arena
 
         if image is None:
             x = samplers.initial_state(smp, schedule, latents.astype(np.float64))
         else:
             schedule = schedule.tail(smp.img2img_start(steps, strength))
             x0 = self.encode_image(image, width, height, seeds)
+            release_free_memory()
             x = x0 + latents.astype(np.float64) * schedule.sigmas[0] if len(schedule) else x0
 
         denoise = Denoiser(self.engine("unet"), schedule, self.manifest.prediction_type, cond, uncond,
@@ -161,8 +163,9 @@ class Pipeline:
         x = smp.fn(denoise, x, schedule, noise=noise.ImageNoise(seeds, noise.SAMPLER), callback=on_step, **options)
         if len(schedule):
             x = samplers.final_latents(smp, schedule, x)
-        release_free_memory()  # what the UNet's calls left with the C allocator, before the decoder's peak
+        release_free_memory()  # the UNet's working set, before the decoder's peak
         pixels = self.decode(x)
+        release_free_memory()  # nothing held between generations but the weights
         info = [images.a1111_parameters(prompt, negative_prompt or "", {
             "Steps": steps, "Sampler": smp.display,
             "Schedule type": schedule_type.replace("_", " ").title() if schedule_type else None,
