@@ -219,7 +219,7 @@ def _shrink_shared_cpu_arena() -> None:
 def release_free_memory() -> None:
     """Hand back the memory the CPU sessions keep between calls: the shared arena's free regions
     (CPU sessions keep them from call to call: shrinking after every UNet call made each step
-    re-fault its pages, 5.2-5.3 against 4.7-4.8 s at batch 2, 512 px), then what the C allocator holds
+    re-fault its pages, 5.49 against 4.85 s at batch 2, 512 px: README, "Memory"), then what the C allocator holds
     freed (glibc's malloc_trim; a no-op elsewhere): the model protobuf ONNX Runtime drops after
     creating a session, small buffers. The pipeline calls it between phases (text, sampling,
     decoding), so each phase's peak does not sit on the last one's leftovers, and after a session
