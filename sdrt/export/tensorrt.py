@@ -1,13 +1,14 @@
 """`--backend tensorrt`: TensorRT engines built from each component's TensorRT graph (sdrt.kernels).
 
 Written against the TensorRT 10 Python API (name-based tensors, strongly typed networks) and not
-run yet: TensorRT could not be installed on the machines this project had, the lent H100 included
-(README, "where it was checked").
+run on TensorRT yet: it could not be installed on the machines this project had, the lent H100
+included (README, "where it was checked"); tested against stand-ins (tests/fake_tensorrt.py).
 
 - The network is strongly typed: TensorRT keeps the ONNX graph's types, so an `--precision fp16`
   export gives fp16 engines whose fp32 islands (GroupNorm, attention softmax) stay fp32.
-- One optimization profile per component from `Profile` (default batch 1-4, 256-1024 px, opt at
-  the model's default size), configurable with `--trt-batch` / `--trt-sizes`.
+- One optimization profile per component from `Profile` (default batch 1-4 images, 256-1024 px, opt
+  at the model's default size), configurable with `--trt-batch` / `--trt-sizes`; `shapes` turns it
+  into each component's input shapes the way the pipeline calls it.
 - A timing cache per GPU in the cache dir, and an engine cache keyed by the ONNX content hash, GPU,
   TensorRT version and profile: exporting the same weights again copies the cached engine.
 """
@@ -39,10 +40,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SDRT_CACHE", Path.home() / ".cache" / "sdrt")) / "tensorrt"
 
 
-def shapes(spec: ComponentSpec, profile: Profile, scale_factor: int, cfg: bool = True) -> dict[str, tuple]:
-    """name -> (min, opt, max) shapes of every input, from the component's declared dims."""
-    sizes = [{"B": profile.batch[i] * (2 if cfg and spec.name in ("unet", "text_encoder") else 1),
-              "h": profile.pixels[i] // scale_factor, "w": profile.pixels[i] // scale_factor} for i in range(3)]
+def shapes(spec: ComponentSpec, profile: Profile, scale_factor: int) -> dict[str, tuple]:
+    """name -> (min, opt, max) shapes of every input, from the component's declared dims.
+
+    The batch follows how the pipeline calls each component: the UNet runs the prompt and the
+    negative prompt as one batch (2x the images; 1x with guidance off, hence min not doubled), the
+    text encoder one prompt per call, the VAE one image (decoder) or all images (encoder)."""
+    lo, opt, hi = profile.batch
+    batch = {"unet": (lo, 2 * opt, 2 * hi), "text_encoder": (1, 1, hi)}.get(spec.name, profile.batch)
+    sizes = [{"B": batch[i], "h": profile.pixels[i] // scale_factor, "w": profile.pixels[i] // scale_factor}
+             for i in range(3)]
     return {t.name: tuple(t.resolve(s) for s in sizes) for t in spec.inputs}
 
 

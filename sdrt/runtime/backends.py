@@ -307,8 +307,9 @@ class TensorRtBackend(Backend):
     and cuda-python's runtime bindings (no torch). Device buffers are kept and grown per input shape;
     a call repeating the previous shapes replays a captured CUDA graph.
 
-    Written against the TensorRT 10 and cuda-python 12 docs; not run anywhere yet (TensorRT could not
-    be installed on the machines this project had, the lent H100 included: README)."""
+    Written against the TensorRT 10 and cuda-python 12 docs; not run on TensorRT yet (it could not be
+    installed on the machines this project had, the lent H100 included: README). Tested against
+    stand-ins (tests/fake_tensorrt.py)."""
 
     def _load(self) -> None:
         try:
@@ -325,6 +326,7 @@ class TensorRtBackend(Backend):
         self.stream = self._check(cudart.cudaStreamCreate())
         self.buffers: dict[str, tuple[int, int]] = {}  # tensor -> (device pointer, bytes)
         self.graph_exec, self.graph_shapes = None, None
+        self.graphs = True  # False once a capture failed
 
     def _check(self, result):
         err, *value = result if isinstance(result, tuple) else (result,)
@@ -340,7 +342,7 @@ class TensorRtBackend(Backend):
             ptr = self._check(self.cudart.cudaMalloc(nbytes))
             self.buffers[name] = (ptr, nbytes)
             self.context.set_tensor_address(name, ptr)
-            self.graph_exec = None  # addresses changed: the captured graph is stale
+            self._drop_graph()  # addresses changed: the captured graph is stale
         return ptr
 
     def _run(self, feeds):
@@ -349,7 +351,9 @@ class TensorRtBackend(Backend):
         shapes = tuple(feeds[t.name].shape for t in self.spec.inputs)
         for t in self.spec.inputs:
             arr = np.ascontiguousarray(feeds[t.name], dtype=trt.nptype(self.engine.get_tensor_dtype(t.name)))
-            self.context.set_input_shape(t.name, arr.shape)
+            if not self.context.set_input_shape(t.name, arr.shape):
+                raise InputError(f"{self.spec.name}.{t.name}: shape {list(arr.shape)} is outside the TensorRT "
+                                 f"engine's profile ({self.path}; re-export with wider --trt-batch / --trt-sizes)")
             ptr = self._buffer(t.name, arr.nbytes)
             self._check(cudart.cudaMemcpyAsync(ptr, arr.ctypes.data, arr.nbytes, h2d, self.stream))
         outputs = []
@@ -359,27 +363,57 @@ class TensorRtBackend(Backend):
             outputs.append((self._buffer(t.name, out.nbytes), out))
         if self.graph_exec is not None and shapes == self.graph_shapes:
             self._check(cudart.cudaGraphLaunch(self.graph_exec, self.stream))
-        elif shapes == self.graph_shapes:  # second call with these shapes: capture it for the next ones
-            self._check(cudart.cudaStreamBeginCapture(
-                self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
-            self.context.execute_async_v3(self.stream)
-            graph = self._check(cudart.cudaStreamEndCapture(self.stream))
-            self.graph_exec = self._check(cudart.cudaGraphInstantiate(graph, 0))
-            self._check(cudart.cudaGraphLaunch(self.graph_exec, self.stream))
+        elif shapes == self.graph_shapes and self.graphs:  # second call with these shapes: capture it
+            self._capture()
         else:
-            self.graph_exec, self.graph_shapes = None, shapes
-            if not self.context.execute_async_v3(self.stream):
-                raise SdrtError(f"TensorRT failed to run {self.path}")
+            self._drop_graph()
+            self.graph_shapes = shapes
+            self._execute()
         for ptr, out in outputs:
             self._check(cudart.cudaMemcpyAsync(out.ctypes.data, ptr, out.nbytes, d2h, self.stream))
         self._check(cudart.cudaStreamSynchronize(self.stream))
         return [out.astype(np.float32, copy=False) for _, out in outputs]
 
+    def _execute(self) -> None:
+        if not self.context.execute_async_v3(self.stream):
+            raise SdrtError(f"TensorRT failed to run {self.path}")
+
+    def _capture(self) -> None:
+        """Record this call's execution as a CUDA graph and launch it; later calls with the same
+        shapes replay it. An engine TensorRT can't capture (e.g. data-dependent shapes) runs without
+        graphs from then on."""
+        cudart = self.cudart
+        self._check(cudart.cudaStreamBeginCapture(
+            self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
+        ok = self.context.execute_async_v3(self.stream)
+        err, graph = cudart.cudaStreamEndCapture(self.stream)
+        if not ok or err != cudart.cudaError_t.cudaSuccess:
+            if err == cudart.cudaError_t.cudaSuccess:
+                cudart.cudaGraphDestroy(graph)
+            log.warning("%s: CUDA graph capture failed (%s); running without graphs", self.path, err)
+            self.graphs = False
+            self._execute()
+            return
+        try:
+            self.graph_exec = self._check(cudart.cudaGraphInstantiate(graph, 0))
+        finally:
+            self._check(cudart.cudaGraphDestroy(graph))  # the instantiated graph doesn't need it
+        self._check(cudart.cudaGraphLaunch(self.graph_exec, self.stream))
+
+    def _drop_graph(self) -> None:
+        if self.graph_exec is not None:
+            self._check(self.cudart.cudaGraphExecDestroy(self.graph_exec))
+            self.graph_exec = None
+
     def close(self) -> None:
+        if self.context is None:
+            return
+        self._drop_graph()
         for ptr, _ in self.buffers.values():
             self.cudart.cudaFree(ptr)
+        self.cudart.cudaStreamDestroy(self.stream)
         self.buffers = {}
-        self.context = self.engine = self.graph_exec = None
+        self.context = self.engine = None
 
 
 def load_backend(path: Path, spec: ComponentSpec, backend: str, provider: str) -> Backend:
