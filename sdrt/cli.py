@@ -36,7 +36,8 @@ def cmd_export(args) -> int:
         profile = Profile(tuple(args.trt_batch), tuple(args.trt_sizes))
     manifest = export(args.source, args.out_dir, backend=args.backend, precision=args.precision,
                       opset=args.opset, force=args.force, progress=not args.quiet, optimize=not args.no_optimize,
-                      trt_profile=profile, cpu_size=args.cpu_size)
+                      trt_profile=profile, cpu_size=args.cpu_size, config=args.config,
+                      prediction_type=args.prediction_type)
     parity = max(c.parity_max_abs for c in manifest.components.values())
     print(f"wrote {args.out_dir} ({', '.join(manifest.components)}; max parity error {parity:.2g})")
     return 0
@@ -199,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                        help="no progress bars or info logs")
     e = sub.add_parser("export", parents=[quiet], help="checkpoint -> engine dir (ONNX + manifest.json)")
-    e.add_argument("source", help="diffusers folder, hub id, 'tiny' or 'random-sd15'")
+    e.add_argument("source", help="diffusers folder, .safetensors / .ckpt file, hub id, 'tiny' or 'random-sd15'")
     e.add_argument("out_dir")
     e.add_argument("--backend", default="onnx", choices=["onnx", "tensorrt"])
     e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
@@ -209,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TensorRT profile: images per call (default 1 1 4)")
     e.add_argument("--trt-sizes", type=int, nargs=3, default=[256, 512, 1024], metavar=("MIN", "OPT", "MAX"),
                    help="TensorRT profile: image side in pixels (default 256 512 1024)")
+    e.add_argument("--config", default=None, metavar="DIR",
+                   help="single-file sources: a diffusers folder with the model's configs (default: SD 1.x "
+                        "or 2.x, detected from the file)")
+    e.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+                   help="override the source's (SD 2.x single files: v_prediction unless given; 512-base "
+                        "models are epsilon)")
     e.add_argument("--no-optimize", action="store_true",
                    help="write only the standard ONNX graphs, no per-target rewrites (sdrt.kernels)")
     e.add_argument("--cpu-size", type=int, default=None, metavar="PX",

@@ -53,15 +53,16 @@ def builtin_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def write_builtin_files(directory: Path) -> None:
-    """Write vocab.json, merges.txt and tokenizer_config.json of the real CLIP tokenizer."""
+def write_builtin_files(directory: Path, pad_token: str | None = None) -> None:
+    """Write vocab.json, merges.txt and tokenizer_config.json of the real CLIP tokenizer; PAD_TOKEN:
+    SD 1.x pads with the end token (the default), SD 2.x with "!"."""
     vocab, merges = builtin_vocab()
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (directory / "merges.txt").write_text(
         "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
     )
-    config = {"model_max_length": 77, "bos_token": BOS, "eos_token": EOS, "pad_token": EOS,
+    config = {"model_max_length": 77, "bos_token": BOS, "eos_token": EOS, "pad_token": pad_token or EOS,
               "unk_token": EOS, "tokenizer_class": "CLIPTokenizer"}
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 

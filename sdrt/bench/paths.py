@@ -72,7 +72,9 @@ class EagerPath:
         self.torch = torch
         self._scratch = tempfile.TemporaryDirectory(prefix="sdrt-bench-")
         try:
-            loaded = sources.load_source(str(manifest.source["name"]), Path(self._scratch.name))
+            config = manifest.source.get("config")
+            loaded = sources.load_source(str(manifest.source["name"]), Path(self._scratch.name),
+                                         Path(config) if config else None)
         except InputError as e:
             raise InputError(f"eager path: cannot rebuild the engine's source: {e}") from None
         self.pipe = loaded.pipe

@@ -21,6 +21,7 @@ from sdrt.manifest import TOKENIZER_DIR, ComponentEntry, Manifest, TargetGraph
 log = logging.getLogger(__name__)
 
 BACKENDS = ("onnx", "tensorrt")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -53,12 +54,16 @@ def _versions() -> dict:
             "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
 
 
-def _quiet_third_party() -> None:
-    """torch's ONNX exporter and transformers log per-op chatter at WARNING; keep the console to ours."""
+def _quiet_third_party(progress: bool) -> None:
+    """torch's ONNX exporter and transformers log per-op chatter at WARNING; keep the console to ours.
+    Without progress (-q), diffusers' and transformers' loading bars go too."""
+    import diffusers
     import torch  # noqa: F401  (its loggers exist only once imported)
     import transformers
 
     transformers.logging.set_verbosity_error()
+    for lib in (diffusers, transformers):
+        (lib.utils.logging.enable_progress_bar if progress else lib.utils.logging.disable_progress_bar)()
     for name in list(logging.root.manager.loggerDict):
         if name.startswith(("torch", "onnx_ir", "onnxscript")):
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -175,8 +180,13 @@ def _int8_unet(manifest: Manifest, spec, pipe, staging: Path, optimize: bool) ->
 
 def export(source: str, out_dir: str | Path, *, backend: str = "onnx", precision: str = "fp32",
            opset: int | None = None, force: bool = False, progress: bool = True,
-           optimize: bool = True, trt_profile=None, cpu_size: int | None = None) -> Manifest:
-    """Export SOURCE (diffusers folder, hub id, `tiny`, `random-sd15`) to OUT_DIR; return its manifest.
+           optimize: bool = True, trt_profile=None, cpu_size: int | None = None,
+           config: str | Path | None = None, prediction_type: str | None = None) -> Manifest:
+    """Export SOURCE (diffusers folder, .safetensors / .ckpt file, hub id, `tiny`, `random-sd15`) to
+    OUT_DIR; return its manifest.
+
+    config: a diffusers folder whose configs describe a single-file SOURCE (default: detected, SD 1.x
+    or 2.x). prediction_type: "epsilon" or "v_prediction", overriding the source's scheduler config.
 
     optimize: also write each target's rewritten graph (sdrt.kernels.TARGETS), parity-checked like
     the standard one. cpu_size: the image side the CPU graph's Winograd layers are chosen for
@@ -192,11 +202,13 @@ def export(source: str, out_dir: str | Path, *, backend: str = "onnx", precision
         _check_tensorrt()
     if precision not in PRECISIONS:
         raise InputError(f"--precision {precision}: this build exports {', '.join(PRECISIONS)}")
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise InputError(f"--prediction-type {prediction_type}: choose one of {', '.join(PREDICTION_TYPES)}")
     if cpu_size is not None and cpu_size <= 0:  # before loading the model; the VAE factor check needs it
         raise InputError(f"--cpu-size {cpu_size}: need a positive image side in pixels")
     out_dir = Path(out_dir)
     _check_target(out_dir, force)
-    _quiet_third_party()
+    _quiet_third_party(progress)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -204,8 +216,10 @@ def export(source: str, out_dir: str | Path, *, backend: str = "onnx", precision
     try:
         with sources.scratch_dir() as scratch:
             t0 = time.perf_counter()
-            loaded = sources.load_source(source, Path(scratch))
+            loaded = sources.load_source(source, Path(scratch), Path(config) if config else None)
             pipe = loaded.pipe
+            if prediction_type:
+                pipe.scheduler.register_to_config(prediction_type=prediction_type)
             log.info("loaded %s in %.1f s", source, time.perf_counter() - t0)
             dims = model_dims(pipe)
             specs = component_specs(dims)
@@ -232,7 +246,8 @@ def export(source: str, out_dir: str | Path, *, backend: str = "onnx", precision
                 entries[name] = ComponentEntry(specs[name], files, backend, prec, notes, err, tol, targets)
             pipe.tokenizer.save_pretrained(staging / TOKENIZER_DIR)
             manifest = Manifest(
-                source={"kind": loaded.kind, "name": loaded.name, "sha256": sources.content_hash(pipe)},
+                source={"kind": loaded.kind, "name": loaded.name, "sha256": sources.content_hash(pipe)}
+                | ({"config": str(Path(config).resolve())} if config else {}),
                 pipeline="inpaint" if dims.unet_in_channels == 9 else "txt2img",
                 prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
                 vae_scaling_factor=float(pipe.vae.config.scaling_factor), dims=dims,

@@ -1,4 +1,5 @@
-"""Model sources `sdrt export` reads: a diffusers folder, a hub id, `tiny`, `random-sd15`.
+"""Model sources `sdrt export` reads: a diffusers folder, a single file (.safetensors / .ckpt;
+sdrt.export.single_file), a hub id, `tiny`, `random-sd15`.
 
 Everything here loads PyTorch modules through diffusers / transformers; the built-in models are
 built from configs with seeded random weights and the real CLIP tokenizer.
@@ -59,7 +60,7 @@ class Loaded:
     """A source's PyTorch modules plus what the manifest records about it."""
 
     pipe: object  # diffusers.StableDiffusionPipeline (safety checker removed)
-    kind: str  # "builtin" | "diffusers" | "hub"
+    kind: str  # "builtin" | "diffusers" | "single-file" | "hub"
     name: str
 
     @property
@@ -103,22 +104,33 @@ def _hub_id_shaped(source: str) -> bool:
 
 def is_source(source: str) -> bool:
     """Whether SOURCE names a checkpoint `load_source` would try: a built-in name, a diffusers
-    folder, or something shaped like a hub id (org/name) that is not a local path."""
+    folder, a single-file checkpoint, or something shaped like a hub id (org/name) that is not a local path."""
+    from sdrt.export import single_file
+
     path = Path(source)
-    if source in BUILTIN or (path / "model_index.json").is_file():
+    if source in BUILTIN or (path / "model_index.json").is_file() or single_file.is_single_file(path):
         return True
     return not path.exists() and _hub_id_shaped(source)
 
 
-def load_source(source: str, workdir: Path) -> Loaded:
-    """Resolve SOURCE into PyTorch modules. Raises InputError when SOURCE is not a checkpoint."""
+def load_source(source: str, workdir: Path, config: Path | None = None) -> Loaded:
+    """Resolve SOURCE into PyTorch modules. Raises InputError when SOURCE is not a checkpoint.
+    CONFIG: a diffusers folder whose configs describe a single-file SOURCE (default: detected)."""
+    from sdrt.export import single_file
+
+    path = Path(source)
+    if config is not None and not single_file.is_single_file(path):
+        raise InputError(f"--config is for single-file checkpoints ({', '.join(single_file.SUFFIXES)}); "
+                         f"{source} is not one")
     if source in BUILTIN:
         return Loaded(build_builtin(source, workdir), "builtin", source)
-    path = Path(source)
+    if single_file.is_single_file(path):
+        return Loaded(single_file.load(path, workdir, config), "single-file", str(path.resolve()))
     if path.exists():
         if not (path / "model_index.json").is_file():
-            raise InputError(f"{source} is not a checkpoint: expected a diffusers folder with "
-                             f"model_index.json, or one of the built-in names {sorted(BUILTIN)}")
+            raise InputError(f"{source} is not a checkpoint: expected a diffusers folder with model_index.json, "
+                             f"a {' or '.join(single_file.SUFFIXES)} file, or one of the built-in names "
+                             f"{sorted(BUILTIN)}")
         try:
             pipe = _from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -130,7 +142,7 @@ def load_source(source: str, workdir: Path) -> Loaded:
         except Exception as e:  # network, auth or missing repo: all reported the same way
             raise SdrtError(f"could not load {source!r} from the Hugging Face hub: {e}") from None
         return Loaded(pipe, "hub", source)
-    raise InputError(f"{source!r} is not a checkpoint: no such folder, not a hub id (org/name), "
+    raise InputError(f"{source!r} is not a checkpoint: no such file or folder, not a hub id (org/name), "
                      f"and not a built-in model ({', '.join(sorted(BUILTIN))})")
 
 

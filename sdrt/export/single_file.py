@@ -1,0 +1,114 @@
+"""Single-file checkpoints: `.safetensors` / `.ckpt` in the original LDM / A1111 key layout.
+
+diffusers converts them (`from_single_file`). What it lacks offline are the diffusers-format configs
+it fetches from the hub for the architecture it detects; sdrt writes those itself for the two it
+exports (SD 1.x and SD 2.x: the tables below, the same that build the built-in models), so a single
+file exports with no network. `--config DIR` (a diffusers folder, or one holding only its configs)
+covers any other layout; `--prediction-type` sets what the file can't say (SD 2.x 512-base files are
+epsilon models, 768 ones v-prediction).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from sdrt import tokenizer as clip_tokenizer
+from sdrt.errors import InputError
+from sdrt.export.sources import SD15, SD15_SCHEDULER
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".safetensors", ".ckpt")
+
+# SD 2.x (stabilityai/stable-diffusion-2-1): OpenCLIP ViT-H/14's text tower without its last layer
+# (SD 2 conditions on the penultimate one), linear attention projections, per-level heads, v-prediction
+SD2 = {
+    "text_encoder": dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                         num_hidden_layers=23, projection_dim=512, hidden_act="gelu"),
+    "unet": dict(SD15["unet"], sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                 use_linear_projection=True),
+    "vae": dict(SD15["vae"], sample_size=768),
+}
+SD2_SCHEDULER = dict(SD15_SCHEDULER, _class_name="DDIMScheduler", prediction_type="v_prediction")
+
+# diffusers' name for a checkpoint's architecture (infer_diffusers_model_type) -> what sdrt writes for it
+ARCHITECTURES = {
+    "v1": ("SD 1.x", SD15, SD15_SCHEDULER, None),
+    "v2": ("SD 2.x", SD2, SD2_SCHEDULER, "!"),
+}
+
+
+def is_single_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in SUFFIXES
+
+
+def write_configs(model_type: str, out: Path) -> None:
+    """A diffusers folder without weights for ARCHITECTURES[model_type]: what from_single_file reads."""
+    _, arch, scheduler, pad = ARCHITECTURES[model_type]
+    parts = {"unet": ("diffusers", "UNet2DConditionModel", arch["unet"]),
+             "vae": ("diffusers", "AutoencoderKL", arch["vae"]),
+             "text_encoder": ("transformers", "CLIPTextModel",
+                              dict(arch["text_encoder"], architectures=["CLIPTextModel"], model_type="clip_text_model",
+                                   vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+                                   eos_token_id=49407, pad_token_id=1))}
+    index = {"_class_name": "StableDiffusionPipeline", "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", scheduler["_class_name"]], "safety_checker": [None, None],
+             "feature_extractor": [None, None], "requires_safety_checker": False}
+    for name, (library, cls, config) in parts.items():
+        index[name] = [library, cls]
+        (out / name).mkdir(parents=True, exist_ok=True)
+        body = config if library == "transformers" else {"_class_name": cls, **config}
+        (out / name / "config.json").write_text(json.dumps(body, indent=2))
+    (out / "scheduler").mkdir()
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+    clip_tokenizer.write_builtin_files(out / "tokenizer", pad_token=pad)
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def _model_type(path: Path) -> str:
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
+
+    try:
+        checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)
+    except Exception as e:  # safetensors / torch.load errors: a truncated or foreign file
+        raise InputError(f"{path}: cannot read it as a checkpoint: {_first_line(e)}") from None
+    model_type = infer_diffusers_model_type(checkpoint)
+    if model_type not in ARCHITECTURES:
+        raise InputError(f"{path}: a {model_type!r} checkpoint (diffusers' name for it); sdrt exports SD 1.x and "
+                         "SD 2.x txt2img models (pass --config DIR with a diffusers folder of its configs "
+                         "if this one is of that layout)")
+    return model_type
+
+
+def _first_line(e: Exception) -> str:
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return line.split(" If you want to instead overwrite")[0].rstrip(".")  # diffusers' advice: not for exports
+
+
+def load(path: Path, workdir: Path, config: Path | None = None):
+    """A StableDiffusionPipeline (fp32) from the single file PATH, configured by CONFIG (a diffusers
+    folder) or by sdrt's tables for the architecture diffusers detects in the file."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    if config is None:
+        model_type = _model_type(path)
+        what = f"{ARCHITECTURES[model_type][0]} (detected)"
+        config = workdir / "single-file-config"
+        write_configs(model_type, config)
+    else:
+        if not (config / "model_index.json").is_file():
+            raise InputError(f"--config {config}: expected a diffusers folder (with model_index.json)")
+        what = f"the configs in {config}"
+    log.info("%s: single-file checkpoint, %s", path, what)
+    try:  # an fp16 file loads as fp32 (the modules' dtype); torch_dtype would only add a warning
+        pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
+                                                        safety_checker=None, requires_safety_checker=False)
+    except Exception as e:  # diffusers raises ValueError / RuntimeError / its own types for a mismatch
+        raise InputError(f"{path}: does not load as {what}: {_first_line(e)}; for another architecture pass "
+                         "--config DIR (a diffusers folder of the same model's configs)") from None
+    if any(m.dtype != torch.float32 for m in (pipe.unet, pipe.vae, pipe.text_encoder)):
+        pipe.to(torch.float32)
+    return pipe
