@@ -67,13 +67,37 @@ def _vae_key(key: str, levels: int) -> str:
     raise KeyError(key)
 
 
-def to_ldm(pipe) -> dict:
-    """The pipeline's weights under LDM keys (model.diffusion_model., first_stage_model.,
-    cond_stage_model.transformer.), as the original SD 1.x checkpoints store them."""
+OPEN_CLIP = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+             "self_attn.out_proj": "attn.out_proj"}
+
+
+def _open_clip(state: dict) -> dict:
+    """A flat transformers CLIPTextModel state dict as OpenCLIP's text tower (SD 2.x files):
+    q/k/v fused into in_proj, the position embedding a bare tensor."""
+    import torch
+
+    out = {"positional_embedding": state["embeddings.position_embedding.weight"],
+           "token_embedding.weight": state["embeddings.token_embedding.weight"],
+           "ln_final.weight": state["final_layer_norm.weight"], "ln_final.bias": state["final_layer_norm.bias"]}
+    layers = {int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")}
+    for i in sorted(layers):
+        src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[dst + f"attn.in_proj_{kind}"] = torch.cat([state[src + f"self_attn.{p}_proj.{kind}"] for p in "qkv"])
+            for ours, theirs in OPEN_CLIP.items():
+                out[dst + f"{theirs}.{kind}"] = state[src + f"{ours}.{kind}"]
+    return out
+
+
+def to_ldm(pipe, open_clip: bool = False) -> dict:
+    """The pipeline's weights under LDM keys (model.diffusion_model., first_stage_model., and
+    cond_stage_model.transformer. for SD 1.x's CLIP or cond_stage_model.model. for SD 2.x's
+    OpenCLIP), as the original checkpoints store them."""
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
         convert_ldm_unet_checkpoint,
         convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
     )
 
     unet_cfg, vae_cfg = dict(pipe.unet.config), dict(pipe.vae.config)
@@ -86,15 +110,20 @@ def to_ldm(pipe) -> dict:
         out["first_stage_model." + ldm] = t[:, :, None, None] if ".mid.attn_1." in ldm and t.ndim == 2 else t
     # LDM files hold transformers' CLIPTextModel keys from before it was flattened (transformers 5.6)
     flat = not hasattr(pipe.text_encoder, "text_model")
-    for key, t in pipe.text_encoder.state_dict().items():
-        out["cond_stage_model.transformer." + ("text_model." if flat else "") + key] = t
+    text = pipe.text_encoder.state_dict()
+    if open_clip:
+        assert flat, "written for transformers >= 5.6"
+        out |= {"cond_stage_model.model." + k: t for k, t in _open_clip(text).items()}
+    else:
+        out |= {"cond_stage_model.transformer." + ("text_model." if flat else "") + k: t for k, t in text.items()}
     out = {k: v.detach().contiguous().clone() for k, v in out.items()}
 
     # the check: diffusers' converters give back every tensor under its original name
     for part, back in (("unet", convert_ldm_unet_checkpoint(out, unet_cfg)),
                        ("vae", convert_ldm_vae_checkpoint(out, vae_cfg)),
-                       ("text_encoder", {k.removeprefix("text_model.") if flat else k: v
-                                         for k, v in convert_ldm_clip_checkpoint(out).items()})):
+                       ("text_encoder", {k.removeprefix("text_model.") if flat else k: v for k, v in (
+                           convert_open_clip_checkpoint(pipe.text_encoder, out) if open_clip
+                           else convert_ldm_clip_checkpoint(out)).items()})):
         want = getattr(pipe, part).state_dict()
         assert back.keys() == want.keys(), (part, sorted(set(back) ^ set(want))[:5])
         assert all(back[k].equal(want[k]) for k in want), part

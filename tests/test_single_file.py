@@ -115,3 +115,21 @@ def test_builtin_configs_are_sd15_and_sd21(tmp_path):
         config = scheduler.load_config(d / "scheduler")
         assert config["prediction_type"] == {"v1": "epsilon", "v2": "v_prediction"}[model_type]
         assert config["steps_offset"] == 1 and config["beta_schedule"] == "scaled_linear"
+
+
+def test_sd2_layout_with_open_clip_text_encoder(checkpoints, engines, tmp_path):
+    """The `vpred` checkpoint (SD 2.x layout) as an SD 2.x file stores it: OpenCLIP's text tower
+    (fused q/k/v). With its folder as --config: the same weights and the v-prediction scheduler."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    from tests.ldm_checkpoint import to_ldm
+
+    ldm = to_ldm(StableDiffusionPipeline.from_pretrained(checkpoints["vpred"], safety_checker=None), open_clip=True)
+    assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in ldm
+    save_file(ldm, tmp_path / "vpred.safetensors")
+    loaded = sources.load_source(str(tmp_path / "vpred.safetensors"), tmp_path, config=checkpoints["vpred"])
+    want = json.loads((engines["vpred"] / "manifest.json").read_text())
+    assert sources.content_hash(loaded.pipe) == want["source"]["sha256"]
+    assert loaded.scheduler_config == want["scheduler_config"]
+    assert loaded.pipe.tokenizer.pad_token == "!"
