@@ -66,13 +66,31 @@ def test_cli_prediction_type_override(checkpoints, single_files, tmp_path, capsy
     assert manifest["scheduler_config"]["prediction_type"] == "v_prediction"
 
 
-@pytest.mark.parametrize("case", ["detected-mismatch", "corrupt", "config-not-diffusers", "config-for-folder"])
+def _keys_only(path, shapes: dict):
+    """A safetensors file holding zero tensors under the keys diffusers detects architectures by."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros(s) for k, s in shapes.items()}, path)
+    return path
+
+
+@pytest.mark.parametrize("case", ["detected-mismatch", "sd2-detected", "sdxl", "inpainting", "corrupt",
+                                  "config-not-diffusers", "config-for-folder"])
 def test_single_file_bad_input(checkpoints, single_files, tmp_path, capsys, case):
     """Exit 2, one line naming the problem, nothing written."""
     out = tmp_path / "out"
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    unet = "model.diffusion_model.input_blocks."
+    sd2 = {unet + "2.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024)}
     args, message = {
+        "sd2-detected": ([_keys_only(tmp_path / "sd2.safetensors", sd2)], r"does not load as SD 2\.x \(detected\)"),
+        "sdxl": ([_keys_only(tmp_path / "xl.safetensors", {
+            "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (1280,)})],
+            r"a 'xl_base' checkpoint .*; sdrt exports SD 1\.x and SD 2\.x txt2img models"),
+        "inpainting": ([_keys_only(tmp_path / "inpaint.safetensors", sd2 | {unet + "0.0.weight": (320, 9, 3, 3)})],
+                       r"a 'inpainting_v2' checkpoint"),
         # the tiny file has SD 1.x's layout but not its sizes: the detected configs don't fit
         "detected-mismatch": ([single_files / "eps.safetensors"],
                               r"does not load as SD 1\.x \(detected\): .*expected shape.*pass --config DIR"),
