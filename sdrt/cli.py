@@ -37,7 +37,7 @@ def cmd_export(args) -> int:
     manifest = export(args.source, args.out_dir, backend=args.backend, precision=args.precision,
                       opset=args.opset, force=args.force, progress=not args.quiet, optimize=not args.no_optimize,
                       trt_profile=profile, cpu_size=args.cpu_size, config=args.config,
-                      prediction_type=args.prediction_type)
+                      prediction_type=args.prediction_type, loras=args.lora)
     parity = max(c.parity_max_abs for c in manifest.components.values())
     print(f"wrote {args.out_dir} ({', '.join(manifest.components)}; max parity error {parity:.2g})")
     return 0
@@ -147,6 +147,8 @@ def cmd_info(args) -> int:
     src = m.source
     print(f"engine dir     {d}")
     print(f"source         {src.get('name')} ({src.get('kind')}), sha256 {src.get('sha256', '')[:16]}")
+    for lora in src.get("loras", []):
+        print(f"LoRA fused     {lora['file']} at {lora['scale']:g}, sha256 {lora['sha256'][:16]}")
     print(f"pipeline       {m.pipeline}, prediction {m.prediction_type}, "
           f"scheduler {m.scheduler_config.get('_class_name', '?')} "
           f"({m.scheduler_config.get('timestep_spacing', 'leading')} spacing)")
@@ -216,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
                    help="override the source's (SD 2.x single files: v_prediction unless given; 512-base "
                         "models are epsilon)")
+    e.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="fuse a LoRA (diffusers or kohya / A1111 .safetensors) into the UNet and text encoder "
+                        "at SCALE (default 1); repeat for several")
     e.add_argument("--no-optimize", action="store_true",
                    help="write only the standard ONNX graphs, no per-target rewrites (sdrt.kernels)")
     e.add_argument("--cpu-size", type=int, default=None, metavar="PX",

@@ -67,7 +67,7 @@ class EagerPath:
             raise InputError(f"eager path on the GPU: torch {torch.__version__} has no CUDA device "
                              "(a CPU build?); install a CUDA build of torch for GPU ratios")
 
-        from sdrt.export import sources
+        from sdrt.export import lora, sources
 
         self.torch = torch
         self._scratch = tempfile.TemporaryDirectory(prefix="sdrt-bench-")
@@ -78,6 +78,7 @@ class EagerPath:
         except InputError as e:
             raise InputError(f"eager path: cannot rebuild the engine's source: {e}") from None
         self.pipe = loaded.pipe
+        lora.apply(self.pipe, [lora.Lora(Path(x["file"]), x["scale"]) for x in manifest.source.get("loras", [])])
         self.pipe.set_progress_bar_config(disable=True)
         digest = sources.content_hash(self.pipe)
         if digest != manifest.source.get("sha256"):

@@ -181,12 +181,15 @@ def _int8_unet(manifest: Manifest, spec, pipe, staging: Path, optimize: bool) ->
 def export(source: str, out_dir: str | Path, *, backend: str = "onnx", precision: str = "fp32",
            opset: int | None = None, force: bool = False, progress: bool = True,
            optimize: bool = True, trt_profile=None, cpu_size: int | None = None,
-           config: str | Path | None = None, prediction_type: str | None = None) -> Manifest:
+           config: str | Path | None = None, prediction_type: str | None = None,
+           loras: list | None = None) -> Manifest:
     """Export SOURCE (diffusers folder, .safetensors / .ckpt file, hub id, `tiny`, `random-sd15`) to
     OUT_DIR; return its manifest.
 
     config: a diffusers folder whose configs describe a single-file SOURCE (default: detected, SD 1.x
     or 2.x). prediction_type: "epsilon" or "v_prediction", overriding the source's scheduler config.
+    loras: LoRA files fused into the UNet and text encoder first ("FILE[:SCALE]" strings or
+    sdrt.export.lora.Lora).
 
     optimize: also write each target's rewritten graph (sdrt.kernels.TARGETS), parity-checked like
     the standard one. cpu_size: the image side the CPU graph's Winograd layers are chosen for
@@ -194,7 +197,7 @@ def export(source: str, out_dir: str | Path, *, backend: str = "onnx", precision
     component from its TensorRT graph (needs a GPU; trt_profile: sdrt.export.tensorrt.Profile)."""
     from tqdm.auto import tqdm
 
-    from sdrt.export import onnx_export, sources
+    from sdrt.export import lora, onnx_export, sources
 
     if backend not in BACKENDS:
         raise InputError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
@@ -202,6 +205,10 @@ def export(source: str, out_dir: str | Path, *, backend: str = "onnx", precision
         _check_tensorrt()
     if precision not in PRECISIONS:
         raise InputError(f"--precision {precision}: this build exports {', '.join(PRECISIONS)}")
+    lora_list = [x if isinstance(x, lora.Lora) else lora.Lora.parse(str(x)) for x in loras or ()]
+    for x in lora_list:  # before the (long) load
+        if not x.path.is_file():
+            raise InputError(f"--lora {x.path}: no such file")
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise InputError(f"--prediction-type {prediction_type}: choose one of {', '.join(PREDICTION_TYPES)}")
     if cpu_size is not None and cpu_size <= 0:  # before loading the model; the VAE factor check needs it
@@ -220,6 +227,7 @@ def export(source: str, out_dir: str | Path, *, backend: str = "onnx", precision
             pipe = loaded.pipe
             if prediction_type:
                 pipe.scheduler.register_to_config(prediction_type=prediction_type)
+            lora_records = lora.apply(pipe, lora_list)
             log.info("loaded %s in %.1f s", source, time.perf_counter() - t0)
             dims = model_dims(pipe)
             specs = component_specs(dims)
@@ -247,7 +255,8 @@ def export(source: str, out_dir: str | Path, *, backend: str = "onnx", precision
             pipe.tokenizer.save_pretrained(staging / TOKENIZER_DIR)
             manifest = Manifest(
                 source={"kind": loaded.kind, "name": loaded.name, "sha256": sources.content_hash(pipe)}
-                | ({"config": str(Path(config).resolve())} if config else {}),
+                | ({"config": str(Path(config).resolve())} if config else {})
+                | ({"loras": lora_records} if lora_records else {}),
                 pipeline="inpaint" if dims.unet_in_channels == 9 else "txt2img",
                 prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
                 vae_scaling_factor=float(pipe.vae.config.scaling_factor), dims=dims,
