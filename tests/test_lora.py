@@ -85,6 +85,10 @@ def test_fused_loras_match_diffusers(checkpoints, engines, loras, tmp_path, caps
     capsys.readouterr()
     assert main(["info", str(out)]) == 0
     assert f"LoRA fused     {loras[1].resolve()} at -0.5" in capsys.readouterr().out
+    from sdrt.bench.paths import EagerPath
+    from sdrt.manifest import Manifest
+
+    EagerPath(Manifest.read(out), out)  # the bench's eager side re-applies the LoRAs: same weights hash
 
     w, h = SIZES["eps"]
     args = dict(prompt="a photo of an astronaut", steps=4, guidance_scale=7.5, width=w, height=h)

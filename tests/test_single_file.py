@@ -64,6 +64,11 @@ def test_cli_prediction_type_override(checkpoints, single_files, tmp_path, capsy
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["prediction_type"] == "v_prediction"
     assert manifest["scheduler_config"]["prediction_type"] == "v_prediction"
+    from sdrt.bench.paths import EagerPath
+    from sdrt.manifest import Manifest
+
+    eager = EagerPath(Manifest.read(out), out)  # the bench's eager side: same file, configs and override
+    assert eager.scheduler_config["prediction_type"] == "v_prediction"
 
 
 def _keys_only(path, shapes: dict):

@@ -75,10 +75,12 @@ class EagerPath:
             config = manifest.source.get("config")
             loaded = sources.load_source(str(manifest.source["name"]), Path(self._scratch.name),
                                          Path(config) if config else None)
+            # what the export did to the source: its LoRAs, its prediction type (--prediction-type)
+            lora.apply(loaded.pipe, [lora.Lora(Path(x["file"]), x["scale"]) for x in manifest.source.get("loras", [])])
         except InputError as e:
             raise InputError(f"eager path: cannot rebuild the engine's source: {e}") from None
         self.pipe = loaded.pipe
-        lora.apply(self.pipe, [lora.Lora(Path(x["file"]), x["scale"]) for x in manifest.source.get("loras", [])])
+        self.pipe.scheduler.register_to_config(prediction_type=manifest.prediction_type)
         self.pipe.set_progress_bar_config(disable=True)
         digest = sources.content_hash(self.pipe)
         if digest != manifest.source.get("sha256"):
