@@ -24,6 +24,8 @@ def test_profile_shapes_follow_the_component_specs():
     assert unet["encoder_hidden_states"] == ((1, 77, 768), (2, 77, 768), (8, 77, 768))
     assert shapes(specs["text_encoder"], p, 8)["input_ids"] == ((1, 77), (1, 77), (4, 77))  # a prompt per call
     assert shapes(specs["vae_decoder"], p, 8)["latent"] == ((1, 4, 32, 32), (1, 4, 64, 64), (4, 4, 128, 128))
+    wide = Profile(batch=(2, 2, 4), pixels=(256, 512, 1024))  # the decoder still gets one image per call
+    assert shapes(specs["vae_decoder"], wide, 8)["latent"][0] == (1, 4, 32, 32)
     assert shapes(specs["vae_encoder"], p, 8)["image"] == ((1, 3, 256, 256), (1, 3, 512, 512), (4, 3, 1024, 1024))
 
 

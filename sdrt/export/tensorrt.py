@@ -47,7 +47,8 @@ def shapes(spec: ComponentSpec, profile: Profile, scale_factor: int) -> dict[str
     negative prompt as one batch (2x the images; 1x with guidance off, hence min not doubled), the
     text encoder one prompt per call, the VAE one image (decoder) or all images (encoder)."""
     lo, opt, hi = profile.batch
-    batch = {"unet": (lo, 2 * opt, 2 * hi), "text_encoder": (1, 1, hi)}.get(spec.name, profile.batch)
+    batch = {"unet": (lo, 2 * opt, 2 * hi), "text_encoder": (1, 1, hi), "vae_decoder": (1, 1, hi)}.get(
+        spec.name, profile.batch)
     sizes = [{"B": batch[i], "h": profile.pixels[i] // scale_factor, "w": profile.pixels[i] // scale_factor}
              for i in range(3)]
     return {t.name: tuple(t.resolve(s) for s in sizes) for t in spec.inputs}
