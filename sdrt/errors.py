@@ -11,3 +11,8 @@ class InputError(SdrtError, ValueError):
     """Bad arguments or input: unknown sampler, bad size, unreadable file, not a checkpoint. CLI exit 2."""
 
     exit_code = 2
+
+
+def first_line(e: BaseException) -> str:
+    """A third-party exception's message in one line (the CLI prints one line per error)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdrt.errors import InputError
+from sdrt.errors import InputError, first_line
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,7 @@ def apply(pipe, loras: list[Lora]) -> list[dict]:
         try:
             pipe.load_lora_weights(str(lora.path), adapter_name=name)
         except Exception as e:  # diffusers / peft / safetensors: ValueError, RuntimeError, KeyError ...
-            line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise InputError(f"--lora {lora.path}: not a LoRA for this model ({line})") from None
+            raise InputError(f"--lora {lora.path}: not a LoRA for this model ({first_line(e)})") from None
         finally:
             diffusers_logging.set_verbosity(level)
         if not _adapted(pipe, name):

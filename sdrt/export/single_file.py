@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from sdrt import tokenizer as clip_tokenizer
-from sdrt.errors import InputError
+from sdrt.errors import InputError, first_line
 from sdrt.export.sources import SD15, SD15_SCHEDULER
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,7 @@ def _model_type(path: Path) -> str:
 
 
 def _first_line(e: Exception) -> str:
-    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return line.split(" If you want to instead overwrite")[0].rstrip(".")  # diffusers' advice: not for exports
+    return first_line(e).split(" If you want to instead overwrite")[0].rstrip(".")  # diffusers' advice: not for exports
 
 
 def load(path: Path, workdir: Path, config: Path | None = None):
