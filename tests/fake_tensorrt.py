@@ -346,3 +346,73 @@ def install(monkeypatch) -> tuple[TensorRt, Cuda]:
                       ("cuda.bindings.runtime", runtime)):
         monkeypatch.setitem(sys.modules, name, mod)
     return trt, cuda
+
+
+# -- a stand-in TensorRT over the real CUDA runtime, for the GPU test of sdrt's CUDA calls ------------
+
+class DeviceEngine:
+    """An "engine" computing y = 2 * x + t[:, None] in x's dtype, on the device buffers sdrt binds,
+    launched with CuPy on the stream sdrt passes: so it is captured into sdrt's CUDA graphs and replayed
+    by them. `executes` counts the launches TensorRT itself would make (replays make none)."""
+
+    def __init__(self, dtype: DataType, batch: tuple[int, int], length: tuple[int, int]):
+        import cupy
+
+        self.cupy, self.dtypes = cupy, {"x": dtype, "t": DataType.FLOAT, "y": dtype}
+        self.profile = {"x": (batch, length), "t": (batch,)}
+        self.kernel = cupy.ElementwiseKernel("T x, float32 t", "T y", "y = (T)(2.0f * (float)x + t)",
+                                             "sdrt_fake_engine")
+        self.kernel(cupy.ones(4, dtype.value), cupy.ones(4, np.float32))  # compiled and loaded before any capture
+        self.executes = 0
+
+    def get_tensor_dtype(self, name):
+        return self.dtypes[name]
+
+    def create_execution_context(self):
+        engine = self
+
+        class DeviceContext:
+            def __init__(self):
+                self.shapes, self.addresses = {}, {}
+
+            def set_input_shape(self, name, shape) -> bool:
+                ok = len(shape) == len(engine.profile[name]) and all(
+                    lo <= s <= hi for s, (lo, hi) in zip(shape, engine.profile[name]))
+                if ok:
+                    self.shapes[name] = tuple(shape)
+                return ok
+
+            def set_tensor_address(self, name, ptr) -> bool:
+                self.addresses[name] = int(ptr)
+                return True
+
+            def get_tensor_shape(self, name):
+                return self.shapes["x"]  # y: x's shape
+
+            def execute_async_v3(self, stream) -> bool:
+                cp = engine.cupy
+
+                def view(name, shape):
+                    dtype = np.dtype(engine.dtypes[name].value)
+                    mem = cp.cuda.UnownedMemory(self.addresses[name], int(np.prod(shape)) * dtype.itemsize, None)
+                    return cp.ndarray(shape, dtype, cp.cuda.MemoryPointer(mem, 0))
+
+                x = view("x", self.shapes["x"])
+                with cp.cuda.ExternalStream(int(stream)):
+                    engine.kernel(x, view("t", self.shapes["t"])[:, None], view("y", x.shape))
+                engine.executes += 1
+                return True
+
+        return DeviceContext()
+
+
+def install_on_real_cuda(monkeypatch, engine: DeviceEngine) -> None:
+    """`import tensorrt` gives a module whose runtime deserializes any plan into `engine`;
+    cuda.bindings stays the real one."""
+    m = types.ModuleType("tensorrt")
+    m.__version__ = "10.99.0-fake"
+    m.DataType = DataType
+    m.Logger = TensorRt.Logger
+    m.nptype = TensorRt.nptype
+    m.Runtime = lambda logger: SimpleNamespace(deserialize_cuda_engine=lambda plan: engine)
+    monkeypatch.setitem(sys.modules, "tensorrt", m)

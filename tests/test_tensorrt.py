@@ -171,3 +171,42 @@ def test_cuda_graph_capture_failure_falls_back(engines, tmp_path, fake_trt):
         assert (vae.graphs, vae.context.runs, cuda.instantiated, cuda.launches) == (False, 3, 0, 0)
         assert vae(latent * 2)[:, :, :8].shape == third.shape and vae.context.runs == 4
     assert np.array_equal(first, second) and first.shape == (1, 3, 48, 72) and not cuda.memory
+
+
+def test_backend_cuda_calls_on_a_real_gpu(tmp_path, monkeypatch):
+    """TensorRtBackend's CUDA side (buffers, copies, stream, graph capture, replay, release) through the
+    real cuda-python bindings on a GPU; the engine is a stand-in kernel (tests/fake_tensorrt.py), as
+    TensorRT itself could not be installed where this ran."""
+    runtime = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed")
+    pytest.importorskip("cupy", reason="the stand-in engine's kernel needs CuPy")
+    err, count = runtime.cudaGetDeviceCount()
+    if err != runtime.cudaError_t.cudaSuccess or count == 0:
+        pytest.skip("no CUDA GPU")
+    from sdrt.components import ComponentSpec, Dim, TensorSpec
+    from sdrt.runtime.backends import TensorRtBackend
+    from tests import fake_tensorrt
+
+    engine = fake_tensorrt.DeviceEngine(fake_tensorrt.DataType.HALF, batch=(1, 4), length=(1, 1 << 22))
+    fake_tensorrt.install_on_real_cuda(monkeypatch, engine)
+    B, N = Dim("B"), Dim("N")
+    spec = ComponentSpec("unet", (TensorSpec("x", "float32", (B, N)), TensorSpec("t", "float32", (B,))),
+                         (TensorSpec("y", "float32", (B, N)),), {"B": (1, 2, 4), "N": (1, 1 << 20, 1 << 22)})
+    (tmp_path / "e.plan").write_bytes(b"plan")
+    rng = np.random.default_rng(0)
+    free_before = runtime.cudaMemGetInfo()[1]
+    backend = TensorRtBackend(tmp_path / "e.plan", spec, "tensorrt")
+    calls = [(2, 1 << 20)] * 4 + [(1, 1000), (4, 1 << 21), (4, 1 << 21), (4, 1 << 21)]
+    for i, (b, n) in enumerate(calls):
+        x = rng.standard_normal((b, n)).astype(np.float32)
+        t = rng.uniform(0, 999, b).astype(np.float32)
+        (y,) = backend.run({"x": x, "t": t})
+        # the backend casts x to the engine's fp16 and y back to fp32; the kernel adds in fp32 and rounds once
+        want = (2 * x.astype(np.float16).astype(np.float32) + t[:, None]).astype(np.float16).astype(np.float32)
+        assert y.dtype == np.float32 and np.array_equal(y, want), (i, np.abs(y - want).max())
+        if i == 3:  # call 1 ran, call 2 was captured and launched, calls 3 and 4 replayed the graph
+            assert engine.executes == 2 and backend.graph_exec is not None
+    # (1, 1000) ran in the large buffers without a graph; (4, 2M) grew them, then captured and replayed
+    assert engine.executes == 2 + 1 + 2 and backend.graphs
+    assert sum(size for _, size in backend.buffers.values()) == 4 * (1 << 21) * 4 + 4 * 4
+    backend.close()
+    assert runtime.cudaMemGetInfo()[1] >= free_before - (1 << 20)  # every buffer freed

@@ -189,8 +189,28 @@ def _use_shared_cpu_arena(ort, opts) -> None:
     opts.add_session_config_entry("session.use_env_allocators", "1")
 
 
+_shared_cuda_arena = False
+# All CUDA sessions of the process allocate from one registered CUDA arena, which release_free_memory
+# shrinks between phases, as on the CPU. Before it each session kept its own arena at its high-water
+# mark: probed on the H100 (SD 1.5 fp16, 512 px, text encoder + UNet + VAE decoder sessions), 6.77 GB
+# own arenas, 5.84 GB one shared arena, 4.74 GB shrinking after every run (but each UNet step about
+# 20% slower: benchmarks/results/gpu-h100/arena.jsonl); shrinking at phase boundaries only:
+# benchmarks/results/gpu-h100/README.md. False gives each session its own arena again (the probes).
+CUDA_SHARED_ARENA = True
+
+
+def _use_shared_cuda_arena(ort, opts) -> None:
+    global _shared_cuda_arena
+    if not _shared_cuda_arena:
+        info = ort.OrtMemoryInfo("Cuda", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator_v2("CUDAExecutionProvider", info, CUDA_OPTIONS,
+                                             ort.OrtArenaCfg({"arena_extend_strategy": 1}))  # kSameAsRequested
+        _shared_cuda_arena = True
+    opts.add_session_config_entry("session.use_env_allocators", "1")
+
+
 _malloc_trim = None
-_arena_release = None  # (session, run options) that end a no-op run by shrinking the shared CPU arena
+_arena_release = {}  # device -> (session, run options) that end a no-op run by shrinking that shared arena
 # A one-node ONNX model (Identity on a float [1], IR 7, opset 13; tests rebuild it with onnx.helper).
 # ONNX Runtime shrinks an arena only at the end of a run with `memory.enable_memory_arena_shrinkage`;
 # running this on a session that shares the CPU arena hands the arena's free regions back without
@@ -200,19 +220,24 @@ NOOP_MODEL = bytes.fromhex(
     "01620f0a0179120a0a08080112040a02080142040a00100d")
 
 
-def _shrink_shared_cpu_arena() -> None:
-    global _arena_release
-    if not _shared_cpu_arena:
-        return
-    if _arena_release is None:
+def _shrink_shared_arena(device: str) -> None:
+    """Run the no-op model on a session sharing `device`'s ("cpu" / "gpu") arena, asking ONNX Runtime
+    to shrink that arena at the end of the run."""
+    if device not in _arena_release:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
-        _use_shared_cpu_arena(ort, opts)
+        opts.log_severity_level = 3
+        if device == "cpu":
+            _use_shared_cpu_arena(ort, opts)
+            providers = ["CPUExecutionProvider"]
+        else:
+            _use_shared_cuda_arena(ort, opts)
+            providers = [("CUDAExecutionProvider", CUDA_OPTIONS)]
         run_options = ort.RunOptions()
-        run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        _arena_release = (ort.InferenceSession(NOOP_MODEL, opts, providers=["CPUExecutionProvider"]), run_options)
-    session, run_options = _arena_release
+        run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", f"{device}:0")
+        _arena_release[device] = (ort.InferenceSession(NOOP_MODEL, opts, providers=providers), run_options)
+    session, run_options = _arena_release[device]
     session.run(None, {"x": np.zeros(1, np.float32)}, run_options)
 
 
@@ -225,7 +250,10 @@ def release_free_memory() -> None:
     decoding), so each phase's peak does not sit on the last one's leftovers, and after a session
     is created."""
     global _malloc_trim
-    _shrink_shared_cpu_arena()
+    if _shared_cpu_arena:
+        _shrink_shared_arena("cpu")
+    if _shared_cuda_arena:
+        _shrink_shared_arena("gpu")
     if _malloc_trim is None:
         try:
             import ctypes
@@ -253,6 +281,8 @@ class OrtBackend(Backend):
         if self.provider == "cpu":
             _use_shared_cpu_arena(ort, opts)
             opts.enable_mem_pattern = self.spec.name not in NO_MEMORY_PATTERN
+        elif self.provider == "cuda" and CUDA_SHARED_ARENA:
+            _use_shared_cuda_arena(ort, opts)
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf types
