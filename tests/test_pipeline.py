@@ -221,6 +221,18 @@ def test_missing_gpu_provider_says_how_to_install_it(monkeypatch, installed, say
         check_provider("cuda")
 
 
+def test_bad_gpu_memory_setting_is_named(monkeypatch):
+    from sdrt.runtime.backends import check_provider, gpu_memory_mode
+
+    monkeypatch.delenv("SDRT_GPU_MEMORY", raising=False)
+    assert gpu_memory_mode() == "low"  # the default: one CUDA arena, shrunk between phases
+    monkeypatch.setenv("SDRT_GPU_MEMORY", "fast")
+    assert gpu_memory_mode() == "fast"
+    monkeypatch.setenv("SDRT_GPU_MEMORY", "lots")
+    with pytest.raises(InputError, match="SDRT_GPU_MEMORY='lots': choose one of low, fast"):
+        check_provider("cuda")
+
+
 @pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
 def test_gpu_providers(engines, provider):
     import onnxruntime as ort

