@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-skip", type=int, default=1, help="1 = last CLIP layer, 2 = penultimate (A1111)")
     g.add_argument("--init-image", default=None, help="img2img: start from this image")
     g.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change the image")
-    g.add_argument("--mask", default=None, help="inpainting mask (not supported yet)")
+    g.add_argument("--mask", default=None, help="inpainting mask image (white: repaint, black: keep; "
+                   "needs an inpainting model's engines and --init-image)")
     g.add_argument("--provider", default="cpu", choices=list(PROVIDERS),
                    help="cpu (ONNX Runtime), cuda / tensorrt (ONNX Runtime GPU), openvino (bf16 on CPUs "
                         "with bf16 units), openvino-fp32")

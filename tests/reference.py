@@ -119,3 +119,42 @@ def img2img(path: Path, *, image, strength, prompt, negative_prompt, steps, samp
                    num_inference_steps=steps, guidance_scale=guidance_scale, num_images_per_prompt=num_images,
                    clip_skip=None if clip_skip == 1 else clip_skip - 1, output_type="np")
     return out.images
+
+
+@functools.cache
+def _inpaint_pipeline(path: str):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, dict(pipe.scheduler.config)
+
+
+def inpaint(path: Path, *, image, mask, strength, prompt, negative_prompt, steps, sampler, guidance_scale,
+            width, height, num_images, posterior_noise: np.ndarray, masked_noise: np.ndarray,
+            latents: np.ndarray) -> np.ndarray:
+    """StableDiffusionInpaintPipeline drawing sdrt's noise: `latents` as its initial noise (not passed
+    as `latents=`, which would make diffusers ignore strength), `posterior_noise` for the init image's
+    VAE sample (drawn only below full strength), then `masked_noise` for the masked image's."""
+    import torch
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as mod
+
+    pipe, config = _inpaint_pipeline(str(path))
+    pipe.scheduler = scheduler_for(config, sampler)
+    draws = ([] if strength >= 1 else [posterior_noise]) + [masked_noise]  # diffusers' encode order
+
+    def retrieve(encoder_output, generator=None, sample_mode="sample"):
+        d = encoder_output.latent_dist
+        return d.mean + d.std * torch.from_numpy(draws.pop(0).astype(np.float32))
+
+    def randn(shape, generator=None, device=None, dtype=None, layout=None):
+        assert tuple(shape) == latents.shape, (shape, latents.shape)
+        return torch.from_numpy(latents.astype(np.float32))
+
+    with mock.patch.object(mod, "retrieve_latents", retrieve), mock.patch.object(mod, "randn_tensor", randn):
+        out = pipe(prompt, image=image, mask_image=mask, strength=strength,
+                   **_negative(pipe, negative_prompt, guidance_scale, 1), num_inference_steps=steps,
+                   guidance_scale=guidance_scale, width=width, height=height, num_images_per_prompt=num_images,
+                   output_type="np")
+    assert not draws, "diffusers encoded fewer images than expected"
+    return out.images

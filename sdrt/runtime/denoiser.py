@@ -11,10 +11,12 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 class Denoiser:
-    """cond / uncond: (N, 77, D) text embeddings; uncond None means no guidance (one UNet pass)."""
+    """cond / uncond: (N, 77, D) text embeddings; uncond None means no guidance (one UNet pass).
+    extra: (N, C, h, w) channels appended to every UNet input after the latents' scaling (an
+    inpainting UNet's mask and masked-image latents, as diffusers concatenates them)."""
 
     def __init__(self, unet, schedule, prediction_type: str, cond: np.ndarray,
-                 uncond: np.ndarray | None, guidance_scale: float):
+                 uncond: np.ndarray | None, guidance_scale: float, extra: np.ndarray | None = None):
         if prediction_type not in PREDICTION_TYPES:
             raise InputError(f"prediction type {prediction_type!r} is not one of {PREDICTION_TYPES}")
         self.unet = unet  # callable(sample, timestep, encoder_hidden_states) -> model output
@@ -23,6 +25,7 @@ class Denoiser:
         # [uncond; cond] in one batch, as diffusers orders it
         self.context = np.concatenate([uncond, cond]) if self.guided else cond
         self.guidance_scale = guidance_scale
+        self.extra = None if extra is None else extra.astype(np.float32)
         # the UNet timestep of every level the schedule names; other levels (midpoint samplers) by
         # interpolation in log sigma, as diffusers' _sigma_to_t
         self._t = {float(s): float(t) for s, t in zip(schedule.sigmas, schedule.timesteps)}
@@ -54,6 +57,8 @@ class Denoiser:
         where it equals a schedule level (DPM2 a's midpoint is exactly the next one), as diffusers does."""
         c_in = 1.0 / np.sqrt(sigma**2 + 1)
         model_in = (x * c_in).astype(np.float32)  # (N, C, h, w)
+        if self.extra is not None:
+            model_in = np.concatenate([model_in, self.extra], axis=1)
         if self.guided:
             model_in = np.concatenate([model_in, model_in])
         t = np.full(len(model_in), self.timestep(sigma, interpolate=midpoint), dtype=np.float32)

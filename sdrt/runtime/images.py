@@ -51,6 +51,29 @@ def to_model_input(image, width: int, height: int) -> np.ndarray:
     return (arr * 2 - 1).transpose(2, 0, 1)[None]
 
 
+def to_mask(mask, width: int, height: int) -> np.ndarray:
+    """(1, 1, H, W) float32 of 0 / 1 (1: repaint), as diffusers' inpainting mask processor makes it:
+    grayscale, resized with Lanczos when the size differs, then values >= 0.5 become 1, the rest 0.
+    A path, a PIL image, or an (H, W) / (H, W, 1) array in [0, 1]."""
+    from PIL import Image
+
+    mask = load_image(mask) if isinstance(mask, (str, Path)) else mask
+    if isinstance(mask, np.ndarray):
+        arr = mask[..., 0] if mask.ndim == 3 and mask.shape[-1] == 1 else mask
+        if arr.ndim != 2:
+            raise InputError(f"mask array must be (H, W) or (H, W, 1) in [0, 1], got shape {mask.shape}")
+        if arr.shape == (height, width):
+            return (arr >= 0.5).astype(np.float32)[None, None]
+        mask = Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8))
+    if not isinstance(mask, Image.Image):
+        raise InputError(f"mask must be a path, PIL.Image or array, got {type(mask).__name__}")
+    mask = mask.convert("L")
+    if mask.size != (width, height):
+        mask = mask.resize((width, height), resample=Image.LANCZOS)
+    arr = np.asarray(mask, dtype=np.float32) / 255.0
+    return (arr >= 0.5).astype(np.float32)[None, None]
+
+
 def to_pil(pixels: np.ndarray) -> list:
     """(N, H, W, 3) floats in [0, 1] -> PIL images (rounded as diffusers' numpy_to_pil)."""
     from PIL import Image

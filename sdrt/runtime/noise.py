@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-INITIAL, POSTERIOR, SAMPLER = 0, 1, 2  # stream ids
+INITIAL, POSTERIOR, SAMPLER, MASKED_POSTERIOR = 0, 1, 2, 3  # stream ids (the last: inpainting's masked image)
 
 
 def new_seed() -> int:

@@ -47,8 +47,9 @@ class Pipeline:
         manifest = Manifest.read(d)
         if not any(c.backend == "tensorrt" for c in manifest.components.values()):
             check_provider(provider)  # TensorRT engines check their own imports when loaded
-        if manifest.pipeline != "txt2img":
-            raise InputError(f"{d}: a {manifest.pipeline} model; this sdrt runs txt2img/img2img models only")
+        if manifest.pipeline not in ("txt2img", "inpaint"):
+            raise InputError(f"{d}: a {manifest.pipeline} model; this sdrt runs txt2img / img2img and "
+                             "inpainting models only")
         missing = {"text_encoder", "unet", "vae_decoder"} - set(manifest.components)
         if missing:
             raise InputError(f"{d}: manifest lacks {', '.join(sorted(missing))}")
@@ -112,8 +113,13 @@ class Pipeline:
         """schedule_type: "karras", "exponential" or "sgm_uniform" for the samplers that take one
         (A1111's schedule types); eta: DDIM's noise amount (0 = deterministic)."""
         smp = samplers.get_sampler(sampler)
-        if mask is not None:
-            raise InputError("mask: inpainting is not supported by this sdrt yet")
+        inpaint = self.manifest.dims.unet_in_channels == 9
+        if mask is not None and not inpaint:
+            raise InputError(f"{self.engine_dir}: a mask needs an inpainting model (a UNet with 9 input "
+                             f"channels); this one has {self.manifest.dims.unet_in_channels}")
+        if inpaint and (image is None or mask is None):
+            raise InputError(f"{self.engine_dir} is an inpainting model: give it an init image and a mask "
+                             "(--init-image, --mask)")
         if image is not None:
             image = images.load_image(image)
             if "vae_encoder" not in self.manifest.components:
@@ -144,7 +150,15 @@ class Pipeline:
             uncond = np.repeat(self.encode_prompts([negative_prompt or ""], clip_skip), num_images, axis=0)
         release_free_memory()  # each phase (text, init image, sampling, decoding) starts from a small arena
 
-        if image is None:
+        extra = None
+        if inpaint:  # diffusers' StableDiffusionInpaintPipeline with a 9-channel UNet
+            m = images.to_mask(mask, width, height)
+            kept = images.to_model_input(image, width, height) * (m < 0.5)  # the masked image
+            f = self.scale_factor
+            extra = np.concatenate([np.repeat(m[:, :, ::f, ::f], num_images, axis=0),  # nearest resize
+                                    self._encode(kept, seeds, noise.MASKED_POSTERIOR)], axis=1)
+            release_free_memory()
+        if image is None or (inpaint and strength >= 1):  # inpainting at full strength: pure noise
             x = samplers.initial_state(smp, schedule, latents.astype(np.float64))
         else:
             schedule = schedule.tail(smp.img2img_start(steps, strength))
@@ -153,7 +167,7 @@ class Pipeline:
             x = x0 + latents.astype(np.float64) * schedule.sigmas[0] if len(schedule) else x0
 
         denoise = Denoiser(self.engine("unet"), schedule, self.manifest.prediction_type, cond, uncond,
-                           guidance_scale)
+                           guidance_scale, extra)
         total = len(schedule)
 
         def on_step(i, x):
@@ -179,9 +193,12 @@ class Pipeline:
 
     def encode_image(self, image, width: int, height: int, seeds: list[int]) -> np.ndarray:
         """One posterior sample per image, from that image's seed: (N, 4, h, w) float64."""
-        arr = images.to_model_input(image, width, height)
-        mean, std = self.engine("vae_encoder").run({"image": arr})
-        eps = noise.randn(seeds, noise.POSTERIOR, (len(seeds), *mean.shape[1:]))
+        return self._encode(images.to_model_input(image, width, height), seeds, noise.POSTERIOR)
+
+    def _encode(self, arr: np.ndarray, seeds: list[int], stream: int) -> np.ndarray:
+        """(1, 3, H, W) in [-1, 1] -> a posterior sample per seed from noise stream `stream`."""
+        mean, std = self.engine("vae_encoder").run({"image": arr.astype(np.float32)})
+        eps = noise.randn(seeds, stream, (len(seeds), *mean.shape[1:]))
         return mean.astype(np.float64) + std.astype(np.float64) * eps
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
