@@ -113,3 +113,22 @@ def test_inpaint_cli(inpaint, tmp_path, capsys):
                  "--mask", str(tmp_path / "nope.png"), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot read image" in err[0] and "nope.png" in err[0]
+
+
+def test_single_file_inpainting_checkpoint(inpaint, tmp_path):
+    """The inpainting checkpoint as an LDM-layout .safetensors exports the same weights as its folder."""
+    import json
+
+    from diffusers import StableDiffusionInpaintPipeline
+    from safetensors.torch import save_file
+
+    from sdrt.export import export
+    from tests.ldm_checkpoint import to_ldm
+
+    ckpt, engines = inpaint
+    save_file(to_ldm(StableDiffusionInpaintPipeline.from_pretrained(ckpt, safety_checker=None)),
+              tmp_path / "inpaint.safetensors")
+    m = export(str(tmp_path / "inpaint.safetensors"), tmp_path / "out", config=ckpt, progress=False, optimize=False)
+    want = json.loads((engines / "manifest.json").read_text())
+    assert m.pipeline == "inpaint" and m.dims.unet_in_channels == 9
+    assert m.source["sha256"] == want["source"]["sha256"]

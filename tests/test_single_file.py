@@ -93,9 +93,9 @@ def test_single_file_bad_input(checkpoints, single_files, tmp_path, capsys, case
         "sd2-detected": ([_keys_only(tmp_path / "sd2.safetensors", sd2)], r"does not load as SD 2\.x \(detected\)"),
         "sdxl": ([_keys_only(tmp_path / "xl.safetensors", {
             "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (1280,)})],
-            r"a 'xl_base' checkpoint .*; sdrt exports SD 1\.x and SD 2\.x txt2img models"),
+            r"a 'xl_base' checkpoint .*; sdrt exports SD 1\.x and SD 2\.x txt2img and inpainting models"),
         "inpainting": ([_keys_only(tmp_path / "inpaint.safetensors", sd2 | {unet + "0.0.weight": (320, 9, 3, 3)})],
-                       r"a 'inpainting_v2' checkpoint"),
+                       r"does not load as SD 2\.x inpainting \(detected\)"),
         # the tiny file has SD 1.x's layout but not its sizes: the detected configs don't fit
         "detected-mismatch": ([single_files / "eps.safetensors"],
                               r"does not load as SD 1\.x \(detected\): .*expected shape.*pass --config DIR"),
@@ -121,7 +121,11 @@ def test_builtin_configs_are_sd15_and_sd21(tmp_path):
     from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    counts = {"v1": (859_520_964, 83_653_863, 123_060_480), "v2": (865_910_724, 83_653_863, 340_387_840)}
+    counts = {"v1": (859_520_964, 83_653_863, 123_060_480), "v2": (865_910_724, 83_653_863, 340_387_840),
+              # inpainting: conv_in takes 9 channels, 5 more of 320 3x3 kernels (+14,400)
+              "inpainting": (859_535_364, 83_653_863, 123_060_480),
+              "inpainting_v2": (865_925_124, 83_653_863, 340_387_840)}
+    sd2 = {"v2", "inpainting_v2"}
     for model_type, (unet_n, vae_n, text_n) in counts.items():
         d = tmp_path / model_type
         single_file.write_configs(model_type, d)
@@ -131,12 +135,14 @@ def test_builtin_configs_are_sd15_and_sd21(tmp_path):
             text = CLIPTextModel(CLIPTextConfig.from_pretrained(d / "text_encoder"))
         assert [sum(p.numel() for p in m.parameters()) for m in (unet, vae, text)] == [unet_n, vae_n, text_n]
         tok = CLIPTokenizer.from_pretrained(d / "tokenizer")
-        assert tok.pad_token == {"v1": "<|endoftext|>", "v2": "!"}[model_type]
+        assert tok.pad_token == ("!" if model_type in sd2 else "<|endoftext|>")
         index = json.loads((d / "model_index.json").read_text())
-        scheduler = {"v1": PNDMScheduler, "v2": DDIMScheduler}[model_type]
+        assert index["_class_name"] == ("StableDiffusionInpaintPipeline" if "inpainting" in model_type
+                                        else "StableDiffusionPipeline")
+        scheduler = DDIMScheduler if model_type in sd2 else PNDMScheduler
         assert index["scheduler"] == ["diffusers", scheduler.__name__]
         config = scheduler.load_config(d / "scheduler")
-        assert config["prediction_type"] == {"v1": "epsilon", "v2": "v_prediction"}[model_type]
+        assert config["prediction_type"] == ("v_prediction" if model_type == "v2" else "epsilon")
         assert config["steps_offset"] == 1 and config["beta_schedule"] == "scaled_linear"
 
 

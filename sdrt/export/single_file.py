@@ -33,10 +33,17 @@ SD2 = {
 }
 SD2_SCHEDULER = dict(SD15_SCHEDULER, _class_name="DDIMScheduler", prediction_type="v_prediction")
 
+# inpainting checkpoints (stable-diffusion-inpainting, stable-diffusion-2-inpainting): the same modules
+# with a 9-channel UNet input (latents, mask, masked-image latents); SD 2's is a 512 px epsilon model
+SD15_INPAINT = dict(SD15, unet=dict(SD15["unet"], in_channels=9))
+SD2_INPAINT = dict(SD2, unet=dict(SD2["unet"], in_channels=9, sample_size=64), vae=dict(SD2["vae"], sample_size=512))
+
 # diffusers' name for a checkpoint's architecture (infer_diffusers_model_type) -> what sdrt writes for it
 ARCHITECTURES = {
     "v1": ("SD 1.x", SD15, SD15_SCHEDULER, None),
     "v2": ("SD 2.x", SD2, SD2_SCHEDULER, "!"),
+    "inpainting": ("SD 1.x inpainting", SD15_INPAINT, SD15_SCHEDULER, None),
+    "inpainting_v2": ("SD 2.x inpainting", SD2_INPAINT, dict(SD2_SCHEDULER, prediction_type="epsilon"), "!"),
 }
 
 
@@ -53,7 +60,8 @@ def write_configs(model_type: str, out: Path) -> None:
                               dict(arch["text_encoder"], architectures=["CLIPTextModel"], model_type="clip_text_model",
                                    vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
                                    eos_token_id=49407, pad_token_id=1))}
-    index = {"_class_name": "StableDiffusionPipeline", "tokenizer": ["transformers", "CLIPTokenizer"],
+    kind = "StableDiffusionInpaintPipeline" if arch["unet"].get("in_channels") == 9 else "StableDiffusionPipeline"
+    index = {"_class_name": kind, "tokenizer": ["transformers", "CLIPTokenizer"],
              "scheduler": ["diffusers", scheduler["_class_name"]], "safety_checker": [None, None],
              "feature_extractor": [None, None], "requires_safety_checker": False}
     for name, (library, cls, config) in parts.items():
@@ -77,8 +85,8 @@ def _model_type(path: Path) -> str:
     model_type = infer_diffusers_model_type(checkpoint)
     if model_type not in ARCHITECTURES:
         raise InputError(f"{path}: a {model_type!r} checkpoint (diffusers' name for it); sdrt exports SD 1.x and "
-                         "SD 2.x txt2img models (pass --config DIR with a diffusers folder of its configs "
-                         "if this one is of that layout)")
+                         "SD 2.x txt2img and inpainting models (pass --config DIR with a diffusers folder of its "
+                         "configs if this one is of that layout)")
     return model_type
 
 
