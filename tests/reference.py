@@ -135,13 +135,16 @@ def inpaint(path: Path, *, image, mask, strength, prompt, negative_prompt, steps
             latents: np.ndarray) -> np.ndarray:
     """StableDiffusionInpaintPipeline drawing sdrt's noise: `latents` as its initial noise (not passed
     as `latents=`, which would make diffusers ignore strength), `posterior_noise` for the init image's
-    VAE sample (drawn only below full strength), then `masked_noise` for the masked image's."""
+    VAE sample, then `masked_noise` for the masked image's."""
     import torch
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as mod
 
     pipe, config = _inpaint_pipeline(str(path))
     pipe.scheduler = scheduler_for(config, sampler)
-    draws = ([] if strength >= 1 else [posterior_noise]) + [masked_noise]  # diffusers' encode order
+    # diffusers' encode order: the init image (below full strength, or always for a 4-channel UNet,
+    # whose loop blends the image's latents back in), then the masked image (used by 9-channel UNets)
+    image_encoded = strength < 1 or pipe.unet.config.in_channels == 4
+    draws = ([posterior_noise] if image_encoded else []) + [masked_noise]
 
     def retrieve(encoder_output, generator=None, sample_mode="sample"):
         d = encoder_output.latent_dist

@@ -114,9 +114,8 @@ class Pipeline:
         (A1111's schedule types); eta: DDIM's noise amount (0 = deterministic)."""
         smp = samplers.get_sampler(sampler)
         inpaint = self.manifest.dims.unet_in_channels == 9
-        if mask is not None and not inpaint:
-            raise InputError(f"{self.engine_dir}: a mask needs an inpainting model (a UNet with 9 input "
-                             f"channels); this one has {self.manifest.dims.unet_in_channels}")
+        if mask is not None and image is None:
+            raise InputError("a mask needs an init image (--init-image) to inpaint")
         if inpaint and (image is None or mask is None):
             raise InputError(f"{self.engine_dir} is an inpainting model: give it an init image and a mask "
                              "(--init-image, --mask)")
@@ -158,19 +157,27 @@ class Pipeline:
             extra = np.concatenate([np.repeat(m[:, :, ::f, ::f], num_images, axis=0),  # nearest resize
                                     self._encode(kept, seeds, noise.MASKED_POSTERIOR)], axis=1)
             release_free_memory()
-        if image is None or (inpaint and strength >= 1):  # inpainting at full strength: pure noise
-            x = samplers.initial_state(smp, schedule, latents.astype(np.float64))
-        else:
+        if image is not None:
             schedule = schedule.tail(smp.img2img_start(steps, strength))
+        if image is None or (mask is not None and strength >= 1):  # inpainting at full strength: pure noise
+            x = samplers.initial_state(smp, schedule, latents.astype(np.float64))
+        if image is not None and not (inpaint and strength >= 1):
             x0 = self.encode_image(image, width, height, seeds)
             release_free_memory()
-            x = x0 + latents.astype(np.float64) * schedule.sigmas[0] if len(schedule) else x0
+            if strength < 1 or mask is None:
+                x = x0 + latents.astype(np.float64) * schedule.sigmas[0] if len(schedule) else x0
+        blend = None
+        if mask is not None and not inpaint:  # an ordinary model: keep the image outside the mask
+            blend = self._blend(images.to_mask(mask, width, height)[:, :, ::self.scale_factor, ::self.scale_factor],
+                                x0, latents.astype(np.float64), schedule, smp.space)
 
         denoise = Denoiser(self.engine("unet"), schedule, self.manifest.prediction_type, cond, uncond,
                            guidance_scale, extra)
         total = len(schedule)
 
         def on_step(i, x):
+            if blend is not None:
+                x[...] = blend(i, x)  # the samplers go on from x, as diffusers' loop from its latents
             if callback is not None:
                 callback(i, total, x)
 
@@ -190,6 +197,21 @@ class Pipeline:
             "Denoising strength": strength if image is not None else None, "Eta": eta,
         }) for s in seeds]
         return Result(images.to_pil(pixels), pixels, seeds, info)
+
+    @staticmethod
+    def _blend(mask, x0, noise0, schedule, space):
+        """Inpainting with a 4-channel UNet, as diffusers' StableDiffusionInpaintPipeline: after every
+        step, outside the mask (mask 0) the state becomes the init image's latents noised to the next
+        level with the initial noise, and after the last step the latents themselves."""
+        sigmas, n = schedule.sigmas, len(schedule)
+        # the state is x_t / sqrt(alpha_bar) ("vp" samplers end at sigmas[-1], which may not be 0)
+        last = np.sqrt(1 + sigmas[-1] ** 2) if space == "vp" else 1.0
+
+        def blend(i, x):
+            target = x0 + sigmas[i + 1] * noise0 if i < n - 1 else x0 * last
+            return (1 - mask) * target + mask * x
+
+        return blend
 
     def encode_image(self, image, width: int, height: int, seeds: list[int]) -> np.ndarray:
         """One posterior sample per image, from that image's seed: (N, 4, h, w) float64."""
