@@ -135,3 +135,12 @@ def test_single_file_inpainting_checkpoint(inpaint, tmp_path):
     want = json.loads((engines / "manifest.json").read_text())
     assert m.pipeline == "inpaint" and m.dims.unet_in_channels == 9
     assert m.source["sha256"] == want["source"]["sha256"]
+
+
+def test_bench_refuses_an_inpainting_model(inpaint, capsys):
+    from sdrt.cli import main
+
+    _, engines = inpaint
+    assert main(["bench", str(engines), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "an inpaint model; sdrt bench measures txt2img models" in err[0]

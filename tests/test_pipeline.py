@@ -155,7 +155,7 @@ def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"latents": np.zeros((1, 4, 5, 8))}, "latents: shape"),
-    ({"mask": Image.new("L", (64, 48))}, "inpainting is not supported"),
+    ({"mask": Image.new("L", (64, 48))}, "a mask needs an init image"),
     ({"num_images": 0}, "number of images"),
     ({"guidance_scale": -1.0}, "guidance scale"),
     ({"height": 0}, "multiples of 8"),
