@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -133,6 +134,32 @@ def cmd_bench(args) -> int:
     files = report.write(results, Path(args.out), command=" ".join(["sdrt", *map(shlex.quote, args.argv)]))
     print(report.markdown(results))
     print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from sdrt.serve import Server, make_http_server
+
+    server = Server(args.engines, provider=args.provider, max_images=args.max_images)
+    httpd = make_http_server(server, args.host, args.port)
+
+    def stop(signum, frame):  # SIGTERM (docker stop, systemd) ends it as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        if not args.no_warmup:
+            log.info("creating the sessions")
+            server.warmup()
+        host, port = httpd.server_address[:2]
+        print(f"sdrt serve: {args.engines} ({server.pipe.manifest.pipeline}, provider {args.provider}) on "
+              f"http://{host}:{port}  (POST /generate, GET /info, GET /health; Ctrl-C stops)", flush=True)
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        print("sdrt serve: stopped", file=sys.stderr)
+    finally:
+        httpd.server_close()
+        server.close()
     return 0
 
 
@@ -276,6 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-end-to-end", action="store_true", help="components only")
     b.add_argument("--out", default="bench-results", help="directory for results.json/.md/.png")
     b.set_defaults(fn=cmd_bench)
+
+    v = sub.add_parser("serve", parents=[quiet], help="an engine dir behind an HTTP/JSON API (POST /generate)")
+    v.add_argument("--engines", required=True, help="engine dir from `sdrt export`")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    v.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    v.add_argument("--provider", default="cpu", choices=list(PROVIDERS))
+    v.add_argument("--max-images", type=int, default=4, help="most images one request may ask for")
+    v.add_argument("--no-warmup", action="store_true", help="create the sessions on the first request")
+    v.set_defaults(fn=cmd_serve)
 
     i = sub.add_parser("info", help="describe an engine dir")
     i.add_argument("engine_dir")

@@ -1,0 +1,199 @@
+"""`sdrt serve`: one engine dir behind a small HTTP/JSON API, on the standard library alone.
+
+    GET  /health    {"status": "ok"} (answers while a generation runs)
+    GET  /info      the model, provider, samplers and limits
+    POST /generate  JSON in (GENERATE_FIELDS), JSON out: base64 PNGs (with A1111 metadata), seeds,
+                    parameters, seconds
+
+One pipeline serves every request; generations run one at a time (each already uses every core or
+the whole GPU), others wait their turn. Bad input is a 400 with {"error": "..."} naming the problem;
+an unknown path 404, a wrong method 405, a body over the limit 413. A failure inside the engines is
+a 500 with its one-line message, and the server goes on serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from sdrt.errors import InputError, SdrtError
+
+log = logging.getLogger(__name__)
+
+# field -> (accepted JSON types, Pipeline.__call__ argument); `image` / `mask` are base64 PNG or JPEG
+GENERATE_FIELDS = {
+    "prompt": ((str,), "prompt"),
+    "negative_prompt": ((str, type(None)), "negative_prompt"),
+    "steps": ((int,), "steps"),
+    "sampler": ((str,), "sampler"),
+    "schedule_type": ((str, type(None)), "schedule_type"),
+    "eta": ((int, float, type(None)), "eta"),
+    "guidance_scale": ((int, float), "guidance_scale"),
+    "seed": ((int, type(None)), "seed"),
+    "width": ((int, type(None)), "width"),
+    "height": ((int, type(None)), "height"),
+    "num_images": ((int,), "num_images"),
+    "clip_skip": ((int,), "clip_skip"),
+    "image": ((str, type(None)), "image"),
+    "strength": ((int, float), "strength"),
+    "mask": ((str, type(None)), "mask"),
+}
+MAX_BODY = 32 << 20  # bytes: two base64 images of a few megapixels
+
+
+def _decode_image(field: str, text: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = base64.b64decode(text, validate=True)
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("L" if field == "mask" else "RGB")
+    except (binascii.Error, ValueError):
+        raise InputError(f"{field}: not base64") from None
+    except (OSError, UnidentifiedImageError):
+        raise InputError(f"{field}: not an image Pillow can read (base64 of a PNG or JPEG file)") from None
+
+
+def parse_request(body: bytes, max_images: int) -> dict:
+    """Pipeline keyword arguments from a /generate body; InputError names what is wrong."""
+    try:
+        req = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"body is not JSON: {e}") from None
+    if not isinstance(req, dict):
+        raise InputError("body must be a JSON object")
+    unknown = sorted(set(req) - set(GENERATE_FIELDS))
+    if unknown:
+        raise InputError(f"unknown field(s) {', '.join(unknown)}; accepted: {', '.join(GENERATE_FIELDS)}")
+    if "prompt" not in req:
+        raise InputError("prompt is required")
+    kwargs = {}
+    for field, value in req.items():
+        types, arg = GENERATE_FIELDS[field]
+        if isinstance(value, bool) or not isinstance(value, types):  # JSON true is not a number here
+            names = "/".join("null" if t is type(None) else {"str": "string", "int": "integer",
+                                                              "float": "number"}[t.__name__] for t in types)
+            raise InputError(f"{field}: expected {names}, got {json.dumps(value)[:40]}")
+        kwargs[arg] = _decode_image(field, value) if field in ("image", "mask") and value is not None else value
+    if kwargs.get("num_images", 1) > max_images:
+        raise InputError(f"num_images: at most {max_images} per request (sdrt serve --max-images)")
+    return kwargs
+
+
+class Server:
+    """The pipeline and its lock; `make_http_server` puts it behind HTTP."""
+
+    def __init__(self, engine_dir: str | Path, provider: str = "cpu", max_images: int = 4):
+        from sdrt.runtime.pipeline import Pipeline
+
+        if max_images < 1:
+            raise InputError(f"--max-images must be >= 1, got {max_images}")
+        self.engine_dir, self.provider, self.max_images = Path(engine_dir), provider, max_images
+        self.pipe = Pipeline.load(engine_dir, provider=provider)
+        self.lock = threading.Lock()
+
+    def warmup(self) -> None:
+        """Create every session now, so the first request doesn't pay for it."""
+        self.pipe.warmup()
+
+    def info(self) -> dict:
+        from sdrt.runtime import samplers
+
+        m = self.pipe.manifest
+        return {"engine_dir": str(self.engine_dir), "provider": self.provider, "pipeline": m.pipeline,
+                "source": m.source.get("name"), "prediction_type": m.prediction_type,
+                "default_size": m.default_image_size, "max_images": self.max_images,
+                "samplers": list(samplers.SAMPLERS), "default_sampler": samplers.DEFAULT_SAMPLER,
+                "fields": list(GENERATE_FIELDS)}
+
+    def generate(self, body: bytes) -> dict:
+        kwargs = parse_request(body, self.max_images)
+        t0 = time.perf_counter()
+        with self.lock:
+            waited = time.perf_counter() - t0
+            result = self.pipe(**kwargs)
+        images = []
+        for image, text in zip(result.images, result.parameters):
+            from PIL.PngImagePlugin import PngInfo
+
+            info, buf = PngInfo(), io.BytesIO()
+            info.add_text("parameters", text)
+            image.save(buf, format="PNG", pnginfo=info)
+            images.append(base64.b64encode(buf.getvalue()).decode())
+        return {"images": images, "seeds": result.seeds, "parameters": result.parameters,
+                "seconds": round(time.perf_counter() - t0 - waited, 3), "queued_seconds": round(waited, 3)}
+
+    def close(self) -> None:
+        self.pipe.close()
+
+
+def make_http_server(server: Server, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _send(self, status: int, payload: dict) -> None:
+            body = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _error(self, status: int, message: str) -> None:
+            self._send(status, {"error": " ".join(message.split())})
+
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            if self.path == "/health":
+                self._send(200, {"status": "ok"})
+            elif self.path == "/info":
+                self._send(200, server.info())
+            elif self.path == "/generate":
+                self._error(HTTPStatus.METHOD_NOT_ALLOWED, "use POST /generate with a JSON body")
+            else:
+                self._error(HTTPStatus.NOT_FOUND, f"no such path {self.path}; try /generate, /info, /health")
+
+        def do_POST(self):  # noqa: N802
+            if self.path != "/generate":
+                self.close_connection = True  # its body stays unread
+                if self.path in ("/health", "/info"):
+                    self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"use GET {self.path}")
+                else:
+                    self._error(HTTPStatus.NOT_FOUND, f"no such path {self.path}; try POST /generate")
+                return
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                self.close_connection = True
+                self._error(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
+                return
+            if length > MAX_BODY:
+                self.close_connection = True  # the unread body would be taken for the next request
+                self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes; the limit is {MAX_BODY}")
+                return
+            body = self.rfile.read(length)
+            try:
+                self._send(200, server.generate(body))
+            except InputError as e:
+                self._error(HTTPStatus.BAD_REQUEST, str(e))
+            except SdrtError as e:
+                log.error("generate failed: %s", e)
+                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, str(e))
+            except Exception as e:  # an engine or library failure: say what, keep serving
+                log.exception("generate failed")
+                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"generation failed: {type(e).__name__}: {e}")
+
+        def log_message(self, fmt, *args):  # through logging, not bare stderr
+            log.info("%s %s", self.address_string(), fmt % args)
+
+    try:
+        return ThreadingHTTPServer((host, port), Handler)
+    except OSError as e:
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
