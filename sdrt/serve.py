@@ -180,15 +180,22 @@ def make_http_server(server: Server, host: str = "127.0.0.1", port: int = 8000) 
                 return
             body = self.rfile.read(length)
             try:
-                self._send(200, server.generate(body))
+                status, payload = 200, server.generate(body)
             except InputError as e:
-                self._error(HTTPStatus.BAD_REQUEST, str(e))
+                status, payload = HTTPStatus.BAD_REQUEST, {"error": str(e)}
             except SdrtError as e:
                 log.error("generate failed: %s", e)
-                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, str(e))
+                status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(e)}
             except Exception as e:  # an engine or library failure: say what, keep serving
                 log.exception("generate failed")
-                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"generation failed: {type(e).__name__}: {e}")
+                status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {
+                    "error": f"generation failed: {type(e).__name__}: {e}"}
+            if "error" in payload:
+                payload["error"] = " ".join(payload["error"].split())
+            try:
+                self._send(status, payload)
+            except (BrokenPipeError, ConnectionResetError):  # the client left before its answer
+                log.info("%s left before its answer", self.address_string())
 
         def log_message(self, fmt, *args):  # through logging, not bare stderr
             log.info("%s %s", self.address_string(), fmt % args)

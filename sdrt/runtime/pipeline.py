@@ -149,27 +149,27 @@ class Pipeline:
             uncond = np.repeat(self.encode_prompts([negative_prompt or ""], clip_skip), num_images, axis=0)
         release_free_memory()  # each phase (text, init image, sampling, decoding) starts from a small arena
 
-        extra = None
-        if inpaint:  # diffusers' StableDiffusionInpaintPipeline with a 9-channel UNet
-            m = images.to_mask(mask, width, height)
-            kept = images.to_model_input(image, width, height) * (m < 0.5)  # the masked image
-            f = self.scale_factor
-            extra = np.concatenate([np.repeat(m[:, :, ::f, ::f], num_images, axis=0),  # nearest resize
+        extra = blend = x0 = None
+        if mask is not None:
+            m = images.to_mask(mask, width, height)  # (1, 1, H, W), 1: repaint
+            m_latent = m[:, :, ::self.scale_factor, ::self.scale_factor]  # torch's nearest resize, as diffusers
+        if inpaint:  # diffusers' StableDiffusionInpaintPipeline with a 9-channel UNet: mask and masked image
+            kept = images.to_model_input(image, width, height) * (m < 0.5)
+            extra = np.concatenate([np.repeat(m_latent, num_images, axis=0),
                                     self._encode(kept, seeds, noise.MASKED_POSTERIOR)], axis=1)
             release_free_memory()
         if image is not None:
             schedule = schedule.tail(smp.img2img_start(steps, strength))
+            if not (inpaint and strength >= 1):  # img2img's start; an ordinary model's inpainting blend
+                x0 = self.encode_image(image, width, height, seeds)
+                release_free_memory()
+        noise0 = latents.astype(np.float64)
         if image is None or (mask is not None and strength >= 1):  # inpainting at full strength: pure noise
-            x = samplers.initial_state(smp, schedule, latents.astype(np.float64))
-        if image is not None and not (inpaint and strength >= 1):
-            x0 = self.encode_image(image, width, height, seeds)
-            release_free_memory()
-            if strength < 1 or mask is None:
-                x = x0 + latents.astype(np.float64) * schedule.sigmas[0] if len(schedule) else x0
-        blend = None
+            x = samplers.initial_state(smp, schedule, noise0)
+        else:
+            x = x0 + noise0 * schedule.sigmas[0] if len(schedule) else x0
         if mask is not None and not inpaint:  # an ordinary model: keep the image outside the mask
-            blend = self._blend(images.to_mask(mask, width, height)[:, :, ::self.scale_factor, ::self.scale_factor],
-                                x0, latents.astype(np.float64), schedule, smp.space)
+            blend = self._blend(m_latent, x0, noise0, schedule, smp.space)
 
         denoise = Denoiser(self.engine("unet"), schedule, self.manifest.prediction_type, cond, uncond,
                            guidance_scale, extra)
