@@ -30,24 +30,31 @@ def image_size(image) -> tuple[int, int]:
     return arr.shape[-2], arr.shape[-3]
 
 
-def to_model_input(image, width: int, height: int) -> np.ndarray:
-    """(1, 3, H, W) float32 in [-1, 1]; resized with Lanczos when the size differs (diffusers)."""
+def _resized(image, mode: str, width: int, height: int, what: str) -> np.ndarray:
+    """A PIL image, or an array in [0, 1], in PIL `mode` at (width, height) (Lanczos, as diffusers'
+    image processors resize): float32 in [0, 1], (H, W) or (H, W, C)."""
     from PIL import Image
 
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
+    if not isinstance(image, Image.Image):
+        raise InputError(f"{what} must be a path, PIL.Image or array, got {type(image).__name__}")
+    image = image.convert(mode)
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.LANCZOS)
+    return np.asarray(image, dtype=np.float32) / 255.0
+
+
+def to_model_input(image, width: int, height: int) -> np.ndarray:
+    """(1, 3, H, W) float32 in [-1, 1]; resized with Lanczos when the size differs (diffusers)."""
     if isinstance(image, np.ndarray):
         arr = image[0] if image.ndim == 4 else image
         if arr.ndim != 3 or arr.shape[-1] != 3:
             raise InputError(f"init image array must be (H, W, 3) in [0, 1], got shape {image.shape}")
-        if arr.shape[:2] != (height, width):
-            image = Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8))
-        else:
+        if arr.shape[:2] == (height, width):
             return (arr.astype(np.float32) * 2 - 1).transpose(2, 0, 1)[None]
-    if not isinstance(image, Image.Image):
-        raise InputError(f"init image must be a path, PIL.Image or array, got {type(image).__name__}")
-    image = image.convert("RGB")
-    if image.size != (width, height):
-        image = image.resize((width, height), resample=Image.LANCZOS)
-    arr = np.asarray(image, dtype=np.float32) / 255.0
+        image = arr
+    arr = _resized(image, "RGB", width, height, "init image")
     return (arr * 2 - 1).transpose(2, 0, 1)[None]
 
 
@@ -55,8 +62,6 @@ def to_mask(mask, width: int, height: int) -> np.ndarray:
     """(1, 1, H, W) float32 of 0 / 1 (1: repaint), as diffusers' inpainting mask processor makes it:
     grayscale, resized with Lanczos when the size differs, then values >= 0.5 become 1, the rest 0.
     A path, a PIL image, or an (H, W) / (H, W, 1) array in [0, 1]."""
-    from PIL import Image
-
     mask = load_image(mask) if isinstance(mask, (str, Path)) else mask
     if isinstance(mask, np.ndarray):
         arr = mask[..., 0] if mask.ndim == 3 and mask.shape[-1] == 1 else mask
@@ -64,13 +69,8 @@ def to_mask(mask, width: int, height: int) -> np.ndarray:
             raise InputError(f"mask array must be (H, W) or (H, W, 1) in [0, 1], got shape {mask.shape}")
         if arr.shape == (height, width):
             return (arr >= 0.5).astype(np.float32)[None, None]
-        mask = Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8))
-    if not isinstance(mask, Image.Image):
-        raise InputError(f"mask must be a path, PIL.Image or array, got {type(mask).__name__}")
-    mask = mask.convert("L")
-    if mask.size != (width, height):
-        mask = mask.resize((width, height), resample=Image.LANCZOS)
-    arr = np.asarray(mask, dtype=np.float32) / 255.0
+        mask = arr
+    arr = _resized(mask, "L", width, height, "mask")
     return (arr >= 0.5).astype(np.float32)[None, None]
 
 
