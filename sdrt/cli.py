@@ -11,6 +11,7 @@ import shlex
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -44,16 +45,42 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _output_paths(out: str, seeds: list[int]) -> list[Path]:
-    path = Path(out)
-    if len(seeds) == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(len(seeds))]
+def _request(args):
+    """The GenerateRequest the generate flags describe (the flags are derived from it: _add_request_flags)."""
+    from sdrt.runtime.request import GenerateRequest
+
+    return GenerateRequest.make(**{f.name: getattr(args, f.name) for f in GenerateRequest.fields(python_only=False)})
+
+
+def _interruptible(pipe, fn):
+    """Run FN in a worker thread so that Ctrl-C reaches this one at once: it interrupts the pipeline,
+    which stops the engine call in progress (ONNX Runtime's terminate flag), then re-raises here."""
+    out = {}
+
+    def work():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # handed to the main thread
+            out["error"] = e
+
+    worker = threading.Thread(target=work, name="sdrt-generate", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except KeyboardInterrupt:
+        pipe.interrupt()
+        worker.join(30)
+        raise
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def cmd_generate(args) -> int:
     from tqdm.auto import tqdm
 
+    from sdrt.runtime.images import numbered_paths, save_png
     from sdrt.runtime.pipeline import Pipeline
 
     out = Path(args.output)
@@ -61,29 +88,42 @@ def cmd_generate(args) -> int:
         raise InputError(f"-o {args.output}: the output must be a .png file")
     if not out.parent.exists():
         raise InputError(f"-o {args.output}: directory {out.parent} does not exist")
-    pipe = Pipeline.load(args.engines, provider=args.provider)
+    req = _request(args)
+    pipe = Pipeline.load(args.engines, provider=args.provider, verify=args.verify)
     bars = []
 
-    def progress(step, total, latents):  # the bar starts with the first step, after validation
+    def progress(step, total, latents, denoised):  # the bar starts with the first step, after validation
         if not bars:
             bars.append(tqdm(total=total, unit="step", desc="generate", disable=args.quiet, file=sys.stderr))
         bars[0].update(1)
 
     t0 = time.perf_counter()
-    with pipe:
-        result = pipe(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                      sampler=args.sampler, guidance_scale=args.guidance_scale, seed=args.seed,
-                      width=args.width, height=args.height, num_images=args.batch, clip_skip=args.clip_skip,
-                      image=args.init_image, strength=args.strength, mask=args.mask, callback=progress,
-                      schedule_type=args.schedule_type, eta=args.eta)
-    for bar in bars:
-        bar.close()
-    from sdrt.runtime.images import save_png
-
-    for image, text, path in zip(result.images, result.parameters, _output_paths(args.output, result.seeds)):
+    try:
+        with pipe:
+            result = _interruptible(pipe, lambda: pipe(req, callback=progress))
+    finally:
+        for bar in bars:
+            bar.close()  # before any message: "sdrt: interrupted" starts on a line of its own
+    for image, text, path in zip(result.images, result.parameters, numbered_paths(out, len(result.images))):
         save_png(image, path, text)
         print(path)
     log.info("%d image(s) in %.1f s (seed %d)", len(result.images), time.perf_counter() - t0, result.seeds[0])
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from tqdm.auto import tqdm
+
+    from sdrt.manifest import Manifest
+
+    d = Path(args.engine_dir)
+    m = Manifest.read(d)  # sizes
+    if not m.files:
+        raise InputError(f"{d} was exported before sdrt recorded file hashes: nothing to verify against; re-export")
+    total = sum(r["size"] for r in m.files.values())
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=args.quiet, file=sys.stderr) as bar:
+        m.check_files(d, verify=True, progress=bar.update)
+    print(f"{d}: {len(m.files)} files, {total / 2**20:,.1f} MiB, sizes and sha256 as recorded")
     return 0
 
 
@@ -215,24 +255,15 @@ def cmd_samplers(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from sdrt import __version__
-    from sdrt.runtime.backends import PROVIDERS
-    from sdrt.runtime.samplers import DEFAULT_SAMPLER, SCHEDULE_TYPES
+def _add_export(sub, parents) -> None:
+    from sdrt.export import BACKENDS, PRECISIONS
+    from sdrt.runtime.denoiser import PREDICTION_TYPES
 
-    p = _Parser(prog="sdrt", description="Stable Diffusion on ONNX Runtime / TensorRT engines, no torch.")
-    p.add_argument("--version", action="version", version=f"sdrt {__version__}")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    quiet = _Parser(add_help=False)  # -q works after the subcommand too
-    quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                       help="no progress bars or info logs")
-    e = sub.add_parser("export", parents=[quiet], help="checkpoint -> engine dir (ONNX + manifest.json)")
+    e = sub.add_parser("export", parents=parents, help="checkpoint -> engine dir (ONNX + manifest.json)")
     e.add_argument("source", help="diffusers folder, .safetensors / .ckpt file, hub id, 'tiny' or 'random-sd15'")
     e.add_argument("out_dir")
-    e.add_argument("--backend", default="onnx", choices=["onnx", "tensorrt"])
-    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    e.add_argument("--backend", default="onnx", choices=BACKENDS)
+    e.add_argument("--precision", default="fp32", choices=PRECISIONS)
     e.add_argument("--opset", type=int, default=None, help="ONNX opset (default 23)")
     e.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     e.add_argument("--trt-batch", type=int, nargs=3, default=[1, 1, 4], metavar=("MIN", "OPT", "MAX"),
@@ -242,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--config", default=None, metavar="DIR",
                    help="single-file sources: a diffusers folder with the model's configs (default: SD 1.x "
                         "or 2.x, detected from the file)")
-    e.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+    e.add_argument("--prediction-type", default=None, choices=PREDICTION_TYPES,
                    help="override the source's (SD 2.x single files: v_prediction unless given; 512-base "
                         "models are epsilon)")
     e.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
@@ -256,32 +287,47 @@ def build_parser() -> argparse.ArgumentParser:
                         "if you generate small images)")
     e.set_defaults(fn=cmd_export)
 
-    g = sub.add_parser("generate", parents=[quiet], help="prompt -> PNG (A1111 'parameters' metadata included)")
-    g.add_argument("prompt")
+
+_FLAG_TYPES = {"text": str, "int": int, "number": float, "choice": str, "image": str}
+
+
+def add_request_flags(parser) -> None:
+    """One flag per GenerateRequest field (sdrt.runtime.request), with its default, help and choices;
+    the prompt is positional. The limits are checked by the request itself."""
+    from sdrt.runtime.request import GenerateRequest
+
+    for f in GenerateRequest.fields(python_only=False):
+        m = f.metadata
+        default = "" if f.default is None else f" (default {f.default})"
+        if f.name == "prompt":
+            parser.add_argument("prompt", help=m["help"])
+            continue
+        flag = m["cli"] or "--" + f.name.replace("_", "-")
+        parser.add_argument(flag, dest=f.name, type=_FLAG_TYPES[m["kind"]], default=f.default,
+                            choices=m["choices"] if f.name == "schedule_type" else None,
+                            metavar="PATH" if m["kind"] == "image" else flag[2:].replace("-", "_").upper(),
+                            help=m["help"] + default)
+
+
+def _add_generate(sub, parents) -> None:
+    from sdrt.runtime.backends import PROVIDERS
+
+    g = sub.add_parser("generate", parents=parents, help="prompt -> PNG (A1111 'parameters' metadata included)")
+    add_request_flags(g)
     g.add_argument("--engines", required=True, help="engine dir written by `sdrt export`")
     g.add_argument("-o", "--output", default="sdrt.png", help="PNG path; with --batch N: NAME-0.png ...")
-    g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--sampler", default=DEFAULT_SAMPLER, help="see `sdrt samplers`; A1111 names work too")
-    g.add_argument("--schedule-type", default=None, choices=list(SCHEDULE_TYPES),
-                   help="A1111 schedule type for the samplers that take one (see `sdrt samplers`)")
-    g.add_argument("--eta", type=float, default=None, help="ddim only: noise amount in [0, 1] (default 0)")
-    g.add_argument("--guidance-scale", type=float, default=7.5)
-    g.add_argument("--seed", type=int, default=None, help="image i uses seed + i (default: random)")
-    g.add_argument("--width", type=int, default=None)
-    g.add_argument("--height", type=int, default=None)
-    g.add_argument("--batch", type=int, default=1, help="number of images")
-    g.add_argument("--clip-skip", type=int, default=1, help="1 = last CLIP layer, 2 = penultimate (A1111)")
-    g.add_argument("--init-image", default=None, help="img2img: start from this image")
-    g.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change the image")
-    g.add_argument("--mask", default=None, help="inpainting mask image (white: repaint, black: keep; "
-                   "needs an inpainting model's engines and --init-image)")
     g.add_argument("--provider", default="cpu", choices=list(PROVIDERS),
                    help="cpu (ONNX Runtime), cuda / tensorrt (ONNX Runtime GPU), openvino (bf16 on CPUs "
                         "with bf16 units), openvino-fp32")
+    g.add_argument("--verify", action="store_true", help="check every engine file's sha256 before loading")
     g.set_defaults(fn=cmd_generate)
 
-    b = sub.add_parser("bench", parents=[quiet], help="sdrt engines vs eager PyTorch, side by side")
+
+def _add_bench(sub, parents) -> None:
+    from sdrt.runtime.backends import PROVIDERS
+    from sdrt.runtime.samplers import DEFAULT_SAMPLER
+
+    b = sub.add_parser("bench", parents=parents, help="sdrt engines vs eager PyTorch, side by side")
     b.add_argument("engine_dir", help="an engine dir, or a model source to export first into a temporary one "
                    "(tiny, random-sd15, a diffusers folder, a hub id)")
     b.add_argument("--sizes", type=int, nargs="+", default=None, help="image sides in px (default: the model's)")
@@ -304,22 +350,46 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench-results", help="directory for results.json/.md/.png")
     b.set_defaults(fn=cmd_bench)
 
-    v = sub.add_parser("serve", parents=[quiet], help="an engine dir behind an HTTP/JSON API (POST /generate)")
+
+def _add_serve(sub, parents) -> None:
+    from sdrt.runtime.backends import PROVIDERS
+    from sdrt.runtime.request import MAX_IMAGES
+
+    v = sub.add_parser("serve", parents=parents, help="an engine dir behind an HTTP/JSON API (POST /generate)")
     v.add_argument("--engines", required=True, help="engine dir from `sdrt export`")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     v.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     v.add_argument("--provider", default="cpu", choices=list(PROVIDERS))
-    v.add_argument("--max-images", type=int, default=4, help="most images one request may ask for")
+    v.add_argument("--max-images", type=int, default=4,
+                   help=f"most images one request may ask for (at most {MAX_IMAGES})")
     v.add_argument("--no-warmup", action="store_true", help="create the sessions on the first request")
     v.set_defaults(fn=cmd_serve)
 
+
+def _add_small(sub, parents) -> None:
     i = sub.add_parser("info", help="describe an engine dir")
     i.add_argument("engine_dir")
     i.add_argument("--json", action="store_true", help="print manifest.json")
     i.set_defaults(fn=cmd_info)
-
+    v = sub.add_parser("verify", parents=parents, help="check every engine file's size and sha256")
+    v.add_argument("engine_dir")
+    v.set_defaults(fn=cmd_verify)
     s = sub.add_parser("samplers", help="list sampler names")
     s.set_defaults(fn=cmd_samplers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sdrt import __version__
+
+    p = _Parser(prog="sdrt", description="Stable Diffusion on ONNX Runtime / TensorRT engines, no torch.")
+    p.add_argument("--version", action="version", version=f"sdrt {__version__}")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    quiet = _Parser(add_help=False)  # -q works after the subcommand too
+    quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="no progress bars or info logs")
+    for add in (_add_export, _add_generate, _add_bench, _add_serve, _add_small):
+        add(sub, [quiet])
     return p
 
 
@@ -349,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except KeyboardInterrupt:
-        print("sdrt: interrupted", file=sys.stderr)
+        print("sdrt: interrupted", file=sys.stderr)  # progress bars were closed: this is a line of its own
         return 130
     except Exception as e:  # a bug: one line unless SDRT_DEBUG asks for the traceback
         if os.environ.get("SDRT_DEBUG"):

@@ -16,3 +16,9 @@ class InputError(SdrtError, ValueError):
 def first_line(e: BaseException) -> str:
     """A third-party exception's message in one line (the CLI prints one line per error)."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+class Interrupted(SdrtError):
+    """The run was stopped on request (Ctrl-C, a server's interrupt or cancellation). CLI exit 130."""
+
+    exit_code = 130

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sdrt.components import COMPONENTS, ComponentSpec, ModelDims
+from sdrt.components import COMPONENTS, ComponentSpec, ModelDims, component_specs
 from sdrt.errors import InputError
 
 FORMAT_VERSION = 1
@@ -78,25 +78,38 @@ class Manifest:
     tokenizer_dir: str = TOKENIZER_DIR
     format_version: int = FORMAT_VERSION
     exporter: dict = field(default_factory=dict)  # versions of the tools that made it
+    # every file of the engine dir but the manifest: relative path -> {"size": bytes, "sha256": hex};
+    # empty in engine dirs exported before sdrt recorded them (then only presence is checked)
+    files: dict[str, dict] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
             "format_version": self.format_version, "source": self.source, "pipeline": self.pipeline,
             "prediction_type": self.prediction_type, "vae_scaling_factor": self.vae_scaling_factor,
-            "vae_scale_factor": self.dims.vae_scale_factor, "latent_channels": self.dims.latent_channels,
-            "unet_in_channels": self.dims.unet_in_channels,
-            "default_image_size": self.default_image_size, "dims": asdict(self.dims),
+            **{k: getattr(self.dims, k) for k in TOP_LEVEL_DIMS},
+            "default_image_size": self.default_image_size,
+            "dims": {k: v for k, v in asdict(self.dims).items() if k not in TOP_LEVEL_DIMS},
             "scheduler_config": self.scheduler_config, "tokenizer_dir": self.tokenizer_dir,
             "exporter": self.exporter,
             "components": {k: v.to_json() for k, v in self.components.items()},
+            "files": self.files,
         }
 
     def write(self, directory: Path) -> None:
         (Path(directory) / MANIFEST).write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
+    @property
+    def image_px(self) -> tuple[int, int]:
+        """The smallest and largest image side a request may ask for, in pixels: one latent pixel up
+        to the UNet's declared maximum. (ONNX graphs run below the declared minimum, which is where
+        export samples its inputs; TensorRT engines refuse shapes outside their own profile.)"""
+        f = self.dims.vae_scale_factor
+        return f, self.components["unet"].spec.dims["h"][2] * f
+
     @classmethod
-    def read(cls, directory: str | Path) -> Manifest:
-        """Load and validate; every problem is an InputError naming the directory and what is wrong."""
+    def read(cls, directory: str | Path, verify: bool = False) -> Manifest:
+        """Load and validate; every problem is an InputError naming the directory and what is wrong.
+        File sizes are always checked; verify=True also checks every file's sha256 (sdrt verify)."""
         d = Path(directory)
         path = d / MANIFEST
         if not d.is_dir():
@@ -111,18 +124,114 @@ class Manifest:
             got = raw.get("format_version") if isinstance(raw, dict) else None
             raise InputError(f"{path}: format_version {got!r}, this sdrt reads {FORMAT_VERSION}")
         try:
-            m = cls(source=raw["source"], pipeline=raw["pipeline"], prediction_type=raw["prediction_type"],
-                    vae_scaling_factor=float(raw["vae_scaling_factor"]), dims=ModelDims(**raw["dims"]),
-                    scheduler_config=raw["scheduler_config"],
-                    components={k: ComponentEntry.from_json(k, v) for k, v in raw["components"].items()},
-                    default_image_size=int(raw.get("default_image_size", 512)),
-                    tokenizer_dir=raw.get("tokenizer_dir", TOKENIZER_DIR), exporter=raw.get("exporter", {}))
+            m = cls._from_json(raw)
+        except FieldError as e:
+            raise InputError(f"{path} is corrupt: {e}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InputError(f"{path} is corrupt: bad or missing field {e}") from None
-        for name in COMPONENTS:
-            if name in m.components:
-                c = m.components[name]
-                for f in c.files + [t.file for t in c.targets.values()]:
-                    if not (d / f).is_file():
-                        raise InputError(f"{d}: {name} file {f} is missing")
+        m.check_files(d, verify)
         return m
+
+    @classmethod
+    def _from_json(cls, raw: dict) -> Manifest:
+        from sdrt.runtime.denoiser import PREDICTION_TYPES
+
+        given = raw["dims"] | {k: raw[k] for k in TOP_LEVEL_DIMS if k in raw}  # older manifests: both places
+        dims = ModelDims(**{k: _positive_int(k if k in TOP_LEVEL_DIMS else f"dims.{k}", v) for k, v in given.items()})
+        m = cls(source=raw["source"], pipeline=_choice("pipeline", raw["pipeline"], PIPELINES),
+                prediction_type=_choice("prediction_type", raw["prediction_type"], PREDICTION_TYPES),
+                vae_scaling_factor=_positive_number("vae_scaling_factor", raw["vae_scaling_factor"]), dims=dims,
+                scheduler_config=_scheduler_config(raw["scheduler_config"]),
+                components={k: ComponentEntry.from_json(k, v) for k, v in raw["components"].items()},
+                default_image_size=_positive_int("default_image_size", raw.get("default_image_size", 512)),
+                tokenizer_dir=raw.get("tokenizer_dir", TOKENIZER_DIR), exporter=raw.get("exporter", {}),
+                files=raw.get("files", {}))
+        if m.default_image_size % dims.vae_scale_factor:
+            raise FieldError(f"default_image_size {m.default_image_size} is not a multiple of "
+                             f"vae_scale_factor {dims.vae_scale_factor}")
+        _check_specs(m.components, dims)
+        return m
+
+    def check_files(self, d: Path, verify: bool = False, progress=None) -> None:
+        """Every file the manifest names exists with its recorded size (and sha256 if verify);
+        InputError naming the first that does not."""
+        from sdrt.checksums import sha256_file
+
+        for name, c in self.components.items():
+            for f in c.files + [t.file for t in c.targets.values()]:
+                if not (d / f).is_file():
+                    raise InputError(f"{d}: {name} file {f} is missing")
+        for f, rec in self.files.items():
+            p = d / f
+            if not p.is_file():
+                raise InputError(f"{d}: {f} is missing (sdrt verify {d})")
+            size = p.stat().st_size
+            if size != rec["size"]:
+                raise InputError(f"{d}: {f} has {size:,} bytes, the manifest records {rec['size']:,} "
+                                 "(truncated or replaced; re-export)")
+            if verify and sha256_file(p, progress) != rec["sha256"]:
+                raise InputError(f"{d}: {f} is corrupt: its sha256 differs from the one recorded at export")
+
+
+PIPELINES = ("txt2img", "inpaint")
+# ModelDims fields the manifest states at its top level (the engine-dir facts users read); the rest
+# are under "dims"
+TOP_LEVEL_DIMS = ("vae_scale_factor", "latent_channels", "unet_in_channels")
+
+
+class FieldError(ValueError):
+    """A manifest value of the wrong kind; the message names the field."""
+
+
+def file_records(directory: Path, skip: tuple[str, ...] = (), progress=None) -> dict[str, dict]:
+    """{relative path: {"size", "sha256"}} for every file under DIRECTORY but the manifest and SKIP."""
+    from sdrt.checksums import sha256_file
+
+    d = Path(directory)
+    out = {}
+    for p in sorted(d.rglob("*")):
+        rel = p.relative_to(d).as_posix()
+        if p.is_file() and rel != MANIFEST and rel not in skip:
+            out[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p, progress)}
+    return out
+
+
+def _positive_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise FieldError(f"{name} must be a positive integer, got {v!r}")
+    return v
+
+
+def _positive_number(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+        raise FieldError(f"{name} must be a positive number, got {v!r}")
+    return float(v)
+
+
+def _choice(name: str, v, choices) -> str:
+    if v not in choices:
+        raise FieldError(f"{name} must be one of {', '.join(choices)}, got {v!r}")
+    return v
+
+
+def _scheduler_config(config) -> dict:
+    if not isinstance(config, dict):
+        raise FieldError(f"scheduler_config must be an object, got {config!r}")
+    _positive_int("scheduler_config.num_train_timesteps", config.get("num_train_timesteps", 1000))
+    for k in ("beta_start", "beta_end"):
+        if k in config:
+            _positive_number(f"scheduler_config.{k}", config[k])
+    return config
+
+
+def _check_specs(components: dict[str, ComponentEntry], dims: ModelDims) -> None:
+    """Each component's declared inputs and outputs are the ones sdrt's components have."""
+    expected = component_specs(dims)
+    for name, c in components.items():
+        if name not in expected:
+            raise FieldError(f"components.{name}: not a component sdrt knows ({', '.join(COMPONENTS)})")
+        want = expected[name]
+        for kind in ("inputs", "outputs"):
+            got, exp = [t.name for t in getattr(c.spec, kind)], [t.name for t in getattr(want, kind)]
+            if got != exp:
+                raise FieldError(f"components.{name}.{kind}: names {got}, expected {exp}")

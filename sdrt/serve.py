@@ -2,8 +2,8 @@
 
     GET  /health    {"status": "ok"} (answers while a generation runs)
     GET  /info      the model, provider, samplers and limits
-    POST /generate  JSON in (GENERATE_FIELDS), JSON out: base64 PNGs (with A1111 metadata), seeds,
-                    parameters, seconds
+    POST /generate  JSON in (sdrt.runtime.request.GenerateRequest's fields), JSON out: base64 PNGs
+                    (with A1111 metadata), seeds, parameters, seconds
 
 One pipeline serves every request; generations run one at a time (each already uses every core or
 the whole GPU), others wait their turn. Bad input is a 400 with {"error": "..."} naming the problem;
@@ -24,28 +24,10 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from sdrt.errors import InputError, SdrtError
+from sdrt.errors import InputError, SdrtError, first_line
 
 log = logging.getLogger(__name__)
 
-# field -> (accepted JSON types, Pipeline.__call__ argument); `image` / `mask` are base64 PNG or JPEG
-GENERATE_FIELDS = {
-    "prompt": ((str,), "prompt"),
-    "negative_prompt": ((str, type(None)), "negative_prompt"),
-    "steps": ((int,), "steps"),
-    "sampler": ((str,), "sampler"),
-    "schedule_type": ((str, type(None)), "schedule_type"),
-    "eta": ((int, float, type(None)), "eta"),
-    "guidance_scale": ((int, float), "guidance_scale"),
-    "seed": ((int, type(None)), "seed"),
-    "width": ((int, type(None)), "width"),
-    "height": ((int, type(None)), "height"),
-    "num_images": ((int,), "num_images"),
-    "clip_skip": ((int,), "clip_skip"),
-    "image": ((str, type(None)), "image"),
-    "strength": ((int, float), "strength"),
-    "mask": ((str, type(None)), "mask"),
-}
 MAX_BODY = 32 << 20  # bytes: two base64 images of a few megapixels
 
 
@@ -62,30 +44,40 @@ def _decode_image(field: str, text: str):
         raise InputError(f"{field}: not an image Pillow can read (base64 of a PNG or JPEG file)") from None
 
 
-def parse_request(body: bytes, max_images: int) -> dict:
-    """Pipeline keyword arguments from a /generate body; InputError names what is wrong."""
+def request_fields() -> dict:
+    """The JSON fields of POST /generate: GenerateRequest's, less the Python-only ones."""
+    from sdrt.runtime.request import GenerateRequest
+
+    return {f.name: f for f in GenerateRequest.fields(python_only=False)}
+
+
+def parse_request(body: bytes, max_images: int):
+    """A GenerateRequest from a /generate body; InputError names what is wrong."""
+    from sdrt.runtime.request import GenerateRequest
+
     try:
         req = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"body is not JSON: {e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
+        raise InputError(f"body is not JSON: {first_line(e)}") from None
     if not isinstance(req, dict):
         raise InputError("body must be a JSON object")
-    unknown = sorted(set(req) - set(GENERATE_FIELDS))
+    fields = request_fields()
+    unknown = sorted(set(req) - set(fields))
     if unknown:
-        raise InputError(f"unknown field(s) {', '.join(unknown)}; accepted: {', '.join(GENERATE_FIELDS)}")
+        raise InputError(f"unknown field(s) {', '.join(unknown)}; accepted: {', '.join(fields)}")
     if "prompt" not in req:
         raise InputError("prompt is required")
     kwargs = {}
-    for field, value in req.items():
-        types, arg = GENERATE_FIELDS[field]
-        if isinstance(value, bool) or not isinstance(value, types):  # JSON true is not a number here
-            names = "/".join("null" if t is type(None) else {"str": "string", "int": "integer",
-                                                              "float": "number"}[t.__name__] for t in types)
-            raise InputError(f"{field}: expected {names}, got {json.dumps(value)[:40]}")
-        kwargs[arg] = _decode_image(field, value) if field in ("image", "mask") and value is not None else value
-    if kwargs.get("num_images", 1) > max_images:
+    for name, value in req.items():
+        if fields[name].metadata["kind"] == "image" and value is not None:
+            if not isinstance(value, str):
+                raise InputError(f"{name}: expected base64 of a PNG or JPEG file")
+            value = _decode_image(name, value)
+        kwargs[name] = value
+    request = GenerateRequest.make(**kwargs)
+    if request.num_images > max_images:
         raise InputError(f"num_images: at most {max_images} per request (sdrt serve --max-images)")
-    return kwargs
+    return request
 
 
 class Server:
@@ -93,9 +85,10 @@ class Server:
 
     def __init__(self, engine_dir: str | Path, provider: str = "cpu", max_images: int = 4):
         from sdrt.runtime.pipeline import Pipeline
+        from sdrt.runtime.request import MAX_IMAGES
 
-        if max_images < 1:
-            raise InputError(f"--max-images must be >= 1, got {max_images}")
+        if not 1 <= max_images <= MAX_IMAGES:
+            raise InputError(f"--max-images must be from 1 to {MAX_IMAGES}, got {max_images}")
         self.engine_dir, self.provider, self.max_images = Path(engine_dir), provider, max_images
         self.pipe = Pipeline.load(engine_dir, provider=provider)
         self.lock = threading.Lock()
@@ -112,22 +105,18 @@ class Server:
                 "source": m.source.get("name"), "prediction_type": m.prediction_type,
                 "default_size": m.default_image_size, "max_images": self.max_images,
                 "samplers": list(samplers.SAMPLERS), "default_sampler": samplers.DEFAULT_SAMPLER,
-                "fields": list(GENERATE_FIELDS)}
+                "fields": list(request_fields())}
 
     def generate(self, body: bytes) -> dict:
-        kwargs = parse_request(body, self.max_images)
+        from sdrt.runtime.images import png_bytes
+
+        request = parse_request(body, self.max_images)
         t0 = time.perf_counter()
         with self.lock:
             waited = time.perf_counter() - t0
-            result = self.pipe(**kwargs)
-        images = []
-        for image, text in zip(result.images, result.parameters):
-            from PIL.PngImagePlugin import PngInfo
-
-            info, buf = PngInfo(), io.BytesIO()
-            info.add_text("parameters", text)
-            image.save(buf, format="PNG", pnginfo=info)
-            images.append(base64.b64encode(buf.getvalue()).decode())
+            result = self.pipe(request)
+        images = [base64.b64encode(png_bytes(image, text)).decode()
+                  for image, text in zip(result.images, result.parameters)]
         return {"images": images, "seeds": result.seeds, "parameters": result.parameters,
                 "seconds": round(time.perf_counter() - t0 - waited, 3), "queued_seconds": round(waited, 3)}
 

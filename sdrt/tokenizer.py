@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.errors import InputError
+from sdrt.errors import InputError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,21 @@ def _special_token(value) -> str | None:
     return value
 
 
+def _read_files(d: Path):
+    config = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        if (d / name).is_file():
+            config.update(json.loads((d / name).read_text(encoding="utf-8")))
+    if (d / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        return config, Tokenizer.from_file(str(d / "tokenizer.json"))
+    if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+        vocab = json.loads((d / "vocab.json").read_text(encoding="utf-8"))
+        return config, _bpe_tokenizer(vocab, _read_merges(d / "merges.txt"))
+    raise InputError(f"{d}: no tokenizer.json and no vocab.json + merges.txt")
+
+
 def _bpe_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]):
     from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
@@ -117,19 +132,12 @@ class ClipTokenizer:
     @classmethod
     def from_dir(cls, directory: str | Path) -> ClipTokenizer:
         d = Path(directory)
-        config = {}
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):
-            if (d / name).is_file():
-                config.update(json.loads((d / name).read_text(encoding="utf-8")))
-        if (d / "tokenizer.json").is_file():
-            from tokenizers import Tokenizer
-
-            backend = Tokenizer.from_file(str(d / "tokenizer.json"))
-        elif (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
-            vocab = json.loads((d / "vocab.json").read_text(encoding="utf-8"))
-            backend = _bpe_tokenizer(vocab, _read_merges(d / "merges.txt"))
-        else:
-            raise InputError(f"{d}: no tokenizer.json and no vocab.json + merges.txt")
+        try:
+            config, backend = _read_files(d)
+        except InputError:
+            raise
+        except Exception as e:  # json's ValueError; tokenizers raises a plain Exception for a corrupt file
+            raise InputError(f"{d}: the tokenizer files are corrupt ({first_line(e)}); re-export") from None
         backend.no_padding()
         backend.no_truncation()
         max_length = int(config.get("model_max_length", 77))

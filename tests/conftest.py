@@ -18,6 +18,22 @@ import pytest
 for name in ("onnx_ir", "onnxscript", "torch.onnx"):
     logging.getLogger(name).setLevel(logging.ERROR)
 
+
+@pytest.fixture(scope="session", autouse=True)
+def export_cache(tmp_path_factory):
+    """One export cache for the session (sdrt.export.onnx_export.CACHE_ENV): the many exports of the
+    same tiny checkpoint (precisions, backends, CLI runs, single files of it) run torch's exporter
+    once per distinct module. Subprocesses inherit it."""
+    from sdrt.export.onnx_export import CACHE_ENV
+
+    old = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = old or str(tmp_path_factory.mktemp("export-cache"))  # a developer's own, if set
+    yield
+    if old is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = old
+
 CHECKPOINTS = ("eps", "vpred", "f4")
 # test image size per checkpoint (width, height): non-square, latents at least 6 wide; eps has an
 # odd latent width (9), which diffusers' UNet handles by explicit upsample sizes
@@ -35,20 +51,20 @@ def make_checkpoint(kind: str, path: Path) -> Path:
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from sdrt.export import sources
+    from sdrt.export import architectures, sources
 
     if kind == "eps":
         pipe = sources.build_builtin("tiny", path.parent / f"{kind}-scratch")
         pipe.save_pretrained(path)
         return path
-    cfg = sources.TINY
+    cfg = architectures.TINY
     tok_dir = path.parent / f"{kind}-tok"
     sources.clip_tokenizer.write_builtin_files(tok_dir)
     torch.manual_seed({"vpred": 1, "f4": 2}[kind])
     te_cfg = dict(cfg["text_encoder"])
     unet_cfg = dict(cfg["unet"])
     vae_cfg = dict(cfg["vae"])
-    base = dict(sources.SD15_SCHEDULER)
+    base = dict(architectures.SD15_SCHEDULER)
     base.pop("_class_name")
     if kind == "vpred":
         te_cfg["hidden_act"] = "gelu"

@@ -72,18 +72,21 @@ def _bad_engine_dirs(engines, tmp_path):
 
 BAD_GENERATE = {
     "unknown sampler": (["--sampler", "k_euler_typo"], "unknown sampler 'k_euler_typo'"),
-    "size not a multiple": (["--width", "60"], "multiples of 8"),
-    "zero steps": (["--steps", "0"], "steps must be an integer >= 1"),
-    "strength too high": (["--init-image", "{image}", "--strength", "1.5"], "strength must be in [0, 1]"),
-    "strength negative": (["--init-image", "{image}", "--strength", "-0.1"], "strength must be in [0, 1]"),
+    "size not a multiple": (["--width", "60"], "width 60: must be a multiple of 8"),
+    "size over the engines' maximum": (["--width", "4096"], "width 4096: must be a multiple of 8 (the VAE scale factor) from 8 to 2048"),
+    "too many steps": (["--steps", "100000"], "steps: 100000 is out of range (1 to 500)"),
+    "too many images": (["--batch", "9"], "num_images: 9 is out of range (1 to 8)"),
+    "zero steps": (["--steps", "0"], "steps: 0 is out of range (1 to 500)"),
+    "strength too high": (["--init-image", "{image}", "--strength", "1.5"], "strength: 1.5 is out of range (0 to 1)"),
+    "strength negative": (["--init-image", "{image}", "--strength", "-0.1"], "strength: -0.1 is out of range (0 to 1)"),
     "unreadable init image": (["--init-image", "{bad_image}"], "cannot read image"),
     "missing init image": (["--init-image", "{tmp}/nope.png"], "cannot read image"),
-    "clip skip too large": (["--clip-skip", "9"], "clip skip must be between 1 and 4"),
+    "clip skip too large": (["--clip-skip", "9"], "clip_skip 9: this text encoder has 4 layers"),
     "not a png": (["-o", "{tmp}/out.jpg"], "must be a .png"),
     "schedule type the sampler lacks": (["--sampler", "ddim", "--schedule-type", "karras"],
                                         "sampler ddim does not take schedule type 'karras'"),
     "eta for a sampler without it": (["--sampler", "euler", "--eta", "0.5"], "eta applies to the ddim sampler only"),
-    "eta out of range": (["--sampler", "ddim", "--eta", "2"], "eta must be in [0, 1]"),
+    "eta out of range": (["--sampler", "ddim", "--eta", "2"], "eta: 2.0 is out of range (0 to 1)"),
     "unknown schedule type": (["--schedule-type", "cosine"], "invalid choice: 'cosine'"),
 }
 
@@ -120,10 +123,14 @@ def test_corrupt_onnx_file(engines, tmp_path, capsys):
     shutil.copytree(engines["eps"], broken)
     target = broken / "unet" / "model.onnxruntime-cpu.onnx"  # the graph the CPU provider runs
     data = target.read_bytes()
-    target.write_bytes(data[: len(data) // 3])
+    target.write_bytes(b"\xff" * len(data))  # same size: only loading finds it
     assert main(["generate", "x", "--engines", str(broken), "-o", str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err
     assert "cannot load" in err and "unet/model.onnxruntime-cpu.onnx" in err and len(err.strip().splitlines()) == 1
+    target.write_bytes(data[: len(data) // 3])  # truncated: the size check at load finds it
+    assert main(["generate", "x", "--engines", str(broken), "-o", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err
+    assert "unet/model.onnxruntime-cpu.onnx has" in err and "the manifest records" in err, err
     assert not (tmp_path / "o.png").exists()
 
 

@@ -23,12 +23,12 @@ def inpaint(tmp_path_factory):
     import torch
     from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
 
-    from sdrt.export import export, sources
+    from sdrt.export import architectures, export, sources
 
     root = tmp_path_factory.mktemp("inpaint")
     base = sources.build_builtin("tiny", root / "scratch")
     torch.manual_seed(3)
-    unet = UNet2DConditionModel(**(dict(sources.TINY["unet"]) | {"in_channels": 9}))
+    unet = UNet2DConditionModel(**(dict(architectures.TINY["unet"]) | {"in_channels": 9}))
     parts = {k: v for k, v in base.components.items() if k in ("vae", "text_encoder", "tokenizer", "scheduler")}
     pipe = StableDiffusionInpaintPipeline(**parts, unet=unet, safety_checker=None, feature_extractor=None,
                                           requires_safety_checker=False)

@@ -72,11 +72,11 @@ def test_guidance_le_1_runs_conditional_pass_only(pipe, monkeypatch, guidance, p
 
 def test_callback_and_img2img_step_count(pipe):
     calls = []
-    pipe("a dog", steps=5, width=64, height=48, callback=lambda i, n, x: calls.append((i, n, x.shape)))
+    pipe("a dog", steps=5, width=64, height=48, callback=lambda i, n, x, x0: calls.append((i, n, x.shape)))
     assert calls == [(i, 5, (1, 4, 6, 8)) for i in range(5)]
     calls.clear()
     init = Image.new("RGB", (64, 48), "blue")
-    r = pipe("a dog", steps=10, image=init, strength=0.35, callback=lambda i, n, x: calls.append(n))
+    r = pipe("a dog", steps=10, image=init, strength=0.35, callback=lambda i, n, x, x0: calls.append(n))
     assert calls == [3] * 3  # int(10 * 0.35) steps run, as diffusers
     assert r.pixels.shape == (1, 48, 64, 3) and "Denoising strength: 0.35" in r.parameters[0]
 
@@ -121,7 +121,7 @@ def test_noop_model_is_what_onnx_builds():
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
-    from sdrt.runtime.backends import NOOP_MODEL
+    from sdrt.runtime.backends.memory import NOOP_MODEL
 
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "release",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
@@ -156,9 +156,14 @@ def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
 @pytest.mark.parametrize("kwargs,message", [
     ({"latents": np.zeros((1, 4, 5, 8))}, "latents: shape"),
     ({"mask": Image.new("L", (64, 48))}, "a mask needs an init image"),
-    ({"num_images": 0}, "number of images"),
-    ({"guidance_scale": -1.0}, "guidance scale"),
-    ({"height": 0}, "multiples of 8"),
+    ({"num_images": 0}, "num_images: 0 is out of range"),
+    ({"guidance_scale": -1.0}, "guidance_scale: -1.0 is out of range"),
+    ({"height": 0}, "height 0: must be a multiple of 8"),
+    ({"width": 4096}, "width 4096: must be a multiple of 8 .* from 8 to 2048"),
+    ({"steps": 100_000}, "steps: 100000 is out of range"),
+    ({"seed": -2}, "seed: -2 is out of range"),
+    ({"sampler": "nope"}, "unknown sampler 'nope'"),
+    ({"bogus": 1}, "unknown argument.*bogus"),
 ])
 def test_bad_arguments(pipe, kwargs, message):
     args = ARGS | kwargs
@@ -222,7 +227,8 @@ def test_missing_gpu_provider_says_how_to_install_it(monkeypatch, installed, say
 
 
 def test_bad_gpu_memory_setting_is_named(monkeypatch):
-    from sdrt.runtime.backends import check_provider, gpu_memory_mode
+    from sdrt.runtime.backends import check_provider
+    from sdrt.runtime.backends.memory import gpu_memory_mode
 
     monkeypatch.delenv("SDRT_GPU_MEMORY", raising=False)
     assert gpu_memory_mode() == "low"  # the default: one CUDA arena, shrunk between phases

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from sdrt.errors import InputError
-from sdrt.export.sources import SD15_SCHEDULER
+from sdrt.export.architectures import SD15_SCHEDULER
 from sdrt.runtime import noise, samplers
 from sdrt.runtime.denoiser import Denoiser
 from tests.reference import patch_noise, scheduler_for
@@ -60,10 +60,31 @@ def run_sdrt(name, config, steps, x_init, draws, schedule_type=None, eta=None):
 
     def in_diffusers_terms(i, x):  # "vp" schedulers hold x_t = state * sqrt(alpha_bar)
         states.append(x / np.sqrt(1 + schedule.sigmas[i + 1] ** 2) if smp.space == "vp" else x)
+        return x
 
     x = samplers.initial_state(smp, schedule, x_init)
-    smp.run(denoise, x, schedule, noise=draws, callback=in_diffusers_terms, eta=eta)
+    smp.fn(denoise, x, schedule, noise=draws, callback=in_diffusers_terms, **smp.options_for(eta))
     return states
+
+
+def float32_split_slack(name, config, steps, x_init, ours, schedule_type=None):
+    """Per step, how far the float32 ancestral split alone moves DPM2 a's state (0 for other samplers).
+
+    DPM2 a splits each step in float32, as k-diffusion and diffusers do: sigma_down = sqrt(sigma_to^2 -
+    sigma_up^2) cancels for big steps (2 linspace steps: ~1e-6 of sigma_to^2 survives, so float32 leaves
+    sigma_down ~1% uncertain), and the midpoint's 1 / sigma_mid amplifies that. Float32 pow and sqrt
+    round differently from CPU to CPU (torch's vectorized kernels, numpy's), so two correct float32
+    splits may differ by as much as either differs from the exact split: the slack is the distance
+    between sdrt's float32 run and the same run with the split in float64."""
+    if not samplers.get_sampler(name).options.get("ancestral"):
+        return [0.0] * len(ours)
+    real = samplers.ancestral_step
+    try:
+        samplers.ancestral_step = lambda a, b, eta=1.0: real(float(a), float(b), eta)
+        exact = run_sdrt(name, config, steps, x_init, noise.ImageNoise([1, 2], noise.SAMPLER), schedule_type)
+    finally:
+        samplers.ancestral_step = real
+    return [float(np.abs(a - b).max()) for a, b in zip(ours, exact)]
 
 
 def _compare(name, config, steps, schedule_type=None, eta=None, rtol=RTOL):
@@ -71,9 +92,11 @@ def _compare(name, config, steps, schedule_type=None, eta=None, rtol=RTOL):
     ref = run_diffusers(name, config, steps, x_init, noise.ImageNoise([1, 2], noise.SAMPLER), schedule_type, eta)
     ours = run_sdrt(name, config, steps, x_init, noise.ImageNoise([1, 2], noise.SAMPLER), schedule_type, eta)
     assert len(ours) == len(ref) == steps
+    slack = float32_split_slack(name, config, steps, x_init, ours, schedule_type)
     for i, (a, b) in enumerate(zip(ours, ref)):
         scale = max(np.abs(b).max(), 1e-3)
-        assert np.abs(a - b).max() / scale < rtol, f"step {i}: {np.abs(a - b).max() / scale:.2e}"
+        err = np.abs(a - b).max() / scale
+        assert err < rtol + 4 * slack[i] / scale, f"step {i}: {err:.2e} (float32 split slack {slack[i] / scale:.1e})"
 
 
 DETERMINISTIC = ["ddim", "pndm", "lms", "lms_karras", "euler", "heun", "dpm2", "dpm2_karras", "dpmpp_2m",

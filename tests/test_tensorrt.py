@@ -157,7 +157,7 @@ def test_engine_build_errors(engines, tmp_path, fake_trt):
 def test_cuda_graph_capture_failure_falls_back(engines, tmp_path, fake_trt):
     """An engine CUDA can't capture runs without graphs, with the same outputs."""
     from sdrt.export.tensorrt import build_engine
-    from sdrt.runtime.backends import TensorRtBackend
+    from sdrt.runtime.backends.tensorrt import TensorRtBackend
 
     _, cuda = fake_trt
     onnx_file, weights, spec = _component(engines, "vae_decoder")
@@ -183,7 +183,7 @@ def test_backend_cuda_calls_on_a_real_gpu(tmp_path, monkeypatch):
     if err != runtime.cudaError_t.cudaSuccess or count == 0:
         pytest.skip("no CUDA GPU")
     from sdrt.components import ComponentSpec, Dim, TensorSpec
-    from sdrt.runtime.backends import TensorRtBackend
+    from sdrt.runtime.backends.tensorrt import TensorRtBackend
     from tests import fake_tensorrt
 
     engine = fake_tensorrt.DeviceEngine(fake_tensorrt.DataType.HALF, batch=(1, 4), length=(1, 1 << 22))

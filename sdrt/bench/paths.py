@@ -41,9 +41,7 @@ class EnginePath:
                          seed=seed).pixels
 
     def unload(self, component: str) -> None:
-        engine = self.pipe.engines.pop(component, None)
-        if engine is not None:
-            engine.close()
+        self.pipe.unload(component)
 
     def close(self) -> None:
         self.pipe.close()

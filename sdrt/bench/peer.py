@@ -111,17 +111,16 @@ def diffusers_feeds(component: str, feeds: dict[str, np.ndarray], scaling_factor
 def session(engine_dir: Path, manifest: Manifest, component: str, provider: str = "cpu"):
     """An ONNX Runtime session of the adapted standard graph, default options (as diffusers makes it)."""
     import onnx
-    import onnxruntime as ort
+
+    from sdrt.runtime.backends import onnxruntime
 
     entry = manifest.components[component]
     # the first ONNX file (a TensorRT export lists its model.plan before it)
     path = Path(engine_dir) / next(f for f in entry.files if f.endswith(".onnx"))
     model = diffusers_graph(component, onnx.load(str(path), load_external_data=False), manifest.vae_scaling_factor)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # not its node-placement notes on CUDA; speed is unaffected
     # the weights stay in the engine dir's file; the edited graph is only in memory
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-    return ort.InferenceSession(model.SerializeToString(), options, providers=[ORT_PROVIDERS[provider]])
+    folder = {"session.model_external_initializers_file_folder_path": str(path.parent)}
+    return onnxruntime.session(model.SerializeToString(), provider, config=folder, providers=[ORT_PROVIDERS[provider]])
 
 
 class DiffusersOnnxPath:

@@ -73,14 +73,11 @@ def run_fp16(path: Path, feeds: dict[str, np.ndarray], output_names: list[str]) 
     """Execute an fp16 graph: ONNX Runtime's CUDA provider if present, else its CPU provider."""
     import onnxruntime as ort
 
+    from sdrt.runtime.backends.onnxruntime import session
+
     gpu = "CUDAExecutionProvider" in ort.get_available_providers()
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), opts,
-                                   providers=["CUDAExecutionProvider" if gpu else "CPUExecutionProvider"])
-    out = session.run(output_names, feeds)
-    del session
-    return out
+    return session(path, "cuda" if gpu else "cpu", providers=["CUDAExecutionProvider" if gpu else
+                                                              "CPUExecutionProvider"]).run(output_names, feeds)
 
 
 def overflows(path: Path, feeds: dict[str, np.ndarray], output_names: list[str]) -> bool:

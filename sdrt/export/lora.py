@@ -9,10 +9,10 @@ file's sha256 and scale, and the weights' sha256 is that of the fused weights.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdrt.checksums import sha256_file
 from sdrt.errors import InputError, first_line
 
 
@@ -33,11 +33,7 @@ class Lora:
         return cls(Path(text))
 
     def to_json(self) -> dict:
-        h = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-        return {"file": str(self.path.resolve()), "sha256": h.hexdigest(), "scale": self.scale}
+        return {"file": str(self.path.resolve()), "sha256": sha256_file(self.path), "scale": self.scale}
 
 
 def _adapted(pipe, name: str) -> int:

@@ -16,36 +16,11 @@ from pathlib import Path
 
 from sdrt import tokenizer as clip_tokenizer
 from sdrt.errors import InputError, first_line
-from sdrt.export.sources import SD15, SD15_SCHEDULER
+from sdrt.export.architectures import ARCHITECTURES
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".safetensors", ".ckpt")
-
-# SD 2.x (stabilityai/stable-diffusion-2-1): OpenCLIP ViT-H/14's text tower without its last layer
-# (SD 2 conditions on the penultimate one), linear attention projections, per-level heads, v-prediction
-SD2 = {
-    "text_encoder": dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
-                         num_hidden_layers=23, projection_dim=512, hidden_act="gelu"),
-    "unet": dict(SD15["unet"], sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
-                 use_linear_projection=True),
-    "vae": dict(SD15["vae"], sample_size=768),
-}
-SD2_SCHEDULER = dict(SD15_SCHEDULER, _class_name="DDIMScheduler", prediction_type="v_prediction")
-
-# inpainting checkpoints (stable-diffusion-inpainting, stable-diffusion-2-inpainting): the same modules
-# with a 9-channel UNet input (latents, mask, masked-image latents); SD 2's is a 512 px epsilon model
-SD15_INPAINT = dict(SD15, unet=dict(SD15["unet"], in_channels=9))
-SD2_INPAINT = dict(SD2, unet=dict(SD2["unet"], in_channels=9, sample_size=64), vae=dict(SD2["vae"], sample_size=512))
-
-# diffusers' name for a checkpoint's architecture (infer_diffusers_model_type) -> what sdrt writes for it
-ARCHITECTURES = {
-    "v1": ("SD 1.x", SD15, SD15_SCHEDULER, None),
-    "v2": ("SD 2.x", SD2, SD2_SCHEDULER, "!"),
-    "inpainting": ("SD 1.x inpainting", SD15_INPAINT, SD15_SCHEDULER, None),
-    "inpainting_v2": ("SD 2.x inpainting", SD2_INPAINT, dict(SD2_SCHEDULER, prediction_type="epsilon"), "!"),
-}
-
 
 def is_single_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in SUFFIXES

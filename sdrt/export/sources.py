@@ -9,51 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from sdrt import tokenizer as clip_tokenizer
 from sdrt.errors import InputError, SdrtError
+from sdrt.export import single_file
+from sdrt.export.architectures import BUILTIN, BUILTIN_SEED, SD15_SCHEDULER
 
 log = logging.getLogger(__name__)
-
-BUILTIN_SEED = 0
-
-# SD 1.x scheduler config (as in the v1-5 checkpoint's scheduler/scheduler_config.json)
-SD15_SCHEDULER = {
-    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
-    "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False,
-    "prediction_type": "epsilon", "timestep_spacing": "leading",
-}
-
-# Full-size SD 1.5: UNet 860M, CLIP ViT-L/14 text encoder, SD VAE.
-SD15 = {
-    "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                         num_hidden_layers=12, projection_dim=768, hidden_act="quick_gelu"),
-    "unet": dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-                 block_out_channels=(320, 640, 1280, 1280)),
-    "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                sample_size=512, scaling_factor=0.18215,
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
-}
-
-# The SD 1.x architecture scaled down: 4-level VAE (scale factor 8), 2-level UNet, 4-layer CLIP.
-TINY = {
-    "text_encoder": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                         num_hidden_layers=4, projection_dim=32, hidden_act="quick_gelu"),
-    "unet": dict(sample_size=16, cross_attention_dim=32, attention_head_dim=8,
-                 block_out_channels=(32, 64), layers_per_block=2,
-                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
-    "vae": dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, latent_channels=4,
-                norm_num_groups=8, sample_size=128, scaling_factor=0.18215,
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
-}
-
-BUILTIN = {"tiny": TINY, "random-sd15": SD15}
-
 
 @dataclass
 class Loaded:
@@ -105,8 +69,6 @@ def _hub_id_shaped(source: str) -> bool:
 def is_source(source: str) -> bool:
     """Whether SOURCE names a checkpoint `load_source` would try: a built-in name, a diffusers
     folder, a single-file checkpoint, or something shaped like a hub id (org/name) that is not a local path."""
-    from sdrt.export import single_file
-
     path = Path(source)
     if source in BUILTIN or (path / "model_index.json").is_file() or single_file.is_single_file(path):
         return True
@@ -116,8 +78,6 @@ def is_source(source: str) -> bool:
 def load_source(source: str, workdir: Path, config: Path | None = None) -> Loaded:
     """Resolve SOURCE into PyTorch modules. Raises InputError when SOURCE is not a checkpoint.
     CONFIG: a diffusers folder whose configs describe a single-file SOURCE (default: detected)."""
-    from sdrt.export import single_file
-
     path = Path(source)
     if config is not None and not single_file.is_single_file(path):
         raise InputError(f"--config is for single-file checkpoints ({', '.join(single_file.SUFFIXES)}); "
@@ -150,11 +110,12 @@ def content_hash(pipe) -> str:
     """sha256 over every weight of text encoder, UNet and VAE (names, dtypes, values)."""
     h = hashlib.sha256()
     for part in (pipe.text_encoder, pipe.unet, pipe.vae):
-        for key, tensor in sorted(part.state_dict().items()):
-            h.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-            h.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+        hash_weights(h, part)
     return h.hexdigest()
 
 
-def scratch_dir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="sdrt-src-")
+def hash_weights(h, module) -> None:
+    """Feed a torch module's weights (names, dtypes, shapes, values) into hash H."""
+    for key, tensor in sorted(module.state_dict().items()):
+        h.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().contiguous().cpu().numpy().tobytes())

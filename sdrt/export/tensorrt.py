@@ -22,6 +22,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdrt.checksums import sha256_files
 from sdrt.components import ComponentSpec
 from sdrt.errors import SdrtError
 
@@ -54,15 +55,6 @@ def shapes(spec: ComponentSpec, profile: Profile, scale_factor: int) -> dict[str
     return {t.name: tuple(t.resolve(s) for s in sizes) for t in spec.inputs}
 
 
-def _hash_files(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def build_engine(onnx_path: Path, weights: list[Path], out_path: Path, spec: ComponentSpec, profile: Profile,
                  scale_factor: int) -> bool:
     """Build (or copy from the cache) the engine for ONNX_PATH; return True on a cache hit."""
@@ -75,7 +67,7 @@ def build_engine(onnx_path: Path, weights: list[Path], out_path: Path, spec: Com
     name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
     gpu = f"{name.strip(chr(0)).strip().replace(' ', '_')}-sm{props.major}{props.minor}"
     input_shapes = shapes(spec, profile, scale_factor)
-    key = hashlib.sha256("|".join([_hash_files([onnx_path, *weights]), gpu, trt.__version__,
+    key = hashlib.sha256("|".join([sha256_files([onnx_path, *weights]), gpu, trt.__version__,
                                    repr(sorted(input_shapes.items()))]).encode()).hexdigest()[:32]
     cached = cache_dir() / f"{spec.name}-{key}.plan"
     if cached.is_file():

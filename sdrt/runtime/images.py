@@ -90,9 +90,24 @@ def a1111_parameters(prompt: str, negative: str, settings: dict) -> str:
     return "\n".join(lines)
 
 
-def save_png(image, path: Path, parameters: str) -> None:
+def png_bytes(image, parameters: str) -> bytes:
+    """A PNG file's bytes with A1111's `parameters` text chunk (what its readers parse)."""
+    import io
+
     from PIL.PngImagePlugin import PngInfo
 
-    info = PngInfo()
+    info, buf = PngInfo(), io.BytesIO()
     info.add_text("parameters", parameters)
-    image.save(path, pnginfo=info)
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def save_png(image, path: Path, parameters: str) -> None:
+    Path(path).write_bytes(png_bytes(image, parameters))
+
+
+def numbered_paths(path: Path, n: int) -> list[Path]:
+    """PATH for one image; NAME-0.png, NAME-1.png ... for several."""
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(n)]

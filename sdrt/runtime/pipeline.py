@@ -1,22 +1,34 @@
-"""`sdrt.Pipeline`: text-to-image and image-to-image over exported engines, in NumPy, no torch."""
+"""`sdrt.Pipeline`: text-to-image, image-to-image and inpainting over exported engines, in NumPy, no torch.
+
+A call runs in named phases: plan (validate the request against the engine dir, resolve sizes,
+schedule and seeds) -> conditioning (text embeddings) -> start state (initial noise, init image
+latents, inpainting inputs) -> sampling (the sampler loop, with its per-step hook) -> decode ->
+metadata. Memory is handed back between phases (sdrt.runtime.backends.memory).
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from sdrt.errors import InputError
+from sdrt.errors import InputError, Interrupted
 from sdrt.manifest import Manifest
 from sdrt.runtime import images, noise, samplers
 from sdrt.runtime.backends import PROVIDER_TARGETS, check_provider, load_backend, release_free_memory
 from sdrt.runtime.denoiser import Denoiser
+from sdrt.runtime.request import GenerateRequest
 from sdrt.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
+
+# callback(step, total, latents, denoised): after every step; latents is the sampler state, denoised
+# the step's data estimate x0 (previews decode it); both (N, C, h, w) float64
+Callback = Callable[[int, int, np.ndarray, np.ndarray], None]
 
 
 @dataclass
@@ -25,6 +37,35 @@ class Result:
     pixels: np.ndarray  # (N, H, W, 3) float32 in [0, 1]
     seeds: list[int]  # image i was made from seeds[i]
     parameters: list[str] = field(default_factory=list)  # A1111 `parameters` text per image
+
+    def save(self, path: str | Path) -> list[Path]:
+        """PNGs with their `parameters` metadata: PATH for one image, NAME-i.png for several."""
+        paths = images.numbered_paths(Path(path), len(self.images))
+        for image, text, p in zip(self.images, self.parameters, paths):
+            images.save_png(image, p, text)
+        return paths
+
+
+@dataclass
+class Plan:
+    """A request resolved against the engine dir: what the phases run."""
+
+    req: GenerateRequest
+    sampler: samplers.Sampler
+    schedule: object  # sdrt.runtime.schedules.Schedule, already cut for img2img
+    options: dict  # the sampler function's keyword options
+    seeds: list[int]
+    width: int
+    height: int
+    image: object = None  # the init image, loaded
+    inpaint_unet: bool = False  # a 9-channel inpainting UNet
+
+
+@dataclass
+class StartState:
+    x: np.ndarray  # the sampler state before the first step, float64
+    extra: np.ndarray | None = None  # channels appended to the UNet input (9-channel inpainting)
+    hook: Callable | None = None  # (i, x) -> x after every step (inpainting's blend)
 
 
 class Pipeline:
@@ -40,16 +81,16 @@ class Pipeline:
         # run the provider's rewritten graphs (sdrt.kernels) where the export made them
         self.targets = PROVIDER_TARGETS.get(provider, ()) if optimized else ()
         self.engines = {}  # component name -> Backend, filled by engine()
+        self._stop = threading.Event()
 
     @classmethod
-    def load(cls, engine_dir: str | Path, provider: str = "cpu", optimized: bool = True) -> Pipeline:
+    def load(cls, engine_dir: str | Path, provider: str = "cpu", optimized: bool = True,
+             verify: bool = False) -> Pipeline:
+        """verify: check every file's sha256 against the manifest (sizes are always checked)."""
         d = Path(engine_dir)
-        manifest = Manifest.read(d)
+        manifest = Manifest.read(d, verify=verify)
         if not any(c.backend == "tensorrt" for c in manifest.components.values()):
             check_provider(provider)  # TensorRT engines check their own imports when loaded
-        if manifest.pipeline not in ("txt2img", "inpaint"):
-            raise InputError(f"{d}: a {manifest.pipeline} model; this sdrt runs txt2img / img2img and "
-                             "inpainting models only")
         missing = {"text_encoder", "unet", "vae_decoder"} - set(manifest.components)
         if missing:
             raise InputError(f"{d}: manifest lacks {', '.join(sorted(missing))}")
@@ -63,7 +104,7 @@ class Pipeline:
             if c.precision == "fp16" and self.provider == "cpu" and not any(
                     self.manifest.components[n].precision == "fp16" for n in self.engines):  # once per pipeline
                 # it runs (ops without fp16 kernels compute in fp32 between casts), but at fp32's speed with
-                # fp32 copies of the weights beside the fp16 ones (SD 1.5 UNet: 5.8 against 4.1 GB peak)
+                # fp32 copies of the weights beside the fp16 ones
                 log.warning("%s: the engines are fp16, made for GPUs; ONNX Runtime's CPU provider runs them no "
                             "faster than fp32 and with more memory: export with --precision fp32 for CPUs",
                             self.engine_dir)
@@ -75,6 +116,19 @@ class Pipeline:
         """Create every session now (servers, benchmarks) instead of on first use."""
         for name in self.manifest.components:
             self.engine(name)
+
+    def unload(self, name: str) -> None:
+        """Close one component's session (the next call that needs it loads it again)."""
+        engine = self.engines.pop(name, None)
+        if engine is not None:
+            engine.close()
+
+    def interrupt(self) -> None:
+        """From any thread: the running generation stops within one engine call (ONNX Runtime stops
+        a call in progress) and raises sdrt.errors.Interrupted."""
+        self._stop.set()
+        for e in list(self.engines.values()):
+            e.interrupt()
 
     @property
     def scale_factor(self) -> int:
@@ -91,7 +145,63 @@ class Pipeline:
     def __exit__(self, *exc):
         self.close()
 
-    # -- text ---------------------------------------------------------------------------------
+    # -- generation ---------------------------------------------------------------------------
+    def __call__(self, prompt: str | GenerateRequest | None = None, /, *, callback: Callback | None = None,
+                 **kwargs) -> Result:
+        """Generate from a GenerateRequest, or from its fields as keywords (sdrt.runtime.request:
+        prompt, negative_prompt, steps, sampler, guidance_scale, seed, width, height, num_images,
+        clip_skip, image, strength, mask, latents, schedule_type, eta)."""
+        if isinstance(prompt, GenerateRequest):
+            req = prompt.replace(**kwargs) if kwargs else prompt
+        else:
+            req = GenerateRequest.make(**({"prompt": prompt} if prompt is not None else {}), **kwargs)
+        plan = self.plan(req)
+        self._stop.clear()
+        for e in self.engines.values():
+            e.resume()
+        cond, uncond = self._conditioning(plan)
+        start = self._start_state(plan)
+        x = self._sample(plan, cond, uncond, start, callback)
+        pixels = self.decode(x)
+        release_free_memory()  # nothing held between generations but the weights
+        return Result(images.to_pil(pixels), pixels, plan.seeds, self._metadata(plan))
+
+    def plan(self, req: GenerateRequest) -> Plan:
+        """Validate REQ against this engine dir and resolve what it leaves open; no engine runs."""
+        req.validate(self.manifest)
+        smp = samplers.get_sampler(req.sampler)
+        inpaint_unet = self.manifest.dims.unet_in_channels == 9
+        if req.mask is not None and req.image is None:
+            raise InputError("a mask needs an init image (--init-image) to inpaint")
+        if inpaint_unet and (req.image is None or req.mask is None):
+            raise InputError(f"{self.engine_dir} is an inpainting model: give it an init image and a mask "
+                             "(--init-image, --mask)")
+        image, width, height = None, req.width, req.height
+        if req.image is not None:
+            if "vae_encoder" not in self.manifest.components:
+                raise InputError(f"{self.engine_dir}: no vae_encoder engine, needed for an init image")
+            image = images.load_image(req.image)
+            w0, h0 = images.image_size(image)
+            width = width or w0 - w0 % self.scale_factor
+            height = height or h0 - h0 % self.scale_factor
+            req.replace(width=width, height=height).validate(self.manifest)  # the image's own size, too
+        width = width or self.manifest.default_image_size
+        height = height or self.manifest.default_image_size
+        schedule = smp.make_schedule(self.manifest.scheduler_config, req.steps, req.schedule_type)
+        if image is not None:
+            schedule = schedule.tail(smp.img2img_start(req.steps, req.strength))
+        seed = noise.new_seed() if req.seed is None or req.seed == -1 else req.seed
+        seeds = [int(seed) + i for i in range(req.num_images)]
+        plan = Plan(req, smp, schedule, smp.options_for(req.eta), seeds, width, height, image, inpaint_unet)
+        if req.latents is not None and np.shape(req.latents) != self._noise_shape(plan):
+            raise InputError(f"latents: shape {np.shape(req.latents)}, expected {self._noise_shape(plan)}")
+        return plan
+
+    def _noise_shape(self, plan: Plan) -> tuple:
+        f = self.scale_factor
+        return (len(plan.seeds), self.manifest.dims.latent_channels, plan.height // f, plan.width // f)
+
+    # -- phases -------------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str], clip_skip: int) -> np.ndarray:
         """(len(prompts), 77, D) embeddings from CLIP layer -clip_skip (after the final LayerNorm)."""
         tok = self.tokenizer(prompts)
@@ -102,116 +212,76 @@ class Pipeline:
         hidden = self.engine("text_encoder")(tok.ids)  # (layers, N, 77, D)
         return hidden[-clip_skip]
 
-    # -- generation ---------------------------------------------------------------------------
-    def __call__(self, prompt: str, negative_prompt: str | None = None, steps: int = 20,
-                 sampler: str = samplers.DEFAULT_SAMPLER, guidance_scale: float = 7.5,
-                 seed: int | None = None, width: int | None = None, height: int | None = None,
-                 num_images: int = 1, clip_skip: int = 1, image=None, strength: float = 0.8,
-                 mask=None, latents: np.ndarray | None = None,
-                 callback: Callable[[int, int, np.ndarray], None] | None = None,
-                 schedule_type: str | None = None, eta: float | None = None) -> Result:
-        """schedule_type: "karras", "exponential" or "sgm_uniform" for the samplers that take one
-        (A1111's schedule types); eta: DDIM's noise amount (0 = deterministic)."""
-        smp = samplers.get_sampler(sampler)
-        inpaint = self.manifest.dims.unet_in_channels == 9
-        if mask is not None and image is None:
-            raise InputError("a mask needs an init image (--init-image) to inpaint")
-        if inpaint and (image is None or mask is None):
-            raise InputError(f"{self.engine_dir} is an inpainting model: give it an init image and a mask "
-                             "(--init-image, --mask)")
-        if image is not None:
-            image = images.load_image(image)
-            if "vae_encoder" not in self.manifest.components:
-                raise InputError(f"{self.engine_dir}: no vae_encoder engine, needed for an init image")
-            w0, h0 = images.image_size(image)
-            width = width or w0 - w0 % self.scale_factor
-            height = height or h0 - h0 % self.scale_factor
-        width, height = self._check_size(width), self._check_size(height)
-        self._check_args(steps, guidance_scale, num_images, clip_skip, strength, image is not None)
-        config = self.manifest.scheduler_config
-        schedule = smp.make_schedule(config, steps, schedule_type)
-        options = smp.options_for(eta)
-        if seed is None:
-            seed = noise.new_seed()
-        seeds = [int(seed) + i for i in range(num_images)]
-        shape = (num_images, self.manifest.dims.latent_channels, height // self.scale_factor,
-                 width // self.scale_factor)
-        if latents is not None:
-            latents = np.asarray(latents)
-            if latents.shape != shape:
-                raise InputError(f"latents: shape {latents.shape}, expected {shape}")
-        else:
-            latents = noise.randn(seeds, noise.INITIAL, shape)
-
-        cond = np.repeat(self.encode_prompts([prompt], clip_skip), num_images, axis=0)
+    def _conditioning(self, plan: Plan) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, 77, D) prompt embeddings, and the negative prompt's when guidance is on."""
+        req, n = plan.req, len(plan.seeds)
+        cond = np.repeat(self.encode_prompts([req.prompt], req.clip_skip), n, axis=0)
         uncond = None
-        if guidance_scale > 1:  # diffusers: guidance <= 1 runs the conditional pass only
-            uncond = np.repeat(self.encode_prompts([negative_prompt or ""], clip_skip), num_images, axis=0)
-        release_free_memory()  # each phase (text, init image, sampling, decoding) starts from a small arena
+        if req.guidance_scale > 1:  # diffusers: guidance <= 1 runs the conditional pass only
+            uncond = np.repeat(self.encode_prompts([req.negative_prompt or ""], req.clip_skip), n, axis=0)
+        release_free_memory()  # each phase starts from a small arena
+        return cond, uncond
 
-        extra = blend = x0 = None
-        if mask is not None:
-            m = images.to_mask(mask, width, height)  # (1, 1, H, W), 1: repaint
-            m_latent = m[:, :, ::self.scale_factor, ::self.scale_factor]  # torch's nearest resize, as diffusers
-        if inpaint:  # diffusers' StableDiffusionInpaintPipeline with a 9-channel UNet: mask and masked image
-            kept = images.to_model_input(image, width, height) * (m < 0.5)
-            extra = np.concatenate([np.repeat(m_latent, num_images, axis=0),
-                                    self._encode(kept, seeds, noise.MASKED_POSTERIOR)], axis=1)
+    def _start_state(self, plan: Plan) -> StartState:
+        """The state before the first step: noise (txt2img, inpainting at full strength) or the init
+        image's latents noised to the first level; inpainting's extra channels or per-step blend."""
+        req, schedule, smp = plan.req, plan.schedule, plan.sampler
+        latents = req.latents if req.latents is not None else noise.randn(plan.seeds, noise.INITIAL,
+                                                                           self._noise_shape(plan))
+        noise0 = np.asarray(latents).astype(np.float64)
+        if plan.image is None:
+            return StartState(samplers.initial_state(smp, schedule, noise0))
+        extra = mask = None
+        if req.mask is not None:
+            mask = images.to_mask(req.mask, plan.width, plan.height)  # (1, 1, H, W), 1: repaint
+        if plan.inpaint_unet:
+            extra = self._inpaint_channels(plan, mask)
+        x0 = None
+        if not (plan.inpaint_unet and req.strength >= 1):  # img2img's start; an ordinary model's blend
+            x0 = self.encode_image(plan.image, plan.width, plan.height, plan.seeds)
             release_free_memory()
-        if image is not None:
-            schedule = schedule.tail(smp.img2img_start(steps, strength))
-            if not (inpaint and strength >= 1):  # img2img's start; an ordinary model's inpainting blend
-                x0 = self.encode_image(image, width, height, seeds)
-                release_free_memory()
-        noise0 = latents.astype(np.float64)
-        if image is None or (mask is not None and strength >= 1):  # inpainting at full strength: pure noise
+        if mask is not None and req.strength >= 1:  # inpainting at full strength: pure noise
             x = samplers.initial_state(smp, schedule, noise0)
         else:
             x = x0 + noise0 * schedule.sigmas[0] if len(schedule) else x0
-        if mask is not None and not inpaint:  # an ordinary model: keep the image outside the mask
-            blend = self._blend(m_latent, x0, noise0, schedule, smp.space)
+        hook = None
+        if mask is not None and not plan.inpaint_unet:  # an ordinary model: keep the image outside the mask
+            hook = inpaint_blend(self._latent_mask(mask), x0, noise0, schedule, smp.space)
+        return StartState(x, extra, hook)
 
+    def _latent_mask(self, mask: np.ndarray) -> np.ndarray:
+        return mask[:, :, ::self.scale_factor, ::self.scale_factor]  # torch's nearest resize, as diffusers
+
+    def _inpaint_channels(self, plan: Plan, mask: np.ndarray) -> np.ndarray:
+        """diffusers' StableDiffusionInpaintPipeline with a 9-channel UNet: the mask and the masked
+        image's latents (from a noise stream of their own)."""
+        kept = images.to_model_input(plan.image, plan.width, plan.height) * (mask < 0.5)
+        m = np.repeat(self._latent_mask(mask), len(plan.seeds), axis=0)
+        extra = np.concatenate([m, self._encode(kept, plan.seeds, noise.MASKED_POSTERIOR)], axis=1)
+        release_free_memory()
+        return extra
+
+    def _sample(self, plan: Plan, cond, uncond, start: StartState, callback: Callback | None) -> np.ndarray:
+        """The sampler loop; returns the final latents (N, C, h, w) float64."""
+        schedule, smp, total = plan.schedule, plan.sampler, len(plan.schedule)
         denoise = Denoiser(self.engine("unet"), schedule, self.manifest.prediction_type, cond, uncond,
-                           guidance_scale, extra)
-        total = len(schedule)
+                           plan.req.guidance_scale, start.extra)
 
-        def on_step(i, x):
-            if blend is not None:
-                x[...] = blend(i, x)  # the samplers go on from x, as diffusers' loop from its latents
+        def step_end(i, x):
+            if self._stop.is_set():
+                raise Interrupted("interrupted")
+            if start.hook is not None:
+                x = start.hook(i, x)  # the samplers go on from x, as diffusers' loop from its latents
             if callback is not None:
-                callback(i, total, x)
+                callback(i, total, x, denoise.last_x0)
+            return x
 
-        x = smp.fn(denoise, x, schedule, noise=noise.ImageNoise(seeds, noise.SAMPLER), callback=on_step, **options)
-        if len(schedule):
+        x = smp.fn(denoise, start.x, schedule, noise=noise.ImageNoise(plan.seeds, noise.SAMPLER),
+                   callback=step_end, **plan.options)
+        if total:
             x = samplers.final_latents(smp, schedule, x)
         release_free_memory()  # the UNet's working set, before the decoder's peak
-        pixels = self.decode(x)
-        release_free_memory()  # nothing held between generations but the weights
-        info = [images.a1111_parameters(prompt, negative_prompt or "", {
-            "Steps": steps, "Sampler": smp.display,
-            "Schedule type": schedule_type.replace("_", " ").title() if schedule_type else None,
-            "CFG scale": guidance_scale, "Seed": s,
-            "Size": f"{width}x{height}", "Model hash": self.manifest.source.get("sha256", "")[:10],
-            "Model": Path(str(self.manifest.source.get("name", ""))).name,
-            "Clip skip": clip_skip if clip_skip != 1 else None,
-            "Denoising strength": strength if image is not None else None, "Eta": eta,
-        }) for s in seeds]
-        return Result(images.to_pil(pixels), pixels, seeds, info)
-
-    @staticmethod
-    def _blend(mask, x0, noise0, schedule, space):
-        """Inpainting with a 4-channel UNet, as diffusers' StableDiffusionInpaintPipeline: after every
-        step, outside the mask (mask 0) the state becomes the init image's latents noised to the next
-        level with the initial noise, and after the last step the latents themselves."""
-        sigmas, n = schedule.sigmas, len(schedule)
-        # the state is x_t / sqrt(alpha_bar) ("vp" samplers end at sigmas[-1], which may not be 0)
-        last = np.sqrt(1 + sigmas[-1] ** 2) if space == "vp" else 1.0
-
-        def blend(i, x):
-            target = x0 + sigmas[i + 1] * noise0 if i < n - 1 else x0 * last
-            return (1 - mask) * target + mask * x
-
-        return blend
+        return x
 
     def encode_image(self, image, width: int, height: int, seeds: list[int]) -> np.ndarray:
         """One posterior sample per image, from that image's seed: (N, 4, h, w) float64."""
@@ -229,24 +299,33 @@ class Pipeline:
         image = np.concatenate(out)
         return np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1).astype(np.float32)
 
-    # -- validation ---------------------------------------------------------------------------
-    def _check_size(self, px: int | None) -> int:
-        f = self.scale_factor
-        if px is None:
-            return self.manifest.default_image_size
-        if int(px) != px or px < f or px % f:
-            raise InputError(f"width and height must be positive multiples of {f} (the VAE scale factor), got {px}")
-        return int(px)
+    def _metadata(self, plan: Plan) -> list[str]:
+        """A1111's `parameters` text for each image (its keys, in its order)."""
+        req, source = plan.req, self.manifest.source
 
-    def _check_args(self, steps, guidance_scale, num_images, clip_skip, strength, img2img) -> None:
-        layers = self.manifest.dims.text_layers
-        if int(steps) != steps or steps < 1:
-            raise InputError(f"steps must be an integer >= 1, got {steps}")
-        if not np.isfinite(guidance_scale) or guidance_scale < 0:
-            raise InputError(f"guidance scale must be >= 0, got {guidance_scale}")
-        if int(num_images) != num_images or num_images < 1:
-            raise InputError(f"number of images must be an integer >= 1, got {num_images}")
-        if int(clip_skip) != clip_skip or not 1 <= clip_skip <= layers:
-            raise InputError(f"clip skip must be between 1 and {layers}, got {clip_skip}")
-        if img2img and not 0 <= strength <= 1:
-            raise InputError(f"strength must be in [0, 1], got {strength}")
+        def settings(seed: int) -> dict:
+            return {
+                "Steps": req.steps, "Sampler": plan.sampler.display,
+                "Schedule type": req.schedule_type.replace("_", " ").title() if req.schedule_type else None,
+                "CFG scale": req.guidance_scale, "Seed": seed, "Size": f"{plan.width}x{plan.height}",
+                "Model hash": source.get("sha256", "")[:10], "Model": Path(str(source.get("name", ""))).name,
+                "Clip skip": req.clip_skip if req.clip_skip != 1 else None,
+                "Denoising strength": req.strength if plan.image is not None else None, "Eta": req.eta,
+            }
+
+        return [images.a1111_parameters(req.prompt, req.negative_prompt or "", settings(s)) for s in plan.seeds]
+
+
+def inpaint_blend(mask, x0, noise0, schedule, space):
+    """Inpainting with a 4-channel UNet, as diffusers' StableDiffusionInpaintPipeline: after every
+    step, outside the mask (mask 0) the state becomes the init image's latents noised to the next
+    level with the initial noise, and after the last step the latents themselves."""
+    sigmas, n = schedule.sigmas, len(schedule)
+    # the state is x_t / sqrt(alpha_bar) ("vp" samplers end at sigmas[-1], which may not be 0)
+    last = np.sqrt(1 + sigmas[-1] ** 2) if space == "vp" else 1.0
+
+    def blend(i, x):
+        target = x0 + sigmas[i + 1] * noise0 if i < n - 1 else x0 * last
+        return (1 - mask) * target + mask * x
+
+    return blend

@@ -3,7 +3,8 @@
 Contract: `sampler(denoise, x, schedule, *, noise, callback, **options) -> x`, where
 `denoise(x, sigma) -> x0`, x is the sampler state x_t / sqrt(alpha_bar_t) at level
 schedule.sigmas[0] (sigma = sqrt((1 - alpha_bar) / alpha_bar)), `noise(shape)` draws standard normal
-noise (the caller seeds it) and `callback(i, x)` runs after step i. Multistep history lives in
+noise (the caller seeds it) and `x = callback(i, x)` ends step i: the loop's hook, which may return
+another state to go on from (inpainting's blend does; sdrt.runtime.pipeline). Multistep history lives in
 local variables. Each function matches, step for step, the diffusers scheduler SAMPLERS names.
 """
 
@@ -20,7 +21,7 @@ from sdrt.runtime import schedules
 
 
 def _noop(i, x):
-    return None
+    return x
 
 
 def _clip(x0, schedule):
@@ -43,7 +44,7 @@ def sample_euler(denoise, x, schedule, *, noise=None, callback=_noop):
     s = schedule.sigmas
     for i in range(len(schedule)):
         x = x + (x - denoise(x, s[i])) / s[i] * (s[i + 1] - s[i])
-        callback(i, x)
+        x = callback(i, x)
     return x
 
 
@@ -56,7 +57,7 @@ def sample_euler_ancestral(denoise, x, schedule, *, noise, callback=_noop):
         x = x + (x - x0) / s[i] * (down - s[i])
         if up:
             x = x + noise(x.shape) * up
-        callback(i, x)
+        x = callback(i, x)
     return x
 
 
@@ -74,7 +75,7 @@ def sample_ddim(denoise, x, schedule, *, noise=None, callback=_noop, eta=0.0):
             x = x + noise(x.shape) * up
         if prev[i] != s[i + 1]:  # x_t = sqrt(alpha_bar) * state, so rescale between levels
             x = x * np.sqrt((1 + s[i + 1] ** 2) / (1 + prev[i] ** 2))
-        callback(i, x)
+        x = callback(i, x)
     return x
 
 
@@ -91,7 +92,7 @@ def sample_ddpm(denoise, x, schedule, *, noise, callback=_noop):
         if s[i + 1]:
             mean = mean + np.sqrt(var) * noise(x.shape)
         x = mean / np.sqrt(a_prev)
-        callback(i, x)
+        x = callback(i, x)
     return x
 
 
@@ -105,7 +106,7 @@ def sample_lcm(denoise, x, schedule, *, noise, callback=_noop):
         x = c_out * x0 + c_skip * x / np.sqrt(1 + s[i] ** 2)
         if s[i + 1]:
             x = x + noise(x.shape) * s[i + 1]
-        callback(i, x)
+        x = callback(i, x)
     return x
 
 
@@ -123,7 +124,7 @@ def sample_heun(denoise, x, schedule, *, noise=None, callback=_noop):
             x2 = x + d * dt
             d2 = (x2 - denoise(x2, s[i + 1])) / s[i + 1]
             x = x + (d + d2) / 2 * dt
-        callback(i, x)
+        x = callback(i, x)
     return x
 
 
@@ -147,7 +148,7 @@ def sample_dpm2(denoise, x, schedule, *, noise=None, callback=_noop, ancestral=F
             x = x + (x2 - denoise(x2, mid, midpoint=True)) / mid * (down - s[i])
         if up:
             x = x + noise(x.shape) * up
-        callback(i, x)
+        x = callback(i, x)
     return x
 
 
@@ -166,7 +167,7 @@ def sample_dpmpp_sde(denoise, x, schedule, *, noise, callback=_noop):
             x0_2 = denoise(x2, mid, midpoint=True)
             down, up = ancestral_step(s[i], s[i + 1])
             x = (down / s[i]) * x - np.expm1(np.log(down) - np.log(s[i])) * x0_2 + noise(x.shape) * up
-        callback(i, x)
+        x = callback(i, x)
     return x
 
 
@@ -193,7 +194,7 @@ def sample_dpmpp_2m(denoise, x, schedule, *, noise=None, callback=_noop, sde=Fal
             else:
                 x = (s[i + 1] / s[i]) * x - np.expm1(-h) * mix
         old_x0 = x0
-        callback(i, x)
+        x = callback(i, x)
     return x
 
 
@@ -215,7 +216,7 @@ def sample_lms(denoise, x, schedule, *, noise=None, callback=_noop, order=4):
         ds = [*ds[-(order - 1):], (x - denoise(x, s[i])) / s[i]]
         cur = len(ds)
         x = x + sum(lms_coefficient(s, i, j, cur) * d for j, d in enumerate(reversed(ds)))
-        callback(i, x)
+        x = callback(i, x)
     return x
 
 
@@ -236,7 +237,7 @@ def sample_deis(denoise, x, schedule, *, noise=None, callback=_noop):
             t, s0, s1 = s[i + 1], s[i], s[i - 1]
             x = x + (ind(t, s0, s1) - ind(s0, s0, s1)) * eps + (ind(t, s1, s0) - ind(s0, s1, s0)) * old_eps
         old_eps = eps
-        callback(i, x)
+        x = callback(i, x)
     return x
 
 
@@ -278,7 +279,7 @@ def sample_unipc(denoise, x, schedule, *, noise=None, callback=_noop, order=2):
         last_order = min(order, n - i, len(x0s))
         x_last = x
         x = _unipc(x, s, i, i + 1, x0s, last_order)
-        callback(i, x)
+        x = callback(i, x)
     return x
 
 
@@ -300,14 +301,14 @@ def sample_plms(denoise, x, schedule, *, noise=None, callback=_noop):
     outs = [output(x, s[0])]
     if n == 1:
         x = move(x, outs[0], s[0], prev[0])
-        callback(0, x)
+        x = callback(0, x)
         return x
     x_pred = move(x, outs[0], s[0], prev[0]) * np.sqrt((1 + s[1] ** 2) / (1 + prev[0] ** 2))
     # step 0 again, from the level diffusers assigns it (t_1 + step_ratio), with the averaged output
     s_restart = float(table.sigmas[int(schedule.timesteps[1]) + r])
     x = move(x * np.sqrt((1 + s_restart**2) / (1 + s[0] ** 2)), (outs[0] + output(x_pred, s[1])) / 2,
              s_restart, s[1])
-    callback(0, x)
+    x = callback(0, x)
     coefs = {2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
     for i in range(1, n):
         outs = [*outs[-3:], output(x, s[i])]
@@ -315,7 +316,7 @@ def sample_plms(denoise, x, schedule, *, noise=None, callback=_noop):
         x = move(x, out, s[i], prev[i])
         if prev[i] != s[i + 1]:
             x = x * np.sqrt((1 + s[i + 1] ** 2) / (1 + prev[i] ** 2))
-        callback(i, x)
+        x = callback(i, x)
     return x
 
 
@@ -366,9 +367,6 @@ class Sampler:
                 raise InputError(f"eta must be in [0, 1], got {eta}")
             options["eta"] = eta
         return options
-
-    def run(self, denoise, x, schedule, *, noise, callback=_noop, eta: float | None = None):
-        return self.fn(denoise, x, schedule, noise=noise, callback=callback, **self.options_for(eta))
 
     def diffusers_config(self, schedule_type: str | None = None) -> tuple[str, dict]:
         cls, overrides = self.diffusers

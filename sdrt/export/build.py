@@ -1,0 +1,348 @@
+"""`sdrt export` as stages: load the source, then per component ONNX -> (fp16) -> target graphs, then
+the engine-wide stages (int8 UNet, TensorRT engines), then the manifest. Each stage returns new
+component entries; only `export` assembles the manifest. Everything is written into a staging
+folder that sdrt.export.outdir publishes atomically."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+from sdrt.components import COMPONENTS, ComponentSpec, ModelDims, component_specs
+from sdrt.errors import InputError, SdrtError
+from sdrt.export.outdir import LOCK, OutDir, fault
+from sdrt.manifest import TOKENIZER_DIR, ComponentEntry, Manifest, TargetGraph, file_records
+from sdrt.runtime.denoiser import PREDICTION_TYPES
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("onnx", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What `export` was asked for, checked before the (long) model load."""
+
+    backend: str = "onnx"
+    precision: str = "fp32"
+    opset: int | None = None
+    optimize: bool = True
+    trt_profile: object = None  # sdrt.export.tensorrt.Profile
+    cpu_size: int | None = None
+    config: Path | None = None
+    prediction_type: str | None = None
+    loras: tuple = ()  # sdrt.export.lora.Lora
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.backend not in BACKENDS:
+            raise InputError(f"--backend {self.backend}: choose one of {', '.join(BACKENDS)}")
+        if self.backend == "tensorrt":
+            _check_tensorrt()
+        if self.precision not in PRECISIONS:
+            raise InputError(f"--precision {self.precision}: this build exports {', '.join(PRECISIONS)}")
+        for x in self.loras:
+            if not x.path.is_file():
+                raise InputError(f"--lora {x.path}: no such file")
+        if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
+            raise InputError(f"--prediction-type {self.prediction_type}: choose one of "
+                             f"{', '.join(PREDICTION_TYPES)}")
+        if self.cpu_size is not None and self.cpu_size <= 0:
+            raise InputError(f"--cpu-size {self.cpu_size}: need a positive image side in pixels")
+
+
+def model_dims(pipe) -> ModelDims:
+    te, vae = pipe.text_encoder.config, pipe.vae.config
+    return ModelDims(text_length=int(pipe.tokenizer.model_max_length), text_hidden=te.hidden_size,
+                     text_layers=te.num_hidden_layers, unet_in_channels=pipe.unet.config.in_channels,
+                     latent_channels=vae.latent_channels,
+                     vae_scale_factor=2 ** (len(vae.block_out_channels) - 1))
+
+
+def _versions() -> dict:
+    import diffusers
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    import sdrt
+
+    return {"sdrt": sdrt.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+
+
+def _quiet_third_party(progress: bool) -> None:
+    """torch's ONNX exporter and transformers log per-op chatter at WARNING; keep the console to ours.
+    Without progress (-q), diffusers' and transformers' loading bars go too."""
+    import diffusers
+    import torch  # noqa: F401  (its loggers exist only once imported)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    for lib in (diffusers, transformers):
+        (lib.utils.logging.enable_progress_bar if progress else lib.utils.logging.disable_progress_bar)()
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("torch", "onnx_ir", "onnxscript")):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _check_tensorrt() -> None:
+    try:
+        import tensorrt  # noqa: F401
+        from cuda.bindings import runtime  # noqa: F401
+    except ImportError:
+        raise SdrtError("--backend tensorrt needs TensorRT and cuda-python on a machine with an NVIDIA GPU "
+                        "(pip install sdrt[tensorrt])") from None
+
+
+def _latent_side(cpu_size: int | None, vae_scale_factor: int) -> int:
+    from sdrt.kernels.winograd import REFERENCE_SIDE
+
+    if cpu_size is None:
+        return REFERENCE_SIDE
+    if cpu_size % vae_scale_factor:
+        raise InputError(f"--cpu-size {cpu_size}: need a positive multiple of the VAE scale factor "
+                         f"({vae_scale_factor})")
+    return cpu_size // vae_scale_factor
+
+
+# -- per-component stages ----------------------------------------------------------------------
+
+def onnx_stage(name: str, spec: ComponentSpec, pipe, staging: Path, opts: Options) -> ComponentEntry:
+    """The standard fp32 ONNX graph, parity-checked; with optimize, its weights in model.onnx.data,
+    which the target graphs then share."""
+    from sdrt.export import onnx_export
+
+    files = onnx_export.export_component(name, spec, pipe, staging, opts.opset or onnx_export.DEFAULT_OPSET)
+    err, tol = onnx_export.check_parity(name, spec, pipe, staging / files[0])
+    if opts.optimize:
+        from sdrt.kernels.graph import externalize
+
+        externalize(staging / files[0])
+        files = onnx_export.component_files(staging, name)
+    return ComponentEntry(spec, files, opts.backend, "fp32", [], err, tol)
+
+
+def fp16_stage(entry: ComponentEntry, pipe, staging: Path) -> ComponentEntry:
+    """The component in fp16; the VAE decoder stays fp32 if fp16 overflows on probe inputs."""
+    from sdrt.export import fp16, onnx_export
+
+    name, spec = entry.spec.name, entry.spec
+    src = staging / entry.files[0]
+    dst = src.with_name("model.fp16.onnx")
+    fp16.convert(src, dst)
+    if name == "vae_decoder":
+        probe = spec.sample_inputs(onnx_export.parity_sizes(spec), seed=2)
+        if fp16.overflows(dst, probe, [t.name for t in spec.outputs]):
+            for p in dst.parent.glob(dst.name + "*"):
+                p.unlink()
+            why = "the fp16 decoder overflowed (NaN/inf) on probe inputs"
+            log.warning("vae_decoder kept in fp32: %s", why)
+            return dataclasses.replace(entry, optimizations=[*entry.optimizations, f"fp32: {why}"])
+    for f in entry.files:
+        (staging / f).unlink()
+    files = onnx_export.component_files(staging, name)  # model.fp16.onnx, model.fp16.onnx.data
+    err, tol = onnx_export.check_parity(name, spec, pipe, dst, "fp16")
+    return dataclasses.replace(entry, files=files, precision="fp16", parity_max_abs=err, parity_tolerance=tol,
+                               optimizations=[*entry.optimizations, f"fp16 (kept in fp32: {', '.join(fp16.FP32_OPS)})"])
+
+
+def targets_stage(entry: ComponentEntry, pipe, staging: Path, latent_side: int, f: int) -> ComponentEntry:
+    """Each target's rewritten graph (sdrt.kernels.TARGETS), parity-checked like the standard one."""
+    from sdrt import kernels
+    from sdrt.export import onnx_export
+
+    name, spec, out = entry.spec.name, entry.spec, {}
+    for target in kernels.TARGETS:
+        path, fused = kernels.optimize(staging / entry.files[0], target, latent_side)
+        same = kernels.same_graph_as(target, fused)
+        if same in out:  # e.g. onnxruntime-cpu on a component without convolutions
+            path.unlink()
+            log.info("%s for %s: the %s graph", name, target, same)
+            continue
+        err, _ = onnx_export.check_parity(name, spec, pipe, path, entry.precision)
+        log.info("%s for %s: %s", name, target, ", ".join(f"{k} x{v}" for k, v in fused.items()))
+        out[target] = TargetGraph(str(path.relative_to(staging)), fused, err)
+    notes = list(entry.optimizations)
+    if any(t.fused.get("WinogradConv") for t in out.values()):
+        notes.append(f"Winograd layers chosen for {latent_side * f} px (onnxruntime-cpu graph; sdrt export --cpu-size)")
+    return dataclasses.replace(entry, targets=out, optimizations=notes)
+
+
+# -- engine-wide stages --------------------------------------------------------------------------
+
+def int8_stage(entries: dict[str, ComponentEntry], pipe, staging: Path, image_px: int,
+               optimize: bool) -> ComponentEntry:
+    """The UNet as an int8 QDQ graph, calibrated on the staged fp32 engines; replaces the fp32 UNet."""
+    from sdrt import kernels
+    from sdrt.export import onnx_export, quantize
+
+    fp32 = entries["unet"]
+    spec = fp32.spec
+    t0 = time.perf_counter()
+    feeds = quantize.calibration_feeds(staging, image_px)
+    src = staging / fp32.files[0]
+    dst = src.with_name("model.int8.onnx")
+    layers = quantize.quantize_unet(src, dst, feeds)
+    for f in fp32.files + [t.file for t in fp32.targets.values()]:
+        (staging / f).unlink()
+    files = onnx_export.component_files(staging, "unet")  # model.int8.onnx, model.int8.onnx.data
+    err, tol = onnx_export.check_parity("unet", spec, pipe, dst, "int8")
+    targets = {}
+    if optimize:
+        path, fused = kernels.optimize(dst, "onnxruntime")
+        targets["onnxruntime"] = TargetGraph(str(path.relative_to(staging)), fused,
+                                             onnx_export.check_parity("unet", spec, pipe, path, "int8")[0])
+    note = (f"int8 static QDQ: {layers} Conv/MatMul/Gemm layers, calibrated on {len(feeds)} UNet inputs "
+            f"from {len(quantize.CALIBRATION_PROMPTS)} {image_px} px trajectories")
+    log.info("%s in %.1f s", note, time.perf_counter() - t0)
+    return ComponentEntry(spec, files, fp32.backend, "int8", [note], err, tol, targets)
+
+
+def tensorrt_stage(entries: dict[str, ComponentEntry], staging: Path, profile, vae_scale_factor: int,
+                   progress: bool) -> dict[str, ComponentEntry]:
+    """Each component's TensorRT engine, built from its TensorRT graph; the ONNX files stay beside it."""
+    from tqdm.auto import tqdm
+
+    from sdrt.export import tensorrt
+
+    profile = profile or tensorrt.Profile()
+    out = {}
+    for name, c in tqdm(entries.items(), desc="tensorrt", unit="engine", disable=not progress):
+        onnx_file = staging / c.file_for("tensorrt")
+        plan = onnx_file.parent / "model.plan"
+        weights = [staging / f for f in c.files if f.endswith(".data")]
+        t0 = time.perf_counter()
+        hit = tensorrt.build_engine(onnx_file, weights, plan, c.spec, profile, vae_scale_factor)
+        log.info("%s: TensorRT engine %s in %.1f s", name, "from cache" if hit else "built", time.perf_counter() - t0)
+        out[name] = dataclasses.replace(
+            c, backend="tensorrt", files=[str(plan.relative_to(staging)), *c.files],
+            optimizations=[*c.optimizations, f"TensorRT engine: batch {profile.batch}, {profile.pixels} px "
+                                             "(min, opt, max)"])
+    return out
+
+
+# -- the whole export ------------------------------------------------------------------------------
+
+def _components(pipe, dims: ModelDims, staging: Path, opts: Options) -> dict[str, ComponentEntry]:
+    from tqdm.auto import tqdm
+
+    specs = component_specs(dims)
+    latent_side = _latent_side(opts.cpu_size, dims.vae_scale_factor)
+    entries = {}
+    with tqdm(total=len(COMPONENTS), desc="export", unit="component", disable=not opts.progress) as bar:
+        for name in COMPONENTS:
+            entry = onnx_stage(name, specs[name], pipe, staging, opts)
+            if opts.precision == "fp16":
+                entry = fp16_stage(entry, pipe, staging)
+            if opts.optimize:
+                entry = targets_stage(entry, pipe, staging, latent_side, dims.vae_scale_factor)
+            entries[name] = entry
+            bar.update(1)
+            fault("component")
+    return entries
+
+
+def _manifest(loaded, pipe, dims, entries, lora_records, opts: Options, staging: Path) -> Manifest:
+    from sdrt.export import onnx_export, sources
+
+    return Manifest(
+        source={"kind": loaded.kind, "name": loaded.name, "sha256": sources.content_hash(pipe)}
+        | ({"config": str(Path(opts.config).resolve())} if opts.config else {})
+        | ({"loras": lora_records} if lora_records else {}),
+        pipeline="inpaint" if dims.unet_in_channels == 9 else "txt2img",
+        prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
+        vae_scaling_factor=float(pipe.vae.config.scaling_factor), dims=dims,
+        scheduler_config=loaded.scheduler_config, components=entries,
+        default_image_size=int(pipe.unet.config.sample_size) * dims.vae_scale_factor,
+        exporter=_versions() | {"opset": opts.opset or onnx_export.DEFAULT_OPSET})
+
+
+def _build(source: str, staging: Path, opts: Options) -> Manifest:
+    """Everything the engine dir holds, written into STAGING; returns the manifest (written too)."""
+    from sdrt.export import lora, sources
+
+    t0 = time.perf_counter()
+    scratch = staging / ".source"  # built-in models, single-file configs: removed before publishing
+    scratch.mkdir()
+    loaded = sources.load_source(source, scratch, opts.config)
+    pipe = loaded.pipe
+    if opts.prediction_type:
+        pipe.scheduler.register_to_config(prediction_type=opts.prediction_type)
+    lora_records = lora.apply(pipe, list(opts.loras))
+    log.info("loaded %s in %.1f s", source, time.perf_counter() - t0)
+    dims = model_dims(pipe)
+    entries = _components(pipe, dims, staging, opts)
+    pipe.tokenizer.save_pretrained(staging / TOKENIZER_DIR)
+    shutil.rmtree(scratch)
+    if opts.precision == "int8":
+        entries["unet"] = _int8(entries, loaded, pipe, dims, lora_records, opts, staging)
+    if opts.backend == "tensorrt":
+        entries = tensorrt_stage(entries, staging, opts.trt_profile, dims.vae_scale_factor, opts.progress)
+    _share_files(staging)
+    t1 = time.perf_counter()
+    manifest = dataclasses.replace(_manifest(loaded, pipe, dims, entries, lora_records, opts, staging),
+                                   files=file_records(staging, skip=(LOCK,)))
+    log.info("recorded the size and sha256 of %d files in %.1f s", len(manifest.files), time.perf_counter() - t1)
+    manifest.write(staging)
+    return manifest
+
+
+def _int8(entries, loaded, pipe, dims, lora_records, opts, staging) -> ComponentEntry:
+    """int8 calibration runs the staged fp32 engines, which need a manifest to load."""
+    _manifest(loaded, pipe, dims, entries, lora_records, opts, staging).write(staging)
+    spec = entries["unet"].spec
+    image_px = max(int(pipe.unet.config.sample_size) * dims.vae_scale_factor // 2,
+                   spec.dims["h"][0] * dims.vae_scale_factor)
+    return int8_stage(entries, pipe, staging, image_px, opts.optimize)
+
+
+def _share_files(staging: Path) -> None:
+    """onnx and onnxruntime write some files 0600; engine dirs are shared like any other output."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in staging.rglob("*"):
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
+
+
+def export(source: str, out_dir: str | Path, *, backend: str = "onnx", precision: str = "fp32",
+           opset: int | None = None, force: bool = False, progress: bool = True,
+           optimize: bool = True, trt_profile=None, cpu_size: int | None = None,
+           config: str | Path | None = None, prediction_type: str | None = None,
+           loras: list | None = None) -> Manifest:
+    """Export SOURCE (diffusers folder, .safetensors / .ckpt file, hub id, `tiny`, `random-sd15`) to
+    OUT_DIR; return its manifest. OUT_DIR appears complete or not at all (sdrt.export.outdir).
+
+    config: a diffusers folder whose configs describe a single-file SOURCE (default: detected, SD 1.x
+    or 2.x). prediction_type: "epsilon" or "v_prediction", overriding the source's scheduler config.
+    loras: LoRA files fused into the UNet and text encoder first ("FILE[:SCALE]" strings or
+    sdrt.export.lora.Lora).
+
+    optimize: also write each target's rewritten graph (sdrt.kernels.TARGETS), parity-checked like
+    the standard one. cpu_size: the image side the CPU graph's Winograd layers are chosen for
+    (default: latent side 64, 512 px for SD). backend "tensorrt": also build a TensorRT engine per
+    component from its TensorRT graph (needs a GPU; trt_profile: sdrt.export.tensorrt.Profile)."""
+    from sdrt.export import lora
+
+    opts = Options(backend, precision, opset, optimize, trt_profile, cpu_size, Path(config) if config else None,
+                   prediction_type, tuple(x if isinstance(x, lora.Lora) else lora.Lora.parse(str(x))
+                                          for x in loras or ()), progress)
+    opts.check()
+    out = OutDir(out_dir, force)
+    out.check()
+    _quiet_third_party(progress)
+    t0 = time.perf_counter()
+    with out as staging:
+        manifest = _build(source, staging, opts)
+        out.publish()
+    log.info("wrote %s in %.1f s", out_dir, time.perf_counter() - t0)
+    return manifest

@@ -1,0 +1,157 @@
+"""ONNX Runtime: the one session factory (runtime, export parity checks, the fp16 probe and the bench's
+peer path all create sessions here), the provider table, and the backend."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from sdrt.errors import InputError, SdrtError
+from sdrt.runtime.backends.base import Backend
+from sdrt.runtime.backends.memory import CUDA_OPTIONS, MEMORY, gpu_memory_mode
+
+log = logging.getLogger(__name__)
+
+ORT_PROVIDERS = ("cpu", "cuda", "tensorrt")  # the sdrt providers ONNX Runtime serves
+
+
+def ort_providers(provider: str, cache_dir: Path | None = None) -> list:
+    """ONNX Runtime execution providers for an sdrt provider name, most preferred first."""
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    if provider == "cuda":
+        return [("CUDAExecutionProvider", CUDA_OPTIONS), "CPUExecutionProvider"]
+    if provider == "tensorrt":
+        trt = {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+               "trt_engine_cache_path": str(cache_dir or Path("trt_cache")), "trt_timing_cache_enable": True}
+        return [("TensorrtExecutionProvider", trt), ("CUDAExecutionProvider", CUDA_OPTIONS), "CPUExecutionProvider"]
+    raise InputError(f"unknown ONNX Runtime provider {provider!r}; choose one of: {', '.join(ORT_PROVIDERS)}")
+
+
+def ort_provider_name(provider: str) -> str:
+    """The ONNX Runtime execution provider that serves an sdrt provider name."""
+    first = ort_providers(provider)[0]
+    return first if isinstance(first, str) else first[0]
+
+
+def gpu_libraries(ort, provider_name: str) -> str:
+    """What ONNX Runtime's GPU provider needs loaded, for an error message."""
+    cuda = f"CUDA {ort.cuda_version}" if getattr(ort, "cuda_version", "") else "the CUDA it was built for"
+    needs = f"{cuda} and cuDNN 9 (pip install 'onnxruntime-gpu[cuda,cudnn]', or a system CUDA on the library path)"
+    if provider_name == "TensorrtExecutionProvider":
+        return f"TensorRT 10+ (libnvinfer) besides {needs}"
+    return needs
+
+
+def gpu_install_hint() -> str:
+    """How to get ONNX Runtime's GPU build here. `onnxruntime` and `onnxruntime-gpu` install the same
+    `onnxruntime` module, so with both installed whichever was installed last wins."""
+    from importlib import metadata
+
+    installed = set()
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.version(dist)
+            installed.add(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    fix = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'onnxruntime-gpu[cuda,cudnn]'"
+    if installed == {"onnxruntime", "onnxruntime-gpu"}:
+        return f"onnxruntime and onnxruntime-gpu are both installed and the CPU build's files won: {fix}"
+    return f"on a machine with an NVIDIA GPU: {fix}"
+
+
+def check_ort_provider(provider: str) -> None:
+    """Fail early, with the fix, when this onnxruntime cannot serve `provider`."""
+    import onnxruntime as ort
+
+    if provider == "cuda":
+        gpu_memory_mode()  # a bad SDRT_GPU_MEMORY is named before any engine loads
+    wanted = ort_provider_name(provider)
+    if wanted not in ort.get_available_providers():
+        raise SdrtError(f"provider {provider}: this onnxruntime has no {wanted} "
+                        f"(available: {', '.join(ort.get_available_providers())}); {gpu_install_hint()}")
+
+
+_cuda_preloaded = False
+
+
+def preload_cuda_libraries(ort) -> None:
+    """Load CUDA and cuDNN from NVIDIA's pip packages (`onnxruntime-gpu[cuda,cudnn]`) before the
+    first GPU session: the dynamic loader does not search there, and without torch imported first
+    nothing else puts them in the process. `onnxruntime.preload_dlls` (1.21+) does it, then falls back
+    to the default search path (a system CUDA). It reports what it cannot find on stdout, which would
+    mix into the CLI's output: that goes to the debug log instead."""
+    global _cuda_preloaded
+    if _cuda_preloaded or not hasattr(ort, "preload_dlls"):
+        return
+    import contextlib
+    import io
+
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        try:
+            ort.preload_dlls()
+        except Exception as e:  # a missing library shows again, named, when the session is created
+            print(e)
+    if said.getvalue().strip():
+        log.debug("onnxruntime.preload_dlls: %s", said.getvalue().strip())
+    _cuda_preloaded = True
+
+
+def session(model: str | Path | bytes, provider: str = "cpu", *, component: str | None = None,
+            shared_memory: bool = False, optimize: bool = True, config: dict | None = None,
+            providers: list | None = None):
+    """An ONNX Runtime InferenceSession of MODEL (a path or serialized bytes) on an sdrt provider.
+
+    shared_memory: allocate from the process's shared arena (sdrt.runtime.backends.memory; the
+    runtime's engines). config: session config entries (e.g. where external weights live for a
+    graph given as bytes). providers: ONNX Runtime's provider list, overriding PROVIDER's."""
+    import onnxruntime as ort
+
+    if provider != "cpu":
+        preload_cuda_libraries(ort)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # not its notes on sdrt's overridable constants or node placement
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if shared_memory:
+        MEMORY.configure(ort, opts, provider, component)
+    for k, v in (config or {}).items():
+        opts.add_session_config_entry(k, v)
+    cache = Path(model).parent / "trt_cache" if isinstance(model, (str, Path)) else None
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, opts, providers=providers or ort_providers(provider, cache))
+
+
+class OrtBackend(Backend):
+    """ONNX Runtime InferenceSession on the CPU, CUDA or TensorRT execution provider."""
+
+    def _load(self) -> None:
+        import onnxruntime as ort
+
+        check_ort_provider(self.provider)
+        try:
+            self.session = session(self.path, self.provider, component=self.spec.name, shared_memory=True)
+        except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf types
+            raise InputError(f"cannot load {self.path} (corrupt or not an ONNX model?): {e}") from None
+        wanted = ort_provider_name(self.provider)
+        if self.session.get_providers()[0] != wanted:  # ONNX Runtime falls back when a provider's libraries
+            # are missing, with a line on stdout: a GPU run silently on the CPU would be worse than an error
+            raise SdrtError(f"provider {self.provider}: ONNX Runtime could not start {wanted} for {self.path} "
+                            f"and fell back to {self.session.get_providers()[0]}; it needs "
+                            f"{gpu_libraries(ort, wanted)}")
+        self._outputs = [t.name for t in self.spec.outputs]
+        self._run_options = ort.RunOptions()
+        if self.provider == "cpu":
+            MEMORY.release()
+
+    def _run(self, feeds):
+        self._run_options.terminate = False
+        return self.session.run(self._outputs, feeds, self._run_options)
+
+    def _terminate(self) -> None:
+        self._run_options.terminate = True  # ONNX Runtime checks it between nodes
+
+    def close(self) -> None:
+        self.session = None

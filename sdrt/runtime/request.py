@@ -1,0 +1,146 @@
+"""`GenerateRequest`: every generation argument, declared once (name, type, default, limits, help).
+
+The Python API (`Pipeline.__call__` keywords), the CLI (`sdrt generate` flags) and the server's JSON
+fields are all derived from this declaration, and `validate` is the one place the limits are checked,
+against the engine dir where they depend on it (image size from the UNet's declared dims, clip skip
+from the text encoder's layers). Adding an argument means adding one field here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdrt.errors import InputError
+from sdrt.runtime import samplers
+
+MAX_STEPS = 500  # A1111's UI stops at 150; a 500-step run is already minutes of UNet calls
+MAX_IMAGES = 8  # images per call; the UNet runs them in one batch (twice that with guidance)
+MAX_GUIDANCE = 100.0
+MAX_PROMPT_CHARS = 20_000  # CLIP reads 75 tokens a chunk; this only bounds what a client can send
+MAX_SEED = 2**64 - 1  # torch's generators take 64-bit seeds; -1 means a random one, as in A1111
+
+# what a value may be, per kind: the JSON types the server accepts and the CLI's converter
+KINDS = {"text": (str,), "int": (int,), "number": (int, float), "choice": (str,), "image": (str,),
+         "array": ()}
+
+
+def arg(default: Any = None, *, kind: str, help: str, lo: float | None = None, hi: float | None = None,
+        choices: tuple = (), cli: str | None = None, optional: bool = False, python_only: bool = False):
+    """A request field. kind: see KINDS ("image": a path or PIL image or array in Python, a path on the
+    CLI, base64 on the server; "array": Python only). lo / hi: inclusive limits. optional: None is a
+    value (meaning "the default the engine dir or sampler implies"). cli: the flag, if not --NAME."""
+    meta = {"kind": kind, "help": help, "lo": lo, "hi": hi, "choices": choices, "cli": cli,
+            "optional": optional or default is None, "python_only": python_only}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    prompt: str = arg("", kind="text", hi=MAX_PROMPT_CHARS, help="what to draw")
+    negative_prompt: str | None = arg(None, kind="text", hi=MAX_PROMPT_CHARS, help="what to steer away from")
+    steps: int = arg(20, kind="int", lo=1, hi=MAX_STEPS, help="sampling steps")
+    sampler: str = arg(samplers.DEFAULT_SAMPLER, kind="choice", choices=tuple(samplers.SAMPLERS),
+                       help="see `sdrt samplers`; A1111 names work too")
+    schedule_type: str | None = arg(None, kind="choice", choices=samplers.SCHEDULE_TYPES,
+                                    help="A1111 schedule type for the samplers that take one")
+    eta: float | None = arg(None, kind="number", lo=0, hi=1, help="ddim only: noise amount (default 0)")
+    guidance_scale: float = arg(7.5, kind="number", lo=0, hi=MAX_GUIDANCE,
+                                help="classifier-free guidance; <= 1 runs the prompt alone")
+    seed: int | None = arg(None, kind="int", lo=-1, hi=MAX_SEED,
+                           help="image i uses seed + i; none or -1: a random seed")
+    width: int | None = arg(None, kind="int", help="pixels, a multiple of the VAE scale factor (default: the "
+                                                    "init image's, else the model's size)")
+    height: int | None = arg(None, kind="int", help="pixels (as width)")
+    num_images: int = arg(1, kind="int", lo=1, hi=MAX_IMAGES, cli="--batch", help="number of images")
+    clip_skip: int = arg(1, kind="int", lo=1, help="1 = last CLIP layer, 2 = penultimate (A1111)")
+    image: Any = arg(None, kind="image", cli="--init-image", help="img2img / inpainting: start from this image")
+    strength: float = arg(0.8, kind="number", lo=0, hi=1, help="img2img: how much to change the image")
+    mask: Any = arg(None, kind="image", help="inpainting mask (white: repaint, black: keep); needs an init image")
+    latents: Any = arg(None, kind="array", python_only=True,
+                       help="initial noise (N, C, H/f, W/f), as diffusers' `latents`")
+
+    @classmethod
+    def fields(cls, python_only: bool = True) -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(cls) if python_only or not f.metadata["python_only"]]
+
+    @classmethod
+    def make(cls, **kwargs) -> GenerateRequest:
+        """From keyword arguments; unknown names are an InputError listing the known ones."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise InputError(f"unknown argument(s) {', '.join(unknown)}; accepted: {', '.join(sorted(names))}")
+        req = cls(**kwargs)
+        req.check()
+        return req
+
+    def check(self) -> None:
+        """The limits that do not depend on the engine dir: types, ranges, choices."""
+        for f in dataclasses.fields(self):
+            check_value(f, getattr(self, f.name))
+
+    def validate(self, manifest) -> None:
+        """The limits that depend on the engine dir (sdrt.manifest.Manifest)."""
+        self.check()
+        f = manifest.dims.vae_scale_factor
+        lo, hi = manifest.image_px
+        for name in ("width", "height"):
+            px = getattr(self, name)
+            if px is not None and (px % f or not lo <= px <= hi):
+                raise InputError(f"{name} {px}: must be a multiple of {f} (the VAE scale factor) from {lo} to {hi} "
+                                 "(the engines' declared sizes)")
+        layers = manifest.dims.text_layers
+        if self.clip_skip > layers:
+            raise InputError(f"clip_skip {self.clip_skip}: this text encoder has {layers} layers (1..{layers})")
+
+    def replace(self, **changes) -> GenerateRequest:
+        return dataclasses.replace(self, **changes)
+
+
+def check_value(f: dataclasses.Field, value) -> None:
+    """InputError naming field F when VALUE is not of its kind or outside its limits."""
+    m = f.metadata
+    if value is None:
+        if not m["optional"]:
+            raise InputError(f"{f.name}: a value is required")
+        return
+    kind = m["kind"]
+    if kind in ("image", "array"):
+        return  # read and checked where it is used (sdrt.runtime.images)
+    if isinstance(value, bool) or not isinstance(value, KINDS[kind]) and not _numpy_number(value, kind):
+        raise InputError(f"{f.name}: expected {_kind_words(kind)}, got {_short(value)}")
+    if kind == "number" and not math.isfinite(value):
+        raise InputError(f"{f.name}: expected a finite number, got {value}")
+    if kind == "choice":
+        return  # names are resolved (with A1111's spellings) by their owners, e.g. get_sampler
+    size = len(value) if kind == "text" else value
+    if m["lo"] is not None and size < m["lo"] or m["hi"] is not None and size > m["hi"]:
+        got = f"{size} characters" if kind == "text" else _short(value)
+        raise InputError(f"{f.name}: {got} is out of range ({_range(m['lo'], m['hi'])})")
+
+
+def _range(lo, hi) -> str:
+    lo, hi = (f"{x:g}" if isinstance(x, float) else str(x) for x in (lo, hi))
+    if lo == "None":
+        return f"at most {hi}"
+    return f"at least {lo}" if hi == "None" else f"{lo} to {hi}"
+
+
+def _numpy_number(value, kind: str) -> bool:
+    import numbers
+
+    if kind == "int":
+        return isinstance(value, numbers.Integral)
+    return kind == "number" and isinstance(value, numbers.Real)
+
+
+def _kind_words(kind: str) -> str:
+    return {"text": "a string", "int": "an integer", "number": "a number", "choice": "a name"}[kind]
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
