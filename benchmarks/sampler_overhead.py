@@ -54,7 +54,7 @@ def unet_seconds(engines: Path, repeats: int = 3) -> list[float]:
     unet = pipe.engine("unet")
     feeds = unet.spec.sample_inputs({"B": 2, "h": 64, "w": 64})
     args = [feeds[t.name] for t in unet.spec.inputs]
-    for _ in range(2):  # the first calls after session creation are slow (FIELD-NOTES)
+    for _ in range(2):  # the first calls after session creation are slow (ONNX Runtime allocates on them)
         unet(*args)
     times = []
     for _ in range(repeats):

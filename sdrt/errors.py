@@ -1,4 +1,4 @@
-"""Exceptions with the meaning the CLI gives them (CONTRACT.md: exit 2 for bad input, 1 for failures)."""
+"""Exceptions with the meaning the CLI gives them: exit 2 for bad input, 1 for failures, 130 when interrupted."""
 
 
 class SdrtError(Exception):

@@ -124,72 +124,83 @@ class Server:
         self.pipe.close()
 
 
-def make_http_server(server: Server, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+class Handler(BaseHTTPRequestHandler):
+    """HTTP/1.1 JSON handler over a Server (the `app` attribute, set by make_http_server)."""
 
-        def _send(self, status: int, payload: dict) -> None:
-            body = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    protocol_version = "HTTP/1.1"
+    app: Server
 
-        def _error(self, status: int, message: str) -> None:
-            self._send(status, {"error": " ".join(message.split())})
+    def _send(self, status: int, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
-        def do_GET(self):  # noqa: N802 - http.server's naming
-            if self.path == "/health":
-                self._send(200, {"status": "ok"})
-            elif self.path == "/info":
-                self._send(200, server.info())
-            elif self.path == "/generate":
-                self._error(HTTPStatus.METHOD_NOT_ALLOWED, "use POST /generate with a JSON body")
+    def _error(self, status: int, message: str) -> None:
+        self._send(status, {"error": " ".join(message.split())})
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        if self.path == "/health":
+            self._send(200, {"status": "ok"})
+        elif self.path == "/info":
+            self._send(200, self.app.info())
+        elif self.path == "/generate":
+            self._error(HTTPStatus.METHOD_NOT_ALLOWED, "use POST /generate with a JSON body")
+        else:
+            self._error(HTTPStatus.NOT_FOUND, f"no such path {self.path}; try /generate, /info, /health")
+
+    def _body(self) -> bytes | None:
+        """The request body, or None after answering why it can't be read (the connection then closes:
+        an unread body would be taken for the next request)."""
+        if self.path != "/generate":
+            self.close_connection = True
+            if self.path in ("/health", "/info"):
+                self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"use GET {self.path}")
             else:
-                self._error(HTTPStatus.NOT_FOUND, f"no such path {self.path}; try /generate, /info, /health")
+                self._error(HTTPStatus.NOT_FOUND, f"no such path {self.path}; try POST /generate")
+            return None
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self.close_connection = True
+            self._error(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
+            return None
+        if length > MAX_BODY:
+            self.close_connection = True
+            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes; the limit is {MAX_BODY}")
+            return None
+        return self.rfile.read(length)
 
-        def do_POST(self):  # noqa: N802
-            if self.path != "/generate":
-                self.close_connection = True  # its body stays unread
-                if self.path in ("/health", "/info"):
-                    self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"use GET {self.path}")
-                else:
-                    self._error(HTTPStatus.NOT_FOUND, f"no such path {self.path}; try POST /generate")
-                return
-            try:
-                length = int(self.headers.get("Content-Length", ""))
-            except ValueError:
-                self.close_connection = True
-                self._error(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
-                return
-            if length > MAX_BODY:
-                self.close_connection = True  # the unread body would be taken for the next request
-                self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes; the limit is {MAX_BODY}")
-                return
-            body = self.rfile.read(length)
-            try:
-                status, payload = 200, server.generate(body)
-            except InputError as e:
-                status, payload = HTTPStatus.BAD_REQUEST, {"error": str(e)}
-            except SdrtError as e:
-                log.error("generate failed: %s", e)
-                status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(e)}
-            except Exception as e:  # an engine or library failure: say what, keep serving
-                log.exception("generate failed")
-                status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {
-                    "error": f"generation failed: {type(e).__name__}: {e}"}
-            if "error" in payload:
-                payload["error"] = " ".join(payload["error"].split())
-            try:
-                self._send(status, payload)
-            except (BrokenPipeError, ConnectionResetError):  # the client left before its answer
-                log.info("%s left before its answer", self.address_string())
+    def do_POST(self):  # noqa: N802
+        body = self._body()
+        if body is None:
+            return
+        try:
+            status, payload = 200, self.app.generate(body)
+        except InputError as e:
+            status, payload = HTTPStatus.BAD_REQUEST, {"error": str(e)}
+        except SdrtError as e:
+            log.error("generate failed: %s", e)
+            status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(e)}
+        except Exception as e:  # an engine or library failure: say what, keep serving
+            log.exception("generate failed")
+            status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"generation failed: {type(e).__name__}: {e}"}
+        if "error" in payload:
+            payload["error"] = " ".join(payload["error"].split())
+        try:
+            self._send(status, payload)
+        except (BrokenPipeError, ConnectionResetError):  # the client left before its answer
+            log.info("%s left before its answer", self.address_string())
 
-        def log_message(self, fmt, *args):  # through logging, not bare stderr
-            log.info("%s %s", self.address_string(), fmt % args)
+    def log_message(self, fmt, *args):  # through logging, not bare stderr
+        log.info("%s %s", self.address_string(), fmt % args)
 
+
+def make_http_server(server: Server, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+    handler = type("BoundHandler", (Handler,), {"app": server})
     try:
-        return ThreadingHTTPServer((host, port), Handler)
+        return ThreadingHTTPServer((host, port), handler)
     except OSError as e:
         raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None

@@ -21,7 +21,7 @@ def _pipelines(path: str):
     te = txt.text_encoder
     if not hasattr(te, "text_model"):
         # diffusers 0.42's clip_skip path reads text_encoder.text_model.final_layer_norm, which
-        # transformers 5 flattened away (FIELD-NOTES); alias it without registering a submodule
+        # transformers 5 flattened away (diffusers 0.42 still reaches for it); alias it without registering a submodule
         object.__setattr__(te, "text_model", te)
     img = StableDiffusionImg2ImgPipeline(**txt.components)
     img.set_progress_bar_config(disable=True)

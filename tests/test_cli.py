@@ -73,7 +73,8 @@ def _bad_engine_dirs(engines, tmp_path):
 BAD_GENERATE = {
     "unknown sampler": (["--sampler", "k_euler_typo"], "unknown sampler 'k_euler_typo'"),
     "size not a multiple": (["--width", "60"], "width 60: must be a multiple of 8"),
-    "size over the engines' maximum": (["--width", "4096"], "width 4096: must be a multiple of 8 (the VAE scale factor) from 8 to 2048"),
+    "size over the engines' maximum": (["--width", "4096"], "width 4096: must be a multiple of 8 (the VAE "
+                                                               "scale factor) from 8 to 2048"),
     "too many steps": (["--steps", "100000"], "steps: 100000 is out of range (1 to 500)"),
     "too many images": (["--batch", "9"], "num_images: 9 is out of range (1 to 8)"),
     "zero steps": (["--steps", "0"], "steps: 0 is out of range (1 to 500)"),
@@ -112,10 +113,15 @@ def test_bad_engine_dirs(engines, tmp_path, capsys):
     cases = {tmp_path / "nowhere": "does not exist", tmp_path: "no manifest.json",
              corrupt: "is corrupt", missing_file: "unet file unet/model.onnx is missing"}
     for directory, message in cases.items():
-        for argv in (["generate", "x", "--engines", str(directory)], ["info", str(directory)]):
-            assert main(argv) == 2
-            err = capsys.readouterr().err
-            assert message in err and len(err.strip().splitlines()) == 1, err
+        assert_refused([["generate", "x", "--engines", str(directory)], ["info", str(directory)]], message, capsys)
+
+
+def assert_refused(commands: list[list[str]], message: str, capsys) -> None:
+    """Each command exits 2 with one line on stderr that says MESSAGE."""
+    for argv in commands:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_corrupt_onnx_file(engines, tmp_path, capsys):

@@ -17,8 +17,34 @@ from tests.conftest import CHECKPOINTS, SIZES
 TOL = 2e-3  # max abs on pixels in [0, 1]
 STEPS = 4
 PROMPT = "a photo of an astronaut riding a horse on mars"
-MATRIX = list(itertools.product(
-    CHECKPOINTS, ("ddim", "euler", "dpmpp_2m_karras"), (None, "blurry, low quality"), (1, 3), (1.0, 7.5), (1, 2)))
+
+
+def all_pairs(*factors) -> list[tuple]:
+    """A covering array of strength 2: every pair of values of any two factors appears in some row.
+    Greedy (each row the product's row that covers most uncovered pairs), deterministic. Interactions
+    between options come in pairs (guidance x batch, clip skip x negative prompt ...); the full
+    product of six options would be 144 rows for the same pairs."""
+    rows = list(itertools.product(*factors))
+    todo = {(i, a, j, b) for i, j in itertools.combinations(range(len(factors)), 2)
+            for a in factors[i] for b in factors[j]}
+    chosen = []
+    while todo:
+        best = max(rows, key=functools.partial(_pairs_covered, todo))
+        chosen.append(best)
+        todo -= _pairs(best)
+    return chosen
+
+
+def _pairs(row) -> set:
+    return {(i, row[i], j, row[j]) for i, j in itertools.combinations(range(len(row)), 2)}
+
+
+def _pairs_covered(todo: set, row) -> int:
+    return len(_pairs(row) & todo)
+
+
+MATRIX = all_pairs(CHECKPOINTS, ("ddim", "euler", "dpmpp_2m_karras"), (None, "blurry, low quality"), (1, 3),
+                   (1.0, 7.5), (1, 2))
 IDS = [f"{c}-{s}-{'neg' if n else 'noneg'}-b{b}-g{g}-skip{k}" for c, s, n, b, g, k in MATRIX]
 
 

@@ -81,12 +81,20 @@ def _keys_only(path, shapes: dict):
 
 
 @pytest.mark.parametrize("case", ["detected-mismatch", "sd2-detected", "sdxl", "inpainting", "corrupt",
-                                  "config-not-diffusers", "config-for-folder"])
+                                  "truncated", "oversized-header", "not-safetensors", "config-not-diffusers",
+                                  "config-for-folder"])
 def test_single_file_bad_input(checkpoints, single_files, tmp_path, capsys, case):
     """Exit 2, one line naming the problem, nothing written."""
     out = tmp_path / "out"
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    whole = (single_files / "eps.safetensors").read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    oversized = tmp_path / "oversized.safetensors"
+    oversized.write_bytes((1 << 40).to_bytes(8, "little") + whole[8:100])
+    foreign = tmp_path / "foreign.safetensors"
+    foreign.write_bytes(b"PK\x03\x04" + bytes(200))  # a zip (a .ckpt) renamed
     unet = "model.diffusion_model.input_blocks."
     sd2 = {unet + "2.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024)}
     args, message = {
@@ -99,7 +107,12 @@ def test_single_file_bad_input(checkpoints, single_files, tmp_path, capsys, case
         # the tiny file has SD 1.x's layout but not its sizes: the detected configs don't fit
         "detected-mismatch": ([single_files / "eps.safetensors"],
                               r"does not load as SD 1\.x \(detected\): .*expected shape.*pass --config DIR"),
-        "corrupt": ([corrupt], r"corrupt\.safetensors: cannot read it as a checkpoint"),
+        "corrupt": ([corrupt], r"corrupt\.safetensors: not a \.safetensors file \(its header is not JSON\)"),
+        "truncated": ([truncated, "--config", checkpoints["eps"]],
+                      r"truncated\.safetensors: truncated: its tensors end at byte [\d,]+, the file has [\d,]+"),
+        "oversized-header": ([oversized], r"oversized\.safetensors: not a \.safetensors file \(its first 8 bytes "
+                                          r"give a header of 1,099,511,627,776 bytes"),
+        "not-safetensors": ([foreign], r"foreign\.safetensors: not a \.safetensors file"),
         "config-not-diffusers": ([single_files / "eps.safetensors", "--config", tmp_path],
                                  r"--config .*: expected a diffusers folder"),
         "config-for-folder": ([checkpoints["eps"], "--config", checkpoints["eps"]],

@@ -51,13 +51,9 @@ def test_tensorrt_engines_match_onnx_runtime(checkpoints, engines, tmp_path):
     got = sdrt.Pipeline.load(out, provider="tensorrt")(**args).pixels
     assert np.abs(got - want).max() < 2e-2
     # a second export of the same weights reuses the cached engines
-    import time
-
-    t0 = time.perf_counter()
     export(str(checkpoints["eps"]), tmp_path / "again", backend="tensorrt", precision="fp16", progress=False,
            trt_profile=Profile((1, 1, 2), (32, 64, 128)))
     assert (tmp_path / "again" / "unet" / "model.plan").read_bytes() == (out / "unet" / "model.plan").read_bytes()
-    assert time.perf_counter() - t0 < 120
 
 
 # -- sdrt's side of TensorRT, against stand-ins (tests/fake_tensorrt.py) -------------------------

@@ -17,12 +17,12 @@ from sdrt.errors import SdrtError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 23  # emits ONNX Attention / GroupNormalization: smaller graph, less memory (FIELD-NOTES)
+DEFAULT_OPSET = 23  # emits ONNX Attention / GroupNormalization: a smaller graph, less session memory
 # max abs error / max(1, max |reference|). fp16's bound leaves room for fp16 rounding, which is
 # larger on a GPU's kernels than on the CPU's casts (random-sd15 UNet: 0.020 on an H100's CUDA
 # provider, 0.013 on the CPU provider; it was 2e-2, which that GPU export passed by 5%); a wrong graph
 # errs by O(1). int8's bound only catches a broken graph; its accuracy is measured by the benchmark
-# (README, "int8").
+# (docs/kernels.md, "int8").
 PARITY_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "int8": 0.5}
 
 

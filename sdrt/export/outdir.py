@@ -7,7 +7,7 @@ Guarantees, whatever happens to the process (an error, Ctrl-C, `kill -9`):
   since (a file appeared in it, or it appeared where there was none, e.g. another export finished
   first), the export fails naming what changed, and leaves OUT alone.
 - Leftovers do not pile up. A staging folder holds an flock for as long as its export runs; the next
-  export into the same parent deletes staging folders whose lock nobody holds (their process died).
+  export into the same parent folder deletes staging folders whose lock nobody holds (their process died).
   Temporary source files (built-in models, single-file configs) live inside the staging folder.
 - A failed export removes the parent folders it created (`engines/` of `engines/sd15`).
 
@@ -22,6 +22,7 @@ import errno
 import fcntl
 import logging
 import os
+import secrets
 import shutil
 import signal
 from pathlib import Path
@@ -96,14 +97,14 @@ def _lock_is_free(lock_file: Path) -> bool:
         os.close(fd)
 
 
-def remove_stale(parent: Path, name: str) -> list[Path]:
-    """Delete staging folders of exports into parent/name whose process is gone; return them."""
+def remove_stale(parent: Path) -> list[Path]:
+    """Delete the staging folders in PARENT of exports whose process is gone; return them."""
     removed = []
-    for p in parent.glob(f".{name}{_PARTIAL}*"):
+    for p in parent.glob(f".*{_PARTIAL}*"):
         if not p.is_dir() or not _lock_is_free(p / LOCK):
             continue
         if not (p / LOCK).exists():  # created but not yet locked: only if its process is gone
-            pid = p.name.rsplit("-", 1)[-1]
+            pid = p.name.rsplit(_PARTIAL, 1)[-1].split("-")[0]
             if pid.isdigit() and Path(f"/proc/{pid}").exists():
                 continue
         shutil.rmtree(p, ignore_errors=True)
@@ -121,7 +122,8 @@ class OutDir:
     def __init__(self, out: str | Path, force: bool = False):
         self.out = Path(out).absolute()
         self.force = force
-        self.staging = self.out.parent / f".{self.out.name}{_PARTIAL}{os.getpid()}"
+        # the pid names the process (stale-folder cleanup); the token tells two exports of one process apart
+        self.staging = self.out.parent / f".{self.out.name}{_PARTIAL}{os.getpid()}-{secrets.token_hex(3)}"
         self._lock_fd = None
         self._made_parents: list[Path] = []
         self.published = False
@@ -139,8 +141,7 @@ class OutDir:
         missing = [p for p in [self.out.parent, *self.out.parent.parents] if not p.exists()]
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self._made_parents = missing  # deepest first
-        remove_stale(self.out.parent, self.out.name)
-        shutil.rmtree(self.staging, ignore_errors=True)  # ours from a dead process that had our pid
+        remove_stale(self.out.parent)
         self.staging.mkdir()
         self._lock_fd = os.open(self.staging / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)

@@ -6,7 +6,7 @@ then writes the QDQ graph: int8 weights per output channel, uint8 activations wi
 Conv, MatMul and Gemm quantized. QDQ is standard ONNX, so ONNX Runtime (QLinearConv / QGEMM
 kernels) and OpenVINO (its int8 kernels) both run it.
 
-Chosen by measurement on SD 1.5 (README, "int8"): dynamic quantization leaves the convolutions,
+Chosen by measurement on SD 1.5 (docs/kernels.md, "int8"): dynamic quantization leaves the convolutions,
 most of the UNet's FLOPs, in fp32; static QDQ quantizes them too. Convolutions reading the raw
 residual stream (skip shortcuts, down/upsamplers, attention proj_out) keep fp32: quantizing them
 was most of the error.

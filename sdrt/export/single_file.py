@@ -50,6 +50,38 @@ def write_configs(model_type: str, out: Path) -> None:
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
+MAX_HEADER = 100 << 20  # the safetensors library's own limit on the JSON header
+
+
+def check_safetensors(path: Path) -> None:
+    """InputError naming what is wrong with a .safetensors file's layout: an 8-byte little-endian header
+    length, a JSON header mapping tensors to byte ranges, then the data. The safetensors library's
+    errors reach users through diffusers as one "Unable to load weights" line; this says which."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise InputError(f"{path}: {size} bytes, too short to be a .safetensors file")
+        n = int.from_bytes(head, "little")
+        if n > MAX_HEADER:
+            raise InputError(f"{path}: not a .safetensors file (its first 8 bytes give a header of {n:,} bytes, "
+                             f"over the format's {MAX_HEADER:,}); a .ckpt renamed, or another format?")
+        if 8 + n > size:
+            raise InputError(f"{path}: not a .safetensors file, or truncated: its first 8 bytes give a header of "
+                             f"{n:,} bytes, past the end of the file ({size:,} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise InputError(f"{path}: not a .safetensors file (its header is not JSON)") from None
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+            and len(t.get("data_offsets", ())) == 2]
+    if not isinstance(header, dict) or not ends:
+        raise InputError(f"{path}: a .safetensors file without tensors")
+    if 8 + n + max(ends) > size:
+        raise InputError(f"{path}: truncated: its tensors end at byte {8 + n + max(ends):,}, the file has {size:,} "
+                         "(an interrupted download?)")
+
+
 def _model_type(path: Path) -> str:
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
 
@@ -75,6 +107,8 @@ def load(path: Path, workdir: Path, config: Path | None = None):
     import torch
     from diffusers import StableDiffusionPipeline
 
+    if path.suffix.lower() == ".safetensors":
+        check_safetensors(path)
     if config is None:
         model_type = _model_type(path)
         what = f"{ARCHITECTURES[model_type][0]} (detected)"

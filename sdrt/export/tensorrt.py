@@ -2,7 +2,7 @@
 
 Written against the TensorRT 10 Python API (name-based tensors, strongly typed networks) and not
 run on TensorRT yet: it could not be installed on the machines this project had, the lent H100
-included (README, "where it was checked"); tested against stand-ins (tests/fake_tensorrt.py).
+included (docs/verification.md); tested against stand-ins (tests/fake_tensorrt.py).
 
 - The network is strongly typed: TensorRT keeps the ONNX graph's types, so an `--precision fp16`
   export gives fp16 engines whose fp32 islands (GroupNorm, attention softmax) stay fp32.

@@ -4,20 +4,16 @@ A target's passes run on the exported (standard ONNX) graph and produce a second
 it that shares its weights file. Each pass returns how many nodes it rewrote; `optimize` returns
 those counts, which the manifest and `sdrt info` show.
 
-Which passes a target gets is decided by measurement (README, "Kernels"):
+Which passes a target gets is decided by measurement (docs/kernels.md):
 - onnxruntime (CUDA provider; the CPU provider where there is no onnxruntime-cpu graph): fused
   MultiHeadAttention.
 - onnxruntime-cpu (CPU provider): that, plus 3x3 convolutions as Winograd F(4x4, 3x3)
-  (sdrt.kernels.winograd; SD 1.5 UNet step at batch 2, 512 px: 1.15x faster). Not for CUDA: cuDNN
-  picks its own Winograd / implicit-GEMM kernels for a plain Conv.
+  (sdrt.kernels.winograd). Not for CUDA: cuDNN picks its own Winograd / implicit-GEMM kernels.
 - tensorrt: attention decomposed into MatMul/Softmax/MatMul, the pattern its builder fuses.
 - openvino: none; it reads the standard ONNX graph (it fuses opset-23 Attention and
   GroupNormalization itself).
-GroupNormalization is left as ONNX's op on every target. On ONNX Runtime's CPU provider two rewrites
-were measured and dropped: Reshape/InstanceNormalization, 18-26% slower (SD 1.5 VAE decoder 11.2 vs
-8.9-9.5 s at 512 px; UNet step at batch 2, 512 px: 5.01 vs 4.85 s, although the op alone runs in half
-the time of the expanded function); Reshape/LayerNormalization(axis=2)/Reshape/Mul/Add, no faster and
-no smaller (8.31 vs 8.25 s, 2.14 GB peak both).
+GroupNormalization is left as ONNX's op on every target: the rewrites tried on ONNX Runtime's CPU
+provider (InstanceNormalization, LayerNormalization forms) made whole components slower or no faster.
 """
 
 from __future__ import annotations

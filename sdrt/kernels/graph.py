@@ -106,6 +106,31 @@ class Graph:
             self.model.opset_import.append(helper.make_opsetid(domain, version))
 
 
+def attrs(node) -> dict:
+    """A node's attributes as Python values (the one attribute helper of the passes)."""
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def run_pass(graph: Graph, candidates, rewrite, *, domain: str | None = None, prune: bool = False) -> int:
+    """The pass driver (ONNX Runtime's Fusion: search, replace, prune, count). REWRITE(candidate)
+    returns (nodes to remove, nodes to put in their place), or None where the pattern does not match.
+    Replacements are applied as a batch; DOMAIN is added to the opset imports if anything matched;
+    PRUNE then drops nodes whose outputs nobody reads any more. Returns how many matched."""
+    count = 0
+    for candidate in list(candidates):
+        match = rewrite(candidate)
+        if match is not None:
+            old, new = match
+            graph.replace(old, new)
+            count += 1
+    if count and domain:
+        graph.use_opset(domain)
+    if count and prune:
+        graph.remove_dead()
+    graph.commit()
+    return count
+
+
 def toposort(graph: onnx.GraphProto) -> None:
     """Order nodes so each comes after its inputs' producers (ONNX requires it; some tools append)."""
     nodes = list(graph.node)

@@ -3,7 +3,7 @@
 Winograd's minimal filtering (Lavin & Gray, 2015) computes each 4x4 output tile of a 3x3 convolution
 from a 6x6 input tile with 36 multiplies per (input, output) channel pair instead of 144: the
 convolution's GEMM work drops 4x, for three cheap linear transforms. ONNX Runtime's CPU provider
-has no Winograd kernel (MLAS convolves directly, at 60-95% of this CPU's fp32 GEMM rate), so the
+has no Winograd kernel (MLAS convolves directly), so the
 pass writes the algorithm with standard ONNX ops, each of which ONNX Runtime runs well:
 
     x [N, C, H, W]
@@ -15,19 +15,17 @@ pass writes the algorithm with standard ONNX ops, each of which ONNX Runtime run
 
 U = G g G^T is computed from the Conv's own weight inside the graph, per call: the rewritten graph
 shares the original's weights file and costs no extra memory. G is an overridable initializer (also
-a graph input), so ONNX Runtime does not fold U into a constant at session creation; folding was
-measured (SD 1.5 UNet, batch 2, 64x64: 4.91 vs 5.04 s a step) and is not worth its memory, 3x the
-rewritten layers' weights (+0.95 GB). The output transform as MatMul + DepthToSpace measured
-faster than as ConvTranspose (4.87 vs 5.04 s).
+a graph input), so ONNX Runtime does not fold U into a constant at session creation: folding is
+hardly faster and costs 3x the rewritten layers' weights in memory. The output transform is MatMul +
+DepthToSpace, faster than ConvTranspose. (The measurements: docs/kernels.md.)
 
 Which layers: a 3x3 Conv with stride 1, dilation 1, one group, padding 1 on every side and a
-constant fp32 weight, whose output map at 512 px (SD 1.5's size, where this was measured; another
-size with `sdrt export --cpu-size`) is at least `MIN_SIDE` on each side and whose transformed tiles
+constant fp32 weight, whose output map at 512 px (SD 1.5's size; another size with
+`sdrt export --cpu-size`) is at least `MIN_SIDE` on each side and whose transformed tiles
 take at most `MAX_TILE_BYTES` per image.
 For SD 1.5 that is the UNet's 64x64 and 32x32 levels and the VAE's 64x64 level. Smaller maps have
-too few tiles to pay for the transforms (UNet with its 16x16 level too: 4.90 vs 4.87 s; 1280
-channels at 8x8 alone: 0.6x); larger tile tensors cost more memory than they save time (the VAE
-decoder's 128-512 px levels: 1.33x faster, but peak memory 2.8 -> 5.2 GB).
+too few tiles to pay for the transforms; larger tile tensors cost more memory than they save time
+(the VAE decoder's 128-512 px levels would nearly double its peak).
 
 Numerics: F(4x4, 3x3) in fp32 differs from direct convolution by about 1e-5 relative (the points
 0, +-1, +-2 keep the transforms' entries small); sdrt.kernels.reference.winograd_conv is the NumPy
@@ -42,7 +40,7 @@ import operator
 import numpy as np
 from onnx import TensorProto, helper
 
-from sdrt.kernels.graph import Graph
+from sdrt.kernels.graph import Graph, attrs, run_pass
 
 # F(4x4, 3x3) at the points 0, 1, -1, 2, -2 and infinity (Lavin & Gray, "Fast Algorithms for
 # Convolutional Neural Networks", 2015, section 4.2)
@@ -104,10 +102,7 @@ def eval_dim(dim, side: int) -> int | None:
 
 
 def _attr(node, name, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
+    return attrs(node).get(name, default)
 
 
 def eligible(graph: Graph, node, latent_side: int = REFERENCE_SIDE) -> bool:
@@ -203,10 +198,5 @@ def _rewrite(graph: Graph, k: _Constants, node) -> list:
 def winograd_conv(graph: Graph, latent_side: int = REFERENCE_SIDE) -> int:
     """Rewrite each eligible 3x3 Conv as F(4x4, 3x3) Winograd; return how many were rewritten."""
     k = _Constants(graph)
-    count = 0
-    for node in [n for n in graph.nodes if eligible(graph, n, latent_side)]:
-        graph.replace([node], _rewrite(graph, k, node))
-        count += 1
-    if count:
-        graph.commit()
-    return count
+    return run_pass(graph, [n for n in graph.nodes if eligible(graph, n, latent_side)],
+                    lambda node: ([node], _rewrite(graph, k, node)))
