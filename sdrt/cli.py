@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from sdrt.errors import InputError, SdrtError
+from sdrt.errors import InputError, SdrtError, one_line
 
 log = logging.getLogger("sdrt")
 
@@ -400,11 +400,6 @@ def _setup_logging(quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def _one_line(error: Exception) -> str:
-    """Library messages may quote multi-line text from onnxruntime or the hub; the CLI prints one line."""
-    return " ".join(str(error).split())
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         argv = sys.argv[1:] if argv is None else argv
@@ -413,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging(args.quiet)
         return args.fn(args)
     except SdrtError as e:
-        print(f"sdrt: error: {_one_line(e)}", file=sys.stderr)
+        print(f"sdrt: error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
     except BrokenPipeError:  # `sdrt samplers | head`: stop quietly (Python docs' SIGPIPE advice)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -424,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: one line unless SDRT_DEBUG asks for the traceback
         if os.environ.get("SDRT_DEBUG"):
             raise
-        print(f"sdrt: internal error: {type(e).__name__}: {_one_line(e)} (set SDRT_DEBUG=1 for a traceback)",
+        print(f"sdrt: internal error: {type(e).__name__}: {one_line(e)} (set SDRT_DEBUG=1 for a traceback)",
               file=sys.stderr)
         return 1
 

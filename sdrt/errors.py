@@ -13,6 +13,12 @@ class InputError(SdrtError, ValueError):
     exit_code = 2
 
 
+def one_line(message) -> str:
+    """A message (or exception) as one line: library messages may quote multi-line text from
+    onnxruntime or the hub, and the CLI and the server answer with one line."""
+    return " ".join(str(message).split())
+
+
 def first_line(e: BaseException) -> str:
     """A third-party exception's message in one line (the CLI prints one line per error)."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0]

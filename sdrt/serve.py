@@ -24,7 +24,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from sdrt.errors import InputError, SdrtError, first_line
+from sdrt.errors import InputError, SdrtError, first_line, one_line
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _error(self, status: int, message: str) -> None:
-        self._send(status, {"error": " ".join(message.split())})
+        self._send(status, {"error": one_line(message)})
 
     def do_GET(self):  # noqa: N802 - http.server's naming
         if self.path == "/health":
@@ -188,7 +188,7 @@ class Handler(BaseHTTPRequestHandler):
             log.exception("generate failed")
             status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"generation failed: {type(e).__name__}: {e}"}
         if "error" in payload:
-            payload["error"] = " ".join(payload["error"].split())
+            payload["error"] = one_line(payload["error"])
         try:
             self._send(status, payload)
         except (BrokenPipeError, ConnectionResetError):  # the client left before its answer

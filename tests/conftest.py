@@ -27,7 +27,9 @@ def export_cache(tmp_path_factory):
     from sdrt.export.onnx_export import CACHE_ENV
 
     old = os.environ.get(CACHE_ENV)
-    os.environ[CACHE_ENV] = old or str(tmp_path_factory.mktemp("export-cache"))  # a developer's own, if set
+    # one cache for all pytest-xdist workers (their temp dirs share a parent); a developer's own, if set
+    shared = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else None
+    os.environ[CACHE_ENV] = old or str(shared / "export-cache" if shared else tmp_path_factory.mktemp("export-cache"))
     yield
     if old is None:
         os.environ.pop(CACHE_ENV, None)
@@ -98,11 +100,13 @@ def engines(checkpoints, tmp_path_factory) -> dict[str, Path]:
     from sdrt.export import export
 
     root = tmp_path_factory.mktemp("engines")
-    out = {}
-    for kind, path in checkpoints.items():
-        export(str(path), root / kind, progress=False)
-        out[kind] = root / kind
-    return out
+    # each pytest-xdist worker starts with another checkpoint, so that torch's exporter runs for
+    # different models at once; the shared export cache hands each worker the others' graphs
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
+    kinds = list(checkpoints)
+    for kind in kinds[worker % len(kinds):] + kinds[: worker % len(kinds)]:
+        export(str(checkpoints[kind]), root / kind, progress=False)
+    return {kind: root / kind for kind in kinds}
 
 
 def pytest_report_header(config):

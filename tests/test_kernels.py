@@ -389,6 +389,7 @@ def test_cpu_falls_back_to_the_onnxruntime_graph(engines, tmp_path):
     for c in manifest.components.values():
         if "onnxruntime-cpu" in c.targets:
             (old / c.targets.pop("onnxruntime-cpu").file).unlink()
+    manifest.files = {}  # such exports recorded no file hashes either
     manifest.write(old)
     pipe = sdrt.Pipeline.load(old)
     assert pipe.engine("unet").path.name == "model.onnxruntime.onnx"

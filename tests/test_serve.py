@@ -84,10 +84,10 @@ def test_health_and_info(url):
     (b"[1, 2]", 400, "body must be a JSON object"),
     ({"steps": 2}, 400, "prompt is required"),
     ({"prompt": "x", "size": 512}, 400, "unknown field(s) size; accepted: prompt"),
-    ({"prompt": "x", "steps": "many"}, 400, 'steps: expected integer, got "many"'),
-    ({"prompt": "x", "guidance_scale": True}, 400, "guidance_scale: expected integer/number, got true"),
+    ({"prompt": "x", "steps": "many"}, 400, "steps: expected an integer, got 'many'"),
+    ({"prompt": "x", "guidance_scale": True}, 400, "guidance_scale: expected a number, got True"),
     ({"prompt": "x", "num_images": 3}, 400, "num_images: at most 2 per request"),
-    ({"prompt": "x", "width": 7, "steps": 1}, 400, "width and height must be positive multiples of 8"),
+    ({"prompt": "x", "width": 7, "steps": 1}, 400, "width 7: must be a multiple of 8"),
     ({"prompt": "x", "sampler": "fast"}, 400, "unknown sampler 'fast'"),
     ({"prompt": "x", "image": "%%%"}, 400, "image: not base64"),
     ({"prompt": "x", "image": base64.b64encode(b"not an image").decode()}, 400, "image: not an image Pillow can read"),
@@ -124,7 +124,7 @@ def test_cli_errors(engines, capsys):
     from sdrt.cli import main
 
     assert main(["serve", "--engines", str(engines["eps"]), "--max-images", "0", "-q"]) == 2
-    assert "--max-images must be >= 1" in capsys.readouterr().err
+    assert "--max-images must be from 1 to 8, got 0" in capsys.readouterr().err
     assert main(["serve", "--engines", "/no/such/dir", "-q"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 

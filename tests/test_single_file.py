@@ -59,7 +59,7 @@ def test_fp16_ckpt_loads_as_fp32(checkpoints, single_files, tmp_path):
 
 def test_cli_prediction_type_override(checkpoints, single_files, tmp_path, capsys):
     out = tmp_path / "v"
-    assert main(["export", str(single_files / "eps-fp16.ckpt"), str(out), "--config", str(checkpoints["eps"]),
+    assert main(["export", str(single_files / "eps.safetensors"), str(out), "--config", str(checkpoints["eps"]),
                  "--prediction-type", "v_prediction", "--no-optimize", "-q"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["prediction_type"] == "v_prediction"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -119,6 +120,7 @@ def cache_key(name: str, spec: ComponentSpec, pipe, opset: int) -> str:
 
     module = getattr(pipe, _MODULES[name])
     config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)  # transformers'
+    config = {k: v for k, v in config.items() if not k.startswith("_")}  # _name_or_path: where it was loaded from
     h = hashlib.sha256(json.dumps([name, spec.to_json(), opset, torch.__version__, sdrt.__version__, config],
                                   sort_keys=True, default=str).encode())
     hash_weights(h, module)
@@ -132,18 +134,17 @@ def export_component(name: str, spec: ComponentSpec, pipe, out_dir: Path, opset:
     if not cache:
         return _export(name, spec, pipe, out_dir, opset)
     entry = Path(cache) / cache_key(name, spec, pipe, opset)
-    if not (entry / "complete").is_file():
-        Path(cache).mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=cache))
-        _export(name, spec, pipe, tmp, opset)
-        (tmp / name / "complete").touch()
-        try:
-            os.rename(tmp / name, entry)  # atomic: a concurrent export of the same key may win
-        except OSError:
-            pass
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        log.info("%s: the standard graph from the export cache %s", name, entry)
+    Path(cache).mkdir(parents=True, exist_ok=True)
+    with open(entry.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent export of the same key waits, then copies
+        if not (entry / "complete").is_file():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=cache))
+            _export(name, spec, pipe, tmp, opset)
+            (tmp / name / "complete").touch()
+            os.rename(tmp / name, entry)
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            log.info("%s: the standard graph from the export cache %s", name, entry)
     (out_dir / name).mkdir(parents=True, exist_ok=True)
     for f in entry.iterdir():
         if f.name != "complete":
