@@ -54,26 +54,28 @@ def _request(args):
 
 def _interruptible(pipe, fn):
     """Run FN in a worker thread so that Ctrl-C reaches this one at once: it interrupts the pipeline,
-    which stops the engine call in progress (ONNX Runtime's terminate flag), then re-raises here."""
-    out = {}
+    which stops the engine call in progress (ONNX Runtime's terminate flag), waits for the worker to
+    leave the engines (a process must not exit while ONNX Runtime runs), then re-raises here."""
+    out, done = {}, threading.Event()
 
     def work():
         try:
             out["value"] = fn()
         except BaseException as e:  # handed to the main thread
             out["error"] = e
+        finally:
+            done.set()
 
-    worker = threading.Thread(target=work, name="sdrt-generate", daemon=True)
-    worker.start()
+    threading.Thread(target=work, name="sdrt-generate", daemon=True).start()
     try:
-        while worker.is_alive():
-            worker.join(0.1)
+        while not done.wait(0.1):
+            pass
     except KeyboardInterrupt:
         pipe.interrupt()
-        worker.join(30)
+        done.wait()
         raise
     if "error" in out:
-        raise out["error"]
+        raise out.pop("error")
     return out["value"]
 
 
