@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,6 +110,13 @@ def engines(checkpoints, tmp_path_factory) -> dict[str, Path]:
     for kind in kinds[worker % len(kinds):] + kinds[: worker % len(kinds)]:
         export(str(checkpoints[kind]), root / kind, progress=False)
     return {kind: root / kind for kind in kinds}
+
+
+def sdrt_process(*args: str, **kwargs) -> subprocess.Popen:
+    """`python -m sdrt.cli ARGS` as a child that takes Ctrl-C as a terminal would deliver it: pytest-xdist
+    workers ignore SIGINT, and a child inherits that (Python then installs no KeyboardInterrupt)."""
+    return subprocess.Popen([sys.executable, "-m", "sdrt.cli", *args], text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
 
 
 def pytest_report_header(config):

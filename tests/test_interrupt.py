@@ -3,7 +3,6 @@ Runtime's terminate flag) and the generation; Ctrl-C on `sdrt generate` does the
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 
 import sdrt
 from sdrt.errors import Interrupted
+from tests.conftest import sdrt_process
 
 
 def test_interrupt_stops_an_engine_call_in_progress(engines):
@@ -51,15 +51,17 @@ def test_interrupt_stops_a_generation(engines):
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
 def test_ctrl_c_stops_generate(engines, tmp_path):
     out = tmp_path / "o.png"
-    proc = subprocess.Popen([sys.executable, "-m", "sdrt.cli", "generate", "a cat", "--engines", str(engines["eps"]),
-                             "--steps", "500", "--width", "256", "--height", "256", "-o", str(out)],
-                            stderr=subprocess.PIPE, text=True, env=os.environ | {"COLUMNS": "80"})
+    proc = sdrt_process("generate", "a cat", "--engines", str(engines["eps"]), "--steps", "500", "--width", "256",
+                        "--height", "256", "-o", str(out), stderr=subprocess.PIPE)
     seen = ""
     while "generate:" not in seen:  # the progress bar: sampling has started
         seen += proc.stderr.read(1)
         assert proc.poll() is None, seen
     proc.send_signal(signal.SIGINT)
-    _, rest = proc.communicate(timeout=60)
+    try:
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # only if it is still running after a failure
     err = seen + rest
     assert proc.returncode == 130, err
     assert "\nsdrt: interrupted" in err and "Traceback" not in err

@@ -135,10 +135,11 @@ def test_sdrt_serve_command(engines, stop):
     import re
     import signal
     import subprocess
-    import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "sdrt.cli", "serve", "--engines", str(engines["eps"]),
-                             "--port", "0", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    from tests.conftest import sdrt_process
+
+    proc = sdrt_process("serve", "--engines", str(engines["eps"]), "--port", "0", "-q", stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE)
     try:
         line = proc.stdout.readline()
         found = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
@@ -146,5 +147,8 @@ def test_sdrt_serve_command(engines, stop):
         assert call(found.group(1), "/health") == (200, {"status": "ok"})
     finally:
         proc.send_signal(getattr(signal, stop))
-        _, err = proc.communicate(timeout=60)
+        try:
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()  # only if it is still running after a failure
     assert proc.returncode == 0 and "sdrt serve: stopped" in err

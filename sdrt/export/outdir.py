@@ -183,8 +183,8 @@ class OutDir:
     def _remove_old(self) -> None:
         if not self.staging.exists():
             return
-        # mark it stale first (no lock file, dead pid): a kill during the removal leaves a folder
-        # the next export removes
+        # the old contents hold no lock file: while this process lives, other exports leave them to
+        # it (its pid is alive); if it is killed midway, the next export removes the rest
         for i, p in enumerate(sorted(self.staging.rglob("*"), reverse=True)):
             if i == 1:
                 fault("removing-old")

@@ -7,7 +7,7 @@ pipeline calls `release()`: ONNX Runtime shrinks an arena only at the end of a r
 it, so a one-node no-op model runs on a session sharing that arena with the shrink option set; then
 glibc's malloc_trim hands back what the C allocator holds freed. Shrinking after every UNet call
 instead re-faults its working set each step. The measurements behind each choice are in
-docs/memory.md.
+docs/kernels.md ("Memory").
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ CUDA_OPTIONS = {"cudnn_conv_algo_search": "EXHAUSTIVE", "cudnn_conv_use_max_work
 # keeps its own arena at its high-water mark (less time per image, more GPU memory: docs/gpu.md)
 GPU_MEMORY_MODES = ("low", "fast")
 # ONNX Runtime's memory pattern pre-plans one block for a whole run; without it the UNet session's
-# peak is lower at the same speed, while the VAE decoder's is higher (docs/memory.md)
+# peak is lower at the same speed, while the VAE decoder's is higher (docs/kernels.md, "Memory")
 NO_MEMORY_PATTERN = {"unet"}
 # A one-node ONNX model (Identity on a float [1], IR 7, opset 13; tests rebuild it with onnx.helper).
 NOOP_MODEL = bytes.fromhex(
