@@ -30,9 +30,7 @@ def export_cache(tmp_path_factory):
     from sdrt.export.onnx_export import CACHE_ENV
 
     old = os.environ.get(CACHE_ENV)
-    # one cache for all pytest-xdist workers (their temp dirs share a parent); a developer's own, if set
-    shared = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else None
-    os.environ[CACHE_ENV] = old or str(shared / "export-cache" if shared else tmp_path_factory.mktemp("export-cache"))
+    os.environ[CACHE_ENV] = old or str(_shared_dir(tmp_path_factory, "export-cache"))  # a developer's own, if set
     yield
     if old is None:
         os.environ.pop(CACHE_ENV, None)
@@ -98,17 +96,32 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {k: make_checkpoint(k, root / k) for k in CHECKPOINTS}
 
 
+def _shared_dir(tmp_path_factory, name: str) -> Path:
+    """A folder all pytest-xdist workers of this run share (their temp dirs have one parent)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return tmp_path_factory.mktemp(name)
+    path = tmp_path_factory.getbasetemp().parent / name
+    path.mkdir(exist_ok=True)
+    return path
+
+
 @pytest.fixture(scope="session")
 def engines(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """One engine dir per checkpoint, exported once for all workers (a lock per dir: the others wait
+    and reuse it; tests copy an engine dir before changing it). Each worker starts with another
+    checkpoint, so that torch's exporter runs for different models at once."""
+    import fcntl
+
     from sdrt.export import export
 
-    root = tmp_path_factory.mktemp("engines")
-    # each pytest-xdist worker starts with another checkpoint, so that torch's exporter runs for
-    # different models at once; the shared export cache hands each worker the others' graphs
+    root = _shared_dir(tmp_path_factory, "engines")
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
     kinds = list(checkpoints)
     for kind in kinds[worker % len(kinds):] + kinds[: worker % len(kinds)]:
-        export(str(checkpoints[kind]), root / kind, progress=False)
+        with open(root / f"{kind}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (root / kind / "manifest.json").is_file():
+                export(str(checkpoints[kind]), root / kind, progress=False)
     return {kind: root / kind for kind in kinds}
 
 

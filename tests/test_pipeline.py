@@ -79,6 +79,18 @@ def test_callback_and_img2img_step_count(pipe):
     assert r.pixels.shape == (1, 48, 64, 3) and "Denoising strength: 0.35" in r.parameters[0]
 
 
+def test_callback_gets_the_denoised_estimate(pipe):
+    """`denoised` is the step's x0: Euler's last step lands on it exactly, earlier ones do not, and
+    decoding the last one gives the image."""
+    seen = []
+    r = pipe("a dog", steps=4, width=64, height=48, sampler="euler", seed=3,
+             callback=lambda i, n, x, x0: seen.append((x.copy(), x0.copy())))
+    assert len(seen) == 4
+    np.testing.assert_allclose(seen[-1][0], seen[-1][1], rtol=0, atol=1e-12)
+    assert np.abs(seen[0][0] - seen[0][1]).max() > 1e-3
+    np.testing.assert_allclose(pipe.decode(seen[-1][1]), r.pixels, atol=1e-6)
+
+
 @pytest.mark.parametrize("img2img", [False, True])
 def test_memory_is_released_between_phases_not_between_steps(pipe, monkeypatch, img2img):
     """CPU sessions keep their arena from call to call (a UNet step re-faulting its pages after a

@@ -179,4 +179,4 @@ def test_int8_engine_generates_close_to_fp32(int8_engines, engines):
     b = sdrt.Pipeline.load(int8_engines)(**args).pixels
     assert np.isfinite(b).all()
     psnr = 10 * np.log10(1.0 / np.mean((a - b) ** 2))
-    assert psnr > 20, psnr  # random tiny weights: a loose bound; SD 1.5 numbers are in the README
+    assert psnr > 20, psnr  # random tiny weights: a loose bound; SD 1.5 numbers are in docs/kernels.md

@@ -97,7 +97,8 @@ class GenerateRequest:
             raise InputError(f"clip_skip {self.clip_skip}: this text encoder has {layers} layers (1..{layers})")
 
     def replace(self, **changes) -> GenerateRequest:
-        return dataclasses.replace(self, **changes)
+        """A copy with CHANGES, checked as `make` checks keywords."""
+        return GenerateRequest.make(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)} | changes)
 
 
 def check_value(f: dataclasses.Field, value) -> None:
