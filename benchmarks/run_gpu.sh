@@ -15,7 +15,7 @@ ENGINES=${ENGINES:-engines/sd15-fp16}
 OUT=${OUT:-benchmarks/results/gpu}
 STEP=${STEP:-all}
 if [ "$STEP" = all ] || [ "$STEP" = tests ]; then
-    python -m pytest -q -rs tests/test_precision.py tests/test_pipeline.py tests/test_tensorrt.py \
+    python -m pytest -q -rs -o addopts="" tests/test_precision.py tests/test_pipeline.py tests/test_tensorrt.py \
         -k "fp16 or gpu or tensorrt"
 fi
 if [ "$STEP" = all ] || [ "$STEP" = export ]; then
