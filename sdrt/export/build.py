@@ -251,7 +251,7 @@ def _components(pipe, dims: ModelDims, staging: Path, opts: Options) -> dict[str
     return entries
 
 
-def _manifest(loaded, pipe, dims, entries, lora_records, opts: Options, staging: Path) -> Manifest:
+def _manifest(loaded, pipe, dims, entries, lora_records, opts: Options) -> Manifest:
     from sdrt.export import onnx_export, sources
 
     return Manifest(
@@ -283,26 +283,20 @@ def _build(source: str, staging: Path, opts: Options) -> Manifest:
     entries = _components(pipe, dims, staging, opts)
     pipe.tokenizer.save_pretrained(staging / TOKENIZER_DIR)
     shutil.rmtree(scratch)
-    if opts.precision == "int8":
-        entries["unet"] = _int8(entries, loaded, pipe, dims, lora_records, opts, staging)
+    manifest = _manifest(loaded, pipe, dims, entries, lora_records, opts)  # hashes the weights once
+    if opts.precision == "int8":  # calibration runs the staged fp32 engines, which need a manifest to load
+        manifest.write(staging)
+        spec = entries["unet"].spec
+        image_px = max(manifest.default_image_size // 2, spec.dims["h"][0] * dims.vae_scale_factor)
+        entries["unet"] = int8_stage(entries, pipe, staging, image_px, opts.optimize)
     if opts.backend == "tensorrt":
         entries = tensorrt_stage(entries, staging, opts.trt_profile, dims.vae_scale_factor, opts.progress)
     _share_files(staging)
     t1 = time.perf_counter()
-    manifest = dataclasses.replace(_manifest(loaded, pipe, dims, entries, lora_records, opts, staging),
-                                   files=file_records(staging, skip=(LOCK,)))
+    manifest = dataclasses.replace(manifest, components=entries, files=file_records(staging, skip=(LOCK,)))
     log.info("recorded the size and sha256 of %d files in %.1f s", len(manifest.files), time.perf_counter() - t1)
     manifest.write(staging)
     return manifest
-
-
-def _int8(entries, loaded, pipe, dims, lora_records, opts, staging) -> ComponentEntry:
-    """int8 calibration runs the staged fp32 engines, which need a manifest to load."""
-    _manifest(loaded, pipe, dims, entries, lora_records, opts, staging).write(staging)
-    spec = entries["unet"].spec
-    image_px = max(int(pipe.unet.config.sample_size) * dims.vae_scale_factor // 2,
-                   spec.dims["h"][0] * dims.vae_scale_factor)
-    return int8_stage(entries, pipe, staging, image_px, opts.optimize)
 
 
 def _share_files(staging: Path) -> None:
