@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import shlex
-import signal
 import sys
 import tempfile
 import threading
@@ -180,29 +179,41 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from sdrt.serve import Server, make_http_server
+    from sdrt.serve import ServeConfig
 
-    server = Server(args.engines, provider=args.provider, max_images=args.max_images)
-    httpd = make_http_server(server, args.host, args.port)
+    config = ServeConfig(Path(args.engines), provider=args.provider, max_images=args.max_images,
+                         max_queue=args.max_queue, max_batch=args.max_batch, timeout=args.timeout,
+                         api_key=args.api_key or os.environ.get("SDRT_API_KEY") or None,
+                         cors=tuple(args.cors), warmup=not args.no_warmup)
+    if args.ray:
+        from sdrt.serve.ray_app import serve_on_ray
 
-    def stop(signum, frame):  # SIGTERM (docker stop, systemd) ends it as Ctrl-C does
-        raise KeyboardInterrupt
+        return serve_on_ray(config, args.host, args.port, replicas=args.replicas, address=args.ray_address,
+                            autoscaling=_json_arg("--ray-autoscaling", args.ray_autoscaling))
+    from sdrt.serve import create_app, listen, run
 
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        if not args.no_warmup:
-            log.info("creating the sessions")
-            server.warmup()
-        host, port = httpd.server_address[:2]
-        print(f"sdrt serve: {args.engines} ({server.pipe.manifest.pipeline}, provider {args.provider}) on "
-              f"http://{host}:{port}  (POST /generate, GET /info, GET /health; Ctrl-C stops)", flush=True)
-        httpd.serve_forever()
-    except KeyboardInterrupt:
-        print("sdrt serve: stopped", file=sys.stderr)
-    finally:
-        httpd.server_close()
-        server.close()
+    if config.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s with no API key: anyone who can reach it can generate (--api-key)", args.host)
+    app = create_app(config)  # loads the engine dir: bad arguments fail here, before the port is taken
+    sock = listen(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    print(f"sdrt serve: {args.engines} ({app.state.service.pipe.manifest.pipeline}, provider {args.provider}) on "
+          f"http://{host}:{port}  (docs: /docs; Ctrl-C or SIGTERM drains and stops)", flush=True)
+    run(app, sock, drain_timeout=config.timeout, access_log=not args.quiet)
+    print("sdrt serve: stopped", file=sys.stderr)
     return 0
+
+
+def _json_arg(flag: str, text: str | None):
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{flag}: not JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{flag}: expected a JSON object such as '{{\"min_replicas\": 1, \"max_replicas\": 4}}'")
+    return value
 
 
 def cmd_info(args) -> int:
@@ -357,14 +368,28 @@ def _add_serve(sub, parents) -> None:
     from sdrt.runtime.backends import PROVIDERS
     from sdrt.runtime.request import MAX_IMAGES
 
-    v = sub.add_parser("serve", parents=parents, help="an engine dir behind an HTTP/JSON API (POST /generate)")
+    v = sub.add_parser("serve", parents=parents, help="an engine dir behind sdrt's, OpenAI's and A1111's HTTP APIs")
     v.add_argument("--engines", required=True, help="engine dir from `sdrt export`")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     v.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     v.add_argument("--provider", default="cpu", choices=list(PROVIDERS))
     v.add_argument("--max-images", type=int, default=4,
                    help=f"most images one request may ask for (at most {MAX_IMAGES})")
+    v.add_argument("--max-queue", type=int, default=16, help="requests waiting at most; more get 429 (default 16)")
+    v.add_argument("--max-batch", type=int, default=8,
+                   help="images that compatible waiting requests may share one generation with (default 8)")
+    v.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds a request may take from arrival (default 600; X-Sdrt-Timeout lowers it)")
+    v.add_argument("--api-key", help="require Authorization: Bearer KEY (default: $SDRT_API_KEY; none: open)")
+    v.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN (repeatable; default: none)")
     v.add_argument("--no-warmup", action="store_true", help="create the sessions on the first request")
+    v.add_argument("--ray", action="store_true", help="run on Ray Serve (pip install 'sdrt[ray]')")
+    v.add_argument("--replicas", type=int, default=1, help="--ray: replicas, each with its own pipeline")
+    v.add_argument("--ray-address", help="--ray: a running cluster ('auto', or ray://HOST:10001); "
+                                          "default: start a local one")
+    v.add_argument("--ray-autoscaling", metavar="JSON",
+                   help="--ray: Ray Serve's autoscaling_config, e.g. '{\"min_replicas\": 1, \"max_replicas\": 4}'")
     v.set_defaults(fn=cmd_serve)
 
 

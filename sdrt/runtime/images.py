@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +90,36 @@ def a1111_parameters(prompt: str, negative: str, settings: dict) -> str:
         lines.append(f"Negative prompt: {negative}")
     lines.append(", ".join(f"{k}: {v}" for k, v in settings.items() if v is not None))
     return "\n".join(lines)
+
+
+# one `Key: value` of the settings line; a value is a quoted JSON string or runs to the next comma
+_SETTING = re.compile(r'\s*([\w ./+-]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def parse_a1111_parameters(text: str) -> dict:
+    """A1111's `parameters` text read back as its own reader does: Prompt, Negative prompt, and each
+    setting of the last line ("Size: 512x768" also as Size-1 / Size-2)."""
+    lines = text.strip().split("\n")
+    settings = _SETTING.findall(lines[-1]) if lines else []
+    if len(settings) >= 3:  # the last line is the settings line (A1111 asks for three at least)
+        lines = lines[:-1]
+    else:
+        settings = []
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    out = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in settings:
+        value = value.strip()
+        if value.startswith('"') and value.endswith('"'):
+            value = json.loads(value)
+        out[key.strip()] = value
+        size = re.fullmatch(r"(\d+)x(\d+)", value) if isinstance(value, str) else None
+        if size:
+            out[f"{key.strip()}-1"], out[f"{key.strip()}-2"] = size[1], size[2]
+    return out
 
 
 def png_bytes(image, parameters: str) -> bytes:

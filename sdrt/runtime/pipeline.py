@@ -8,6 +8,7 @@ metadata. Memory is handed back between phases (sdrt.runtime.backends.memory).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable
@@ -156,15 +157,51 @@ class Pipeline:
         else:
             req = GenerateRequest.make(**({"prompt": prompt} if prompt is not None else {}), **kwargs)
         plan = self.plan(req)
-        self._stop.clear()
-        for e in self.engines.values():
-            e.resume()
+        self._begin()
         cond, uncond = self._conditioning(plan)
         start = self._start_state(plan)
         x = self._sample(plan, cond, uncond, start, callback)
         pixels = self.decode(x)
         release_free_memory()  # nothing held between generations but the weights
         return Result(images.to_pil(pixels), pixels, plan.seeds, self._metadata(plan))
+
+    def batch_key(self, req: GenerateRequest) -> tuple | None:
+        """Requests with equal keys can share their UNet calls (generate_batch): the same latent size,
+        schedule, sampler and guidance. Prompts, seeds, image counts and clip skip may differ. None: the
+        request runs alone (an init image, a mask or its own latents)."""
+        if req.image is not None or req.mask is not None or req.latents is not None:
+            return None
+        size = self.manifest.default_image_size
+        return (req.width or size, req.height or size, req.steps, samplers.get_sampler(req.sampler).name,
+                req.schedule_type, req.eta, req.guidance_scale)
+
+    def generate_batch(self, requests: list[GenerateRequest], callback: Callback | None = None) -> list[Result]:
+        """Several text-to-image requests with one batch_key as one sampling run: every UNet call takes
+        all their images. Each image is its solo run's (its noise comes from its own seed's streams;
+        only the UNet's batch differs). The callback sees the whole batch."""
+        if len({self.batch_key(r) for r in requests} | {None}) != 2:
+            raise InputError("generate_batch: the requests must be text-to-image with one batch_key")
+        plans = [self.plan(r) for r in requests]
+        self._begin()
+        conds = [self._conditioning(p) for p in plans]
+        cond = np.concatenate([c for c, _ in conds])
+        uncond = None if conds[0][1] is None else np.concatenate([u for _, u in conds])
+        merged = dataclasses.replace(plans[0], seeds=[s for p in plans for s in p.seeds])
+        x = self._sample(merged, cond, uncond, self._start_state(merged), callback)
+        pixels = self.decode(x)
+        release_free_memory()
+        results, at = [], 0
+        for p in plans:
+            own = pixels[at : at + len(p.seeds)]
+            at += len(p.seeds)
+            results.append(Result(images.to_pil(own), own, p.seeds, self._metadata(p)))
+        return results
+
+    def _begin(self) -> None:
+        """A new generation: a past interrupt() no longer applies."""
+        self._stop.clear()
+        for e in self.engines.values():
+            e.resume()
 
     def plan(self, req: GenerateRequest) -> Plan:
         """Validate REQ against this engine dir and resolve what it leaves open; no engine runs."""

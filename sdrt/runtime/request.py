@@ -117,10 +117,31 @@ def check_value(f: dataclasses.Field, value) -> None:
         raise InputError(f"{f.name}: expected a finite number, got {value}")
     if kind == "choice":
         return  # names are resolved (with A1111's spellings) by their owners, e.g. get_sampler
+    if kind == "text" and not _encodable(value):
+        raise InputError(f"{f.name}: not valid Unicode (a lone surrogate such as \\ud800)")
     size = len(value) if kind == "text" else value
     if m["lo"] is not None and size < m["lo"] or m["hi"] is not None and size > m["hi"]:
         got = f"{size} characters" if kind == "text" else _short(value)
         raise InputError(f"{f.name}: {got} is out of range ({_range(m['lo'], m['hi'])})")
+
+
+def from_text(f: dataclasses.Field, text: str):
+    """A field's value from text (a CLI flag, an HTML form field): numbers parsed, the rest as is."""
+    kind = f.metadata["kind"]
+    if kind not in ("int", "number") or not isinstance(text, str):
+        return text
+    try:
+        return int(text) if kind == "int" else float(text)
+    except ValueError:
+        raise InputError(f"{f.name}: expected {_kind_words(kind)}, got {_short(text)}") from None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _range(lo, hi) -> str:

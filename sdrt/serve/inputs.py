@@ -1,0 +1,121 @@
+"""Reading what clients send: JSON bodies, base64 or uploaded images (their size checked from the
+header, before any pixel is decoded), form fields, and the native /generate request. Every problem is
+an InputError that names the field; nothing here trusts a client with a file path."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+
+from sdrt.errors import InputError, first_line
+
+MAX_BODY = 32 << 20  # bytes: two base64 images of a few megapixels
+MAX_INPUT_PIXELS = 4096 * 4096  # an init image or mask; it is resized to at most 2048 px a side anyway
+
+
+def parse_json(body: bytes) -> dict:
+    """A JSON object from BODY; InputError for anything else (deep nesting, huge numbers included)."""
+    try:
+        obj = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
+        raise InputError(f"body is not JSON: {first_line(e)}") from None
+    if not isinstance(obj, dict):
+        raise InputError("body must be a JSON object")
+    return obj
+
+
+def open_image(field: str, data: bytes | str):
+    """A PIL image from file bytes or base64 text (a `data:image/...;base64,` prefix is allowed, as A1111
+    clients send), loaded in its own mode; too many pixels is refused from the header alone."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(data, str):
+        text = data.split(",", 1)[1] if data.startswith("data:") else data
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise InputError(f"{field}: not base64") from None
+    unreadable = InputError(f"{field}: not an image Pillow can read (a PNG or JPEG file)")
+    try:
+        im = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as e:  # Pillow's own limit, checked from the header
+        raise InputError(f"{field}: too many pixels ({first_line(e)}); the limit is {MAX_INPUT_PIXELS:,}") from None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+        raise unreadable from None
+    w, h = im.size
+    if w * h > MAX_INPUT_PIXELS:
+        raise InputError(f"{field}: {w}x{h} is {w * h:,} pixels; the limit is {MAX_INPUT_PIXELS:,}")
+    try:
+        im.load()
+    except (OSError, SyntaxError, ValueError):
+        raise unreadable from None
+    return im
+
+
+def to_rgb(field: str, data):
+    return open_image(field, data).convert("RGB")
+
+
+def to_mask(field: str, data):
+    return open_image(field, data).convert("L")
+
+
+def request_fields() -> dict:
+    """The JSON fields of POST /generate: GenerateRequest's, less the Python-only ones."""
+    from sdrt.runtime.request import GenerateRequest
+
+    return {f.name: f for f in GenerateRequest.fields(python_only=False)}
+
+
+def make_request(values: dict, max_images: int, *, text: bool = False):
+    """A GenerateRequest from client VALUES named as its fields (images as base64 or bytes; with TEXT,
+    numbers as text, as an HTML form sends them); num_images at most MAX_IMAGES."""
+    from sdrt.runtime.request import GenerateRequest, from_text
+
+    fields = request_fields()
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise InputError(f"unknown field(s) {', '.join(unknown)}; accepted: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        kind = fields[name].metadata["kind"]
+        if kind == "image" and value is not None:
+            if not isinstance(value, (str, bytes)):
+                raise InputError(f"{name}: expected base64 of a PNG or JPEG file")
+            value = (to_mask if name == "mask" else to_rgb)(name, value)
+        elif text:
+            value = from_text(fields[name], value)
+        kwargs[name] = value
+    request = GenerateRequest.make(**kwargs)
+    if request.num_images > max_images:
+        raise InputError(f"num_images: at most {max_images} per request (sdrt serve --max-images)")
+    return request
+
+
+def parse_request(body: bytes, max_images: int):
+    """A GenerateRequest from a POST /generate body."""
+    values = parse_json(body)
+    if "prompt" not in values:
+        raise InputError("prompt is required")
+    return make_request(values, max_images)
+
+
+def request_schema() -> dict:
+    """POST /generate's JSON schema for the OpenAPI docs, from the same declaration as the CLI's flags."""
+    from pydantic import Field, create_model
+
+    types = {"text": str, "int": int, "number": float, "image": str}
+    model_fields = {}
+    for name, f in request_fields().items():
+        m = f.metadata
+        kind = types.get(m["kind"], str)
+        limits = {"max_length": m["hi"]} if m["kind"] == "text" else {"ge": m["lo"], "le": m["hi"]}
+        if m["choices"]:
+            limits["examples"] = list(m["choices"])
+        help = m["help"] + (" (base64 of a PNG or JPEG file)" if m["kind"] == "image" else "")
+        default = ... if name == "prompt" else f.default
+        model_fields[name] = (kind | None if m["optional"] else kind,
+                              Field(default, description=help, **{k: v for k, v in limits.items() if v is not None}))
+    return create_model("GenerateRequest", **model_fields).model_json_schema()

@@ -1,0 +1,64 @@
+"""Running the app on uvicorn: a listening socket first (so port 0 can be reported), then uvicorn until
+SIGINT / SIGTERM, which stop taking connections, let the requests in flight finish (the drain), and
+stop the worker before the process exits (a second signal cancels what is still running)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+
+from sdrt.errors import InputError
+
+BACKLOG = 2048  # connections the kernel holds while the loop is busy (http.server's 5 reset clients)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+    except OSError as e:
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def server(app, *, drain_timeout: float | None = None, access_log: bool = True):
+    """A uvicorn.Server for APP (h11, with JSON answers to malformed HTTP)."""
+    import uvicorn
+
+    config = uvicorn.Config(app, http=_http_protocol(), log_config=None, access_log=access_log, backlog=BACKLOG,
+                            timeout_keep_alive=5, timeout_graceful_shutdown=drain_timeout, lifespan="on")
+    return uvicorn.Server(config)
+
+
+def run(app, sock: socket.socket, *, drain_timeout: float | None = None, access_log: bool = True) -> None:
+    """Serve APP on SOCK until SIGINT or SIGTERM; returns after the drain and the app's shutdown (the
+    signal was handled: uvicorn's re-raise of it on the way out is absorbed, so the exit is clean)."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)  # what uvicorn restores and re-raises into once it is done
+    server(app, drain_timeout=drain_timeout, access_log=access_log).run(sockets=[sock])
+
+
+def _http_protocol():
+    """uvicorn's h11 protocol, answering a request h11 refuses (a negative Content-Length, a bad header
+    line) with JSON that names the problem instead of a plain "Invalid HTTP request received."."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class JsonErrors(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            problem = sys.exc_info()[1]  # called from uvicorn's `except h11.RemoteProtocolError`
+            detail = f"invalid HTTP request: {problem}" if problem else msg
+            body = json.dumps({"error": detail}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    return JsonErrors
