@@ -434,3 +434,24 @@ def test_sdrt_serve_drains_then_stops(engines, stop):
         proc.kill()  # only if it is still running after a failure
     assert out["answer"][0] == 200 and len(out["answer"][1]["images"]) == 1
     assert proc.returncode == 0 and "sdrt serve: stopped" in err and "Traceback" not in err
+
+
+def test_readme_examples_work_as_pasted(live, tmp_path, monkeypatch):
+    """The README's server section: its curl line and Python blocks, against this server's port."""
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## HTTP server"):readme.index("**Scale-out on Ray Serve.**")]
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    for code in blocks:
+        exec(code.replace("8000", str(live.port)), {})
+    assert Image.open("lighthouse.png").size == (128, 128) and Image.open("a1111.png").size == (128, 128)
+    curl = next(b for b in re.findall(r"```bash\n(.*?)```", section, re.S) if b.startswith("curl"))
+    if shutil.which("curl"):
+        subprocess.run(["bash", "-c", curl.replace("8000", str(live.port))], check=True, timeout=120)
+        assert Image.open("out.png").size == (128, 128)

@@ -146,7 +146,7 @@ async def _run(request: Request, img2img: bool) -> dict:
         req = req.replace(**_img2img_images(body))
     result, _ = await s.generate(req, request, "/sdapi/v1/img2img" if img2img else "/sdapi/v1/txt2img")
     echo = {k: v for k, v in body.items() if k not in ("init_images", "mask")}
-    images = png_b64(result) if body.get("send_images", True) else []
+    images = await png_b64(result) if body.get("send_images", True) else []
     return {"images": images, "parameters": echo, "info": json.dumps(_info(s, req, result))}
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -70,6 +72,9 @@ class Service:
     def start(self) -> None:
         """Create the sessions in the background; /ready answers 200 once they are warm."""
         def warm():
+            from sdrt.serve.scheduler import _lower_priority
+
+            _lower_priority()  # the engines' own threads, created here, inherit it
             try:
                 if self.config.warmup:
                     self.pipe.warmup()
@@ -87,7 +92,7 @@ class Service:
 
         if req.seed is None or req.seed == -1:  # fixed now, so the answer can name it
             req = req.replace(seed=noise.new_seed())
-        self.pipe.plan(req)  # every check against the engine dir, before it queues
+        await asyncio.to_thread(self.pipe.plan, req)  # every check against the engine dir, before it queues
         timeout = _header_timeout(http_request)
         job = self.scheduler.submit(req, timeout)
         log.info("%s: %d image(s), %d steps, %r", route, req.num_images, req.steps, req.prompt[:200])
@@ -96,7 +101,8 @@ class Service:
             done, _ = await asyncio.wait({future}, timeout=0.25)
             if done:
                 try:
-                    return future.result(), job
+                    result = future.result()
+                    return result, job
                 except SdrtError:
                     raise
                 except Exception as e:  # an engine or library failure: one line, and the server goes on
@@ -154,19 +160,19 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
                            allow_headers=["Authorization", "Content-Type"])
     routes = {r.path for router in (app, openai_api.router, a1111.router) for r in router.routes
               if hasattr(r, "path")}  # the metrics' route labels
-    app.add_middleware(Guard, metrics=service.metrics, routes=routes, api_key=config.api_key,
-                       max_body=config.max_body, body_timeout=config.body_timeout)
+    app.add_middleware(Guard, metrics=service.metrics, scheduler=service.scheduler, routes=routes,
+                       api_key=config.api_key, max_body=config.max_body, body_timeout=config.body_timeout)
     return app
 
 
 def _add_routes(app: FastAPI) -> None:
     @app.get("/health", tags=["operations"])
-    def health():
+    async def health():
         """Live: the process answers (also while a generation runs)."""
         return {"status": "ok"}
 
     @app.get("/ready", tags=["operations"])
-    def ready(request: Request):
+    async def ready(request: Request):
         """Ready: the engines are loaded and warm (503 until then)."""
         s = request.app.state.service
         if s.ready.is_set():
@@ -190,7 +196,7 @@ def _add_routes(app: FastAPI) -> None:
         s = request.app.state.service
         req = parse_request(await request.body(), s.config.max_images)
         result, job = await s.generate(req, request, "/generate")
-        return {"images": png_b64(result), "seeds": result.seeds, "parameters": result.parameters,
+        return {"images": await png_b64(result), "seeds": result.seeds, "parameters": result.parameters,
                 "seconds": round(time.monotonic() - job.started, 3),
                 "queued_seconds": round(job.started - job.enqueued, 3)}
 
@@ -199,7 +205,8 @@ def _info(s: Service) -> dict:
     from sdrt.runtime import samplers
 
     m, c = s.pipe.manifest, s.config
-    return {"engine_dir": str(c.engines), "model": s.model_name, "provider": c.provider, "pipeline": m.pipeline,
+    return {"engine_dir": str(c.engines), "model": s.model_name, "replica": f"{socket.gethostname()}:{os.getpid()}",
+            "provider": c.provider, "pipeline": m.pipeline,
             "source": m.source.get("name"), "prediction_type": m.prediction_type,
             "default_size": m.default_image_size, "max_images": c.max_images, "max_queue": c.max_queue,
             "max_batch": c.max_batch, "samplers": list(samplers.SAMPLERS), "default_sampler": samplers.DEFAULT_SAMPLER,

@@ -18,12 +18,15 @@ from starlette.exceptions import HTTPException
 from sdrt.serve.responses import error_response
 
 OPEN_PATHS = ("/health", "/ready")  # probes answer without a key
+# the routes that queue a generation: refused before their body is read while the queue is full
+GENERATION_PATHS = ("/generate", "/v1/images/generations", "/v1/images/edits", "/sdapi/v1/txt2img",
+                    "/sdapi/v1/img2img")
 
 
 class Guard:
-    def __init__(self, app, *, metrics, routes: set[str], api_key: str | None, max_body: int,
+    def __init__(self, app, *, metrics, scheduler, routes: set[str], api_key: str | None, max_body: int,
                  body_timeout: float):
-        self.app, self.metrics, self.routes = app, metrics, routes
+        self.app, self.metrics, self.scheduler, self.routes = app, metrics, scheduler, routes
         self.api_key, self.max_body, self.body_timeout = api_key, max_body, body_timeout
 
     async def __call__(self, scope, receive, send):
@@ -40,7 +43,9 @@ class Guard:
         try:
             if problem is not None:
                 code, message, headers = problem
-                self.metrics.rejections.labels({401: "auth"}.get(code, "body")).inc()
+                if scope["method"] in ("POST", "PUT", "PATCH"):  # its body is left unread: don't reuse the link
+                    headers = {**(headers or {}), "Connection": "close"}
+                self.metrics.rejections.labels({401: "auth", 429: "queue_full"}.get(code, "body")).inc()
                 await error_response(path, code, message, headers)(scope, receive, send_status)
             else:
                 await self.app(scope, self._limited(receive), send_status)
@@ -55,6 +60,9 @@ class Guard:
             return 401, "a valid API key is required (Authorization: Bearer KEY)", {"WWW-Authenticate": "Bearer"}
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return None
+        if scope["path"] in GENERATION_PATHS and self.scheduler.full():  # cheap, so a flood can't stall the loop
+            retry = self.scheduler.retry_after()
+            return 429, f"the queue is full; retry in {retry} s", {"Retry-After": str(retry)}
         length = headers.get("content-length")
         if length is None:
             if "chunked" in headers.get("transfer-encoding", ""):

@@ -61,8 +61,9 @@ def _size(size) -> dict:
     return {"width": int(found[1]), "height": int(found[2])}
 
 
-def _answer(result, prompt: str) -> dict:
-    return {"created": int(time.time()), "data": [{"b64_json": b, "revised_prompt": prompt} for b in png_b64(result)],
+async def _answer(result, prompt: str) -> dict:
+    images = await png_b64(result)
+    return {"created": int(time.time()), "data": [{"b64_json": b, "revised_prompt": prompt} for b in images],
             "sdrt": {"seeds": result.seeds, "parameters": result.parameters}}
 
 
@@ -73,7 +74,7 @@ async def generations(request: Request):
     values = _values(parse_json(await request.body()), s)
     req = make_request(values, s.config.max_images)
     result, _ = await s.generate(req, request, "/v1/images/generations")
-    return _answer(result, req.prompt)
+    return await _answer(result, req.prompt)
 
 
 @router.post("/images/edits")
@@ -95,7 +96,7 @@ async def edits(request: Request):
     repaint = _repaint_mask(mask, True) if mask is not None else _repaint_mask(image, False)
     req = req.replace(image=image.convert("RGB"), mask=repaint)
     result, _ = await s.generate(req, request, "/v1/images/edits")
-    return _answer(result, req.prompt)
+    return await _answer(result, req.prompt)
 
 
 def _repaint_mask(im, is_mask: bool):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from http import HTTPStatus
 
@@ -26,8 +27,12 @@ def error_response(path: str, status: int, message: str, headers: dict | None = 
     return JSONResponse(error_body(path, status, message, param), status_code=status, headers=headers)
 
 
-def png_b64(result) -> list[str]:
-    """A sdrt Result's images as base64 PNGs, each with its A1111 `parameters` text chunk."""
+async def png_b64(result) -> list[str]:
+    """A sdrt Result's images as base64 PNGs, each with its A1111 `parameters` text chunk (compressed in a
+    thread: the event loop goes on answering meanwhile)."""
     from sdrt.runtime.images import png_bytes
 
-    return [base64.b64encode(png_bytes(image, text)).decode() for image, text in zip(result.images, result.parameters)]
+    def encode():
+        return [base64.b64encode(png_bytes(im, text)).decode() for im, text in zip(result.images, result.parameters)]
+
+    return await asyncio.to_thread(encode)

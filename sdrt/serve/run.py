@@ -26,7 +26,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def server(app, *, drain_timeout: float | None = None, access_log: bool = True):
-    """A uvicorn.Server for APP (h11, with JSON answers to malformed HTTP)."""
+    """A uvicorn.Server for APP (JSON answers to malformed HTTP too)."""
     import uvicorn
 
     config = uvicorn.Config(app, http=_http_protocol(), log_config=None, access_log=access_log, backlog=BACKLOG,
@@ -41,24 +41,27 @@ def run(app, sock: socket.socket, *, drain_timeout: float | None = None, access_
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)  # what uvicorn restores and re-raises into once it is done
+    sys.setswitchinterval(0.001)  # the event loop waits at most ~1 ms for the GIL (default 5 ms)
     server(app, drain_timeout=drain_timeout, access_log=access_log).run(sockets=[sock])
 
 
 def _http_protocol():
-    """uvicorn's h11 protocol, answering a request h11 refuses (a negative Content-Length, a bad header
-    line) with JSON that names the problem instead of a plain "Invalid HTTP request received."."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+    """uvicorn's HTTP protocol (httptools, the C parser, where installed; else h11), answering a request
+    the parser refuses (a negative Content-Length, a bad header line) with JSON that names the problem
+    instead of a plain "Invalid HTTP request received."."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
 
-    class JsonErrors(H11Protocol):
+    class JsonErrors(Base):
         def send_400_response(self, msg: str) -> None:
-            problem = sys.exc_info()[1]  # called from uvicorn's `except h11.RemoteProtocolError`
+            problem = sys.exc_info()[1]  # called from uvicorn's `except <parser error>`
             detail = f"invalid HTTP request: {problem}" if problem else msg
             body = json.dumps({"error": detail}).encode()
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                       (b"connection", b"close")]
-            for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
-                self.transport.write(self.conn.send(event))
+            head = (f"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+                    "connection: close\r\n\r\n")
+            self.transport.write(head.encode() + body)
             self.transport.close()
 
     return JsonErrors

@@ -128,6 +128,9 @@ class Scheduler:
     def depth(self) -> int:
         return len(self._queue)
 
+    def full(self) -> bool:
+        return len(self._queue) >= self.max_queue
+
     def close(self, timeout: float = 60.0) -> None:
         """Stop taking work, cancel what waits, stop what runs at its next step, wait for the worker
         (an engine call must not be running when the process exits)."""
@@ -143,6 +146,7 @@ class Scheduler:
 
     # -- the worker ---------------------------------------------------------------------------
     def _run(self) -> None:
+        _lower_priority()
         while True:
             with self._cond:
                 while not self._queue and not self._closing:
@@ -250,3 +254,16 @@ class Scheduler:
         m.batch_images.observe(images)
         m.steps_per_second.set(steps / seconds)
         m.images_per_second.set(images / seconds)
+
+
+def _lower_priority(step: int = 5) -> None:
+    """Run this thread (and the engine threads it starts) a few nice levels below the event loop, so that
+    a busy generation never keeps the HTTP front (/health, 429s) waiting for a core. Linux only; harmless
+    where it can't."""
+    import os
+
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + step)
+    except (AttributeError, OSError):
+        pass
