@@ -455,3 +455,14 @@ def test_readme_examples_work_as_pasted(live, tmp_path, monkeypatch):
     if shutil.which("curl"):
         subprocess.run(["bash", "-c", curl.replace("8000", str(live.port))], check=True, timeout=120)
         assert Image.open("out.png").size == (128, 128)
+
+
+def test_logs_carry_at_most_200_characters_of_a_prompt(live, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    prompt = "zebra " * 1000
+    assert call(live.url, "/generate", {"prompt": prompt, "steps": 1, "width": W, "height": H})[0] == 200
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("zebra" in m for m in messages)  # it was logged
+    assert not any("zebra " * 35 in m for m in messages)  # 210 characters of it never were

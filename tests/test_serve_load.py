@@ -78,7 +78,7 @@ def test_load_64_and_256_clients_get_200_or_429_and_health_stays_fast(server):
     rss0 = _rss_mb(pid)
     probe = Probe(url)
     probe.start()
-    results = [_load(url, 64, 300), _load(url, 256, 600), _load(url, 16, 600)]
+    results = [_load(url, 64, 300), _load(url, 256, 600), _load(url, 16, 300)]
     probe.stop.set()
     probe.join()
     for r in results:

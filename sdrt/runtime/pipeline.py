@@ -244,8 +244,8 @@ class Pipeline:
         tok = self.tokenizer(prompts)
         for dropped in tok.truncated:
             if dropped:
-                log.warning("prompt is longer than %d tokens; this part was dropped: %r",
-                            self.tokenizer.max_length, dropped)
+                log.warning("prompt is longer than %d tokens; this part was dropped: %r%s",
+                            self.tokenizer.max_length, dropped[:200], "..." if len(dropped) > 200 else "")
         hidden = self.engine("text_encoder")(tok.ids)  # (layers, N, 77, D)
         return hidden[-clip_skip]
 
