@@ -106,7 +106,7 @@ class Load:
         seconds = time.perf_counter() - t0
         ok = self.statuses.get(200, 0)
         return {"clients": self.clients, "requests": sum(self.statuses.values()), "seconds": round(seconds, 2),
-                "ok_per_second": round(ok / seconds, 2),
+                "ok_per_second": round(ok / seconds, 4),
                 "latency_s": {f"p{q}": _round(_percentile(self.latencies, q)) for q in (50, 95, 99)},
                 "statuses": {str(k): v for k, v in sorted(self.statuses.items(), key=str)}}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import subprocess
@@ -82,10 +83,17 @@ def throughput(engines: str, body: str, requests_per_client: int) -> list[dict]:
                 row[mode] = run_load(server.url, body, clients, clients * requests_per_client)
             finally:
                 server.stop()
-        row["throughput_ratio"] = round(row["batched"]["ok_per_second"] / row["one_at_a_time"]["ok_per_second"], 2)
+        row["throughput_ratio"] = ratio(row)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def ratio(row: dict) -> float:
+    """Images per second batched over one at a time (from the counts, not the rounded rates)."""
+    def rate(r):
+        return r["statuses"].get("200", 0) / r["seconds"]
+    return round(rate(row["batched"]) / rate(row["one_at_a_time"]), 2)
 
 
 def robustness(engines: str, body: str) -> dict:
@@ -130,6 +138,15 @@ def slowloris(url: str, body: str) -> dict:
     return {"connections_held": held, "baseline_s": round(baseline, 3), "with_50_slowloris_s": round(during, 3)}
 
 
+def machine() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def markdown(results: dict) -> str:
     lines = [f"# sdrt serve under load: {results['engines']}", "", f"Machine: {results['machine']}. "
              f"Request: `{results['body']}`. Load generator at nice 19; one server process per row and mode.", "",
@@ -137,15 +154,15 @@ def markdown(results: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in results["throughput"]:
         a, b = r["one_at_a_time"], r["batched"]
-        lines.append(f"| {r['clients']} | {a['ok_per_second']} | {a['latency_s']['p50']} s | {a['latency_s']['p95']} s "
-                     f"| {b['ok_per_second']} | {b['latency_s']['p50']} s | {b['latency_s']['p95']} s "
-                     f"| {r['throughput_ratio']}x |")
+        lines.append(f"| {r['clients']} | {a['ok_per_second']:.3g} | {a['latency_s']['p50']:.3g} s "
+                     f"| {a['latency_s']['p95']:.3g} s | {b['ok_per_second']:.3g} | {b['latency_s']['p50']:.3g} s "
+                     f"| {b['latency_s']['p95']:.3g} s | {r['throughput_ratio']}x |")
     rob = results.get("robustness")
     if rob:
         lines += ["", "| run | requests | statuses | p50 | p99 |", "|---|---|---|---|---|"]
         for name, r in rob["runs"].items():
-            lines.append(f"| {name.replace('_', ' ')} | {r['requests']} | {r['statuses']} | {r['latency_s']['p50']} s "
-                         f"| {r['latency_s']['p99']} s |")
+            lines.append(f"| {name.replace('_', ' ')} | {r['requests']} | {r['statuses']} "
+                         f"| {r['latency_s']['p50']:.3g} s | {r['latency_s']['p99']:.3g} s |")
         h, m, s = rob["health"], rob["rss_mb"], rob["slowloris"]
         lines += ["", f"- /health, probed every 50 ms throughout ({h['probes']} probes): worst {h['worst_ms']} ms, "
                       f"p99 {h['p99_ms']} ms, {h['failures']} failures.",
@@ -169,8 +186,8 @@ def main() -> int:
     if args.size:
         body |= {"width": args.size, "height": args.size}
     body = json.dumps(body)
-    results = {"engines": args.engines, "body": body, "machine": f"{platform.processor() or platform.machine()}, "
-               f"{__import__('os').cpu_count()} cores", "throughput": throughput(args.engines, body, args.requests)}
+    results = {"engines": args.engines, "body": body, "machine": machine(),
+               "throughput": throughput(args.engines, body, args.requests)}
     if not args.no_robustness:
         results["robustness"] = robustness(args.engines, body)
     out = Path(args.out)

@@ -179,7 +179,10 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from sdrt.serve import ServeConfig
+    try:
+        from sdrt.serve import ServeConfig
+    except ImportError as e:
+        raise InputError(f"sdrt serve needs the serve extra ({e.name} is missing): pip install 'sdrt[serve]'") from None
 
     config = ServeConfig(Path(args.engines), provider=args.provider, max_images=args.max_images,
                          max_queue=args.max_queue, max_batch=args.max_batch, timeout=args.timeout,

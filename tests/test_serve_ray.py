@@ -51,3 +51,14 @@ def test_two_replicas_answer_and_survive_a_kill(ray_url):
     while len(_replicas(ray_url, 10) - {sorted(replicas)[0]}) < 2:  # the replacement joins
         assert time.monotonic() < deadline, "Ray did not restart the killed replica"
         time.sleep(1)
+
+
+def test_replicas_and_autoscaling_pass_through(engines):
+    from sdrt.serve.ray_app import deployment
+
+    config = ServeConfig(Path(engines["eps"]), max_queue=10, max_batch=6)
+    assert deployment(config, replicas=3).num_replicas == 3
+    scaled = deployment(config, autoscaling={"min_replicas": 1, "max_replicas": 5, "target_ongoing_requests": 2})
+    auto = scaled._deployment_config.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 5, 2)
+    assert scaled._deployment_config.max_ongoing_requests == 16  # its queue plus one batch

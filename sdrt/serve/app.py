@@ -22,7 +22,7 @@ from sdrt.errors import InputError, SdrtError, first_line
 from sdrt.serve.inputs import MAX_BODY, parse_request, request_fields, request_schema
 from sdrt.serve.metrics import Metrics
 from sdrt.serve.responses import error_response, png_b64
-from sdrt.serve.scheduler import Cancelled, QueueFull, Scheduler
+from sdrt.serve.scheduler import Cancelled, QueueFull, Scheduler, lower_priority
 
 log = logging.getLogger("sdrt.serve")
 
@@ -68,13 +68,12 @@ class Service:
         self.metrics = Metrics()
         self.scheduler = Scheduler(self.pipe, config.max_queue, config.max_batch, config.timeout, self.metrics)
         self.ready = threading.Event()
+        self.failed: str | None = None  # why the warm-up failed (/ready says it)
 
     def start(self) -> None:
         """Create the sessions in the background; /ready answers 200 once they are warm."""
         def warm():
-            from sdrt.serve.scheduler import _lower_priority
-
-            _lower_priority()  # the engines' own threads, created here, inherit it
+            lower_priority()  # the engines' own threads, created here, inherit it
             try:
                 if self.config.warmup:
                     self.pipe.warmup()
@@ -83,7 +82,6 @@ class Service:
                 self.failed = first_line(e)
                 log.error("warmup failed: %s", self.failed)
 
-        self.failed = None
         threading.Thread(target=warm, name="sdrt-warmup", daemon=True).start()
 
     async def generate(self, req, http_request: Request, route: str):
@@ -101,8 +99,7 @@ class Service:
             done, _ = await asyncio.wait({future}, timeout=0.25)
             if done:
                 try:
-                    result = future.result()
-                    return result, job
+                    return future.result(), job
                 except SdrtError:
                     raise
                 except Exception as e:  # an engine or library failure: one line, and the server goes on

@@ -146,7 +146,7 @@ class Scheduler:
 
     # -- the worker ---------------------------------------------------------------------------
     def _run(self) -> None:
-        _lower_priority()
+        lower_priority()
         while True:
             with self._cond:
                 while not self._queue and not self._closing:
@@ -256,7 +256,7 @@ class Scheduler:
         m.images_per_second.set(images / seconds)
 
 
-def _lower_priority(step: int = 5) -> None:
+def lower_priority(step: int = 5) -> None:
     """Run this thread (and the engine threads it starts) a few nice levels below the event loop, so that
     a busy generation never keeps the HTTP front (/health, 429s) waiting for a core. Linux only; harmless
     where it can't."""
