@@ -26,14 +26,14 @@ from urllib.parse import urlsplit
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def _percentile(values: list[float], q: float) -> float | None:
+def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     values = sorted(values)
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
 
-def _rss_mb(pid: int) -> float | None:
+def rss_mb(pid: int) -> float | None:
     try:
         with open(f"/proc/{pid}/status") as f:
             return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
@@ -107,7 +107,7 @@ class Load:
         ok = self.statuses.get(200, 0)
         return {"clients": self.clients, "requests": sum(self.statuses.values()), "seconds": round(seconds, 2),
                 "ok_per_second": round(ok / seconds, 4),
-                "latency_s": {f"p{q}": _round(_percentile(self.latencies, q)) for q in (50, 95, 99)},
+                "latency_s": {f"p{q}": _round(percentile(self.latencies, q)) for q in (50, 95, 99)},
                 "statuses": {str(k): v for k, v in sorted(self.statuses.items(), key=str)}}
 
 
@@ -137,7 +137,7 @@ class HealthProbe(threading.Thread):
 
     def summary(self) -> dict:
         return {"probes": len(self.times), "failures": self.failures, "worst_s": _round(max(self.times, default=None)),
-                "p99_s": _round(_percentile(self.times, 99))}
+                "p99_s": _round(percentile(self.times, 99))}
 
 
 class Slowloris(threading.Thread):
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
                 not args.no_backoff)
     probe = HealthProbe(load.host, load.port) if args.health else None
     loris = Slowloris(load.host, load.port, args.slowloris) if args.slowloris else None
-    rss0 = _rss_mb(args.server_pid) if args.server_pid else None
+    rss0 = rss_mb(args.server_pid) if args.server_pid else None
     for t in (probe, loris):
         if t:
             t.start()
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     if loris:
         result["slowloris_open"] = loris.open
     if args.server_pid:
-        result["server_rss_mb"] = {"before": _round(rss0), "after": _round(_rss_mb(args.server_pid))}
+        result["server_rss_mb"] = {"before": _round(rss0), "after": _round(rss_mb(args.server_pid))}
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:

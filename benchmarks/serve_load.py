@@ -18,7 +18,6 @@ import platform
 import re
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -59,18 +58,6 @@ def run_load(url: str, body: str, clients: int, requests: int, *extra: str) -> d
     return json.loads(out.stdout)
 
 
-class Probe(threading.Thread):
-    def __init__(self, url: str):
-        super().__init__(daemon=True)
-        self.url, self.stop, self.times, self.failures = url, threading.Event(), [], 0
-
-    def run(self):
-        while not self.stop.wait(0.05):
-            t0 = time.perf_counter()
-            self.failures += _get(self.url + "/health") != 200
-            self.times.append(time.perf_counter() - t0)
-
-
 def throughput(engines: str, body: str, requests_per_client: int) -> list[dict]:
     rows = []
     for clients in (1, 4, 16):
@@ -100,17 +87,18 @@ def robustness(engines: str, body: str) -> dict:
     server = Server(engines, "--max-queue", "16")
     try:
         run_load(server.url, body, 4, 100)  # warm
-        rss0 = load._rss_mb(server.proc.pid)
-        probe = Probe(server.url)
+        rss0 = load.rss_mb(server.proc.pid)
+        host, port = server.url.rsplit("//", 1)[1].split(":")
+        probe = load.HealthProbe(host, int(port))  # in this process, un-niced
         probe.start()
         runs = {f"{c}_clients": run_load(server.url, body, c, n) for c, n in ((64, 300), (256, 600), (16, 600))}
         probe.stop.set()
         probe.join()
-        rss1 = load._rss_mb(server.proc.pid)
+        rss1 = load.rss_mb(server.proc.pid)
         out = {"runs": runs, "requests": sum(r["requests"] for r in runs.values()),
                "health": {"probes": len(probe.times), "failures": probe.failures,
                           "worst_ms": round(1000 * max(probe.times), 1),
-                          "p99_ms": round(1000 * load._percentile(probe.times, 99), 1)},
+                          "p99_ms": round(1000 * load.percentile(probe.times, 99), 1)},
                "rss_mb": {"after_warmup": round(rss0, 1), "after_load": round(rss1, 1),
                           "change_pct": round(100 * (rss1 - rss0) / rss0, 1)},
                "slowloris": slowloris(server.url, body)}

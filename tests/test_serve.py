@@ -425,7 +425,7 @@ def test_sdrt_serve_drains_then_stops(engines, stop):
         assert found, line + proc.stderr.read()
         url = found.group(1)
         _wait(lambda: call(url, "/ready")[0] == 200)
-        thread, out = _in_thread(call, url, "/generate", {"prompt": "x", "steps": 100, "width": W, "height": H})
+        thread, out = _in_thread(call, url, "/generate", {"prompt": "x", "steps": 60, "width": W, "height": H})
         _wait(lambda: call(url, "/sdapi/v1/progress")[1]["state"]["sampling_step"] > 0)
         proc.send_signal(getattr(signal, stop))
         thread.join(120)
