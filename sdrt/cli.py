@@ -185,7 +185,8 @@ def cmd_serve(args) -> int:
         raise InputError(f"sdrt serve needs the serve extra ({e.name} is missing): pip install 'sdrt[serve]'") from None
 
     config = ServeConfig(Path(args.engines), provider=args.provider, max_images=args.max_images,
-                         max_queue=args.max_queue, max_batch=args.max_batch, timeout=args.timeout,
+                         max_queue=args.max_queue, max_batch=args.max_batch, batching=args.batching,
+                         timeout=args.timeout,
                          api_key=args.api_key or os.environ.get("SDRT_API_KEY") or None,
                          cors=tuple(args.cors), warmup=not args.no_warmup)
     if args.ray:
@@ -380,7 +381,12 @@ def _add_serve(sub, parents) -> None:
                    help=f"most images one request may ask for (at most {MAX_IMAGES})")
     v.add_argument("--max-queue", type=int, default=16, help="requests waiting at most; more get 429 (default 16)")
     v.add_argument("--max-batch", type=int, default=8,
-                   help="images that compatible waiting requests may share one generation with (default 8)")
+                   help="images that compatible waiting requests may share one generation with; with --batching "
+                        "continuous, images generating at once (default 8)")
+    v.add_argument("--batching", choices=("queue", "continuous"), default="queue",
+                   help="queue: waiting requests with the same size, steps, sampler and guidance run as one batch; "
+                        "continuous: every request joins the running UNet calls at its next step, whatever its "
+                        "settings (default queue)")
     v.add_argument("--timeout", type=float, default=600.0,
                    help="seconds a request may take from arrival (default 600; X-Sdrt-Timeout lowers it)")
     v.add_argument("--api-key", help="require Authorization: Bearer KEY (default: $SDRT_API_KEY; none: open)")

@@ -466,3 +466,48 @@ def test_logs_carry_at_most_200_characters_of_a_prompt(live, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert any("zebra" in m for m in messages)  # it was logged
     assert not any("zebra " * 35 in m for m in messages)  # 210 characters of it never were
+
+
+# -- continuous batching ----------------------------------------------------------------------------
+CONTINUOUS = [dict(prompt="a cat", seed=1, steps=6, sampler="dpmpp_2m_karras"),
+              dict(prompt="a dog", seed=2, steps=4, sampler="euler_a", guidance_scale=3, num_images=2),
+              dict(prompt="x", seed=3, steps=5, sampler="heun", guidance_scale=1),
+              dict(prompt="another size", seed=4, steps=3, sampler="ddim", width=W + 8, height=H)]
+
+
+def test_step_batcher_merges_different_generations_and_each_equals_its_solo_run(pipe):
+    from sdrt.serve.continuous import StepBatcher
+
+    solo = [pipe(**{"width": W, "height": H} | args) for args in CONTINUOUS]
+    batcher = StepBatcher()
+    pipe.unet_gate = batcher.gate
+    out = {}
+    try:
+        threads = [threading.Thread(target=lambda i=i, a=a: out.setdefault(i, pipe(**{"width": W, "height": H} | a)))
+                   for i, a in enumerate(CONTINUOUS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        pipe.unet_gate = None
+    assert batcher.merged > 0  # UNet calls served several generations (different samplers, steps, guidance)
+    for i, want in enumerate(solo):
+        assert np.abs(out[i].pixels - want.pixels).max() <= 1e-5
+
+
+def test_continuous_batching_server(engines, pipe):
+    server = LiveServer(ServeConfig(engines["eps"], max_images=2, batching="continuous"))
+    try:
+        calls = [_in_thread(call, server.url, "/generate", {"width": W, "height": H, **a, "steps": 30})
+                 for a in CONTINUOUS]
+        for thread, _ in calls:
+            thread.join(120)
+        for (_, out), args in zip(calls, CONTINUOUS):
+            status, answer, _ = out["answer"]
+            want = pipe(**{"width": W, "height": H, **args, "steps": 30})
+            assert status == 200 and all(_same(_image(b), w) for b, w in zip(answer["images"], want.images))
+        assert server.service.scheduler.batcher.merged > 0
+        assert call(server.url, "/info")[1]["batching"] == "continuous"
+    finally:
+        server.stop()

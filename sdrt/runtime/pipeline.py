@@ -8,6 +8,7 @@ metadata. Memory is handed back between phases (sdrt.runtime.backends.memory).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -83,6 +84,9 @@ class Pipeline:
         self.targets = PROVIDER_TARGETS.get(provider, ()) if optimized else ()
         self.engines = {}  # component name -> Backend, filled by engine()
         self._stop = threading.Event()
+        # unet -> context manager yielding the UNet callable the sampler loop uses; None: the UNet itself.
+        # A server's step batcher (sdrt.serve.continuous) merges concurrent generations' calls through it.
+        self.unet_gate: Callable | None = None
 
     @classmethod
     def load(cls, engine_dir: str | Path, provider: str = "cpu", optimized: bool = True,
@@ -300,9 +304,14 @@ class Pipeline:
 
     def _sample(self, plan: Plan, cond, uncond, start: StartState, callback: Callback | None) -> np.ndarray:
         """The sampler loop; returns the final latents (N, C, h, w) float64."""
+        unet = self.engine("unet")
+        with self.unet_gate(unet) if self.unet_gate else contextlib.nullcontext(unet) as unet:
+            return self._sample_with(unet, plan, cond, uncond, start, callback)
+
+    def _sample_with(self, unet, plan: Plan, cond, uncond, start: StartState, callback) -> np.ndarray:
         schedule, smp, total = plan.schedule, plan.sampler, len(plan.schedule)
-        denoise = Denoiser(self.engine("unet"), schedule, self.manifest.prediction_type, cond, uncond,
-                           plan.req.guidance_scale, start.extra)
+        denoise = Denoiser(unet, schedule, self.manifest.prediction_type, cond, uncond, plan.req.guidance_scale,
+                           start.extra)
 
         def step_end(i, x):
             if self._stop.is_set():

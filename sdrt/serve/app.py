@@ -27,6 +27,7 @@ from sdrt.serve.scheduler import Cancelled, QueueFull, Scheduler, lower_priority
 log = logging.getLogger("sdrt.serve")
 
 # how each cancellation reason answers; 499 is nginx's "client closed request" (nobody reads it)
+BATCHING = ("queue", "continuous")
 CANCELLED_STATUS = {"deadline": 503, "interrupt": 409, "disconnect": 499, "shutdown": 503}
 
 
@@ -36,7 +37,8 @@ class ServeConfig:
     provider: str = "cpu"
     max_images: int = 4  # per request
     max_queue: int = 16  # requests waiting; more get 429
-    max_batch: int = 8  # images in one batched generation
+    max_batch: int = 8  # images in one batched generation (continuous: running at once)
+    batching: str = "queue"  # "queue": waiting requests batched; "continuous": joined at the next UNet call
     timeout: float = 600.0  # seconds from arrival to answer, per request
     api_key: str | None = None
     cors: tuple[str, ...] = ()
@@ -66,7 +68,10 @@ class Service:
         self.model_name = config.model_name or Path(config.engines).resolve().name
         self.pipe = Pipeline.load(config.engines, provider=config.provider)
         self.metrics = Metrics()
-        self.scheduler = Scheduler(self.pipe, config.max_queue, config.max_batch, config.timeout, self.metrics)
+        if config.batching not in BATCHING:
+            raise InputError(f"--batching must be one of {', '.join(BATCHING)}, got {config.batching!r}")
+        self.scheduler = Scheduler(self.pipe, config.max_queue, config.max_batch, config.timeout, self.metrics,
+                                   continuous=config.batching == "continuous")
         self.ready = threading.Event()
         self.failed: str | None = None  # why the warm-up failed (/ready says it)
 
@@ -208,7 +213,8 @@ def _info(s: Service) -> dict:
             "provider": c.provider, "pipeline": m.pipeline,
             "source": m.source.get("name"), "prediction_type": m.prediction_type,
             "default_size": m.default_image_size, "max_images": c.max_images, "max_queue": c.max_queue,
-            "max_batch": c.max_batch, "samplers": list(samplers.SAMPLERS), "default_sampler": samplers.DEFAULT_SAMPLER,
+            "max_batch": c.max_batch, "batching": c.batching,
+            "samplers": list(samplers.SAMPLERS), "default_sampler": samplers.DEFAULT_SAMPLER,
             "fields": list(request_fields())}
 
 

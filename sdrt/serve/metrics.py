@@ -27,6 +27,9 @@ class Metrics:
         self.images = Counter("sdrt_images", "images generated", registry=r)
         self.batch_images = Histogram("sdrt_batch_images", "images per batched generation",
                                       buckets=(1, 2, 4, 8, 16, 32), registry=r)
+        self.unet_call_generations = Histogram("sdrt_unet_call_generations",
+                                               "generations sharing one UNet call (--batching continuous)",
+                                               buckets=(1, 2, 4, 8, 16, 32), registry=r)
         self.steps_per_second = Gauge("sdrt_unet_steps_per_second", "sampling steps per second, last generation",
                                       registry=r)
         self.images_per_second = Gauge("sdrt_images_per_second", "images per second, last generation", registry=r)

@@ -1,11 +1,18 @@
-"""The server's work queue: a bounded queue, one worker thread over one Pipeline, batching, deadlines
-and cancellation at the next step.
+"""The server's work queue: a bounded queue, a worker over one Pipeline, batching, deadlines and
+cancellation at the next step.
 
-Generations run one batch at a time (a batch already uses every core or the whole GPU). When the worker
-takes a request, it also takes the waiting requests with the same `Pipeline.batch_key` (same latent
-size, schedule, sampler and guidance), up to `max_batch` images, and runs them as one
-`Pipeline.generate_batch`. A request whose client left, whose deadline passed, or that `/interrupt`
-hit stops at its batch's next step (the batch stops when none of its requests is still wanted).
+Queue batching (the default): generations run one batch at a time (a batch already uses every core or
+the whole GPU). When the worker takes a request, it also takes the waiting requests with the same
+`Pipeline.batch_key` (same latent size, schedule, sampler and guidance), up to `max_batch` images, and
+runs them as one `Pipeline.generate_batch`.
+
+Continuous batching (`continuous=True`): each request runs in a thread of its own as soon as its images
+fit beside the running ones (`max_batch`), and their UNet calls are merged step by step
+(sdrt.serve.continuous): a request joins at its next UNet call and leaves after its last, whatever its
+sampler, step count, guidance or size.
+
+A request whose client left, whose deadline passed, or that `/interrupt` hit stops at its next step
+(a batch stops when none of its requests is still wanted).
 """
 
 from __future__ import annotations
@@ -59,7 +66,7 @@ class Job:
 
 @dataclass
 class Progress:
-    """The running batch, for /sdapi/v1/progress."""
+    """A running batch (one request in continuous mode), for /sdapi/v1/progress."""
 
     step: int = 0
     total: int = 0
@@ -72,14 +79,21 @@ class Scheduler:
     """pipe: a sdrt Pipeline (or anything with its __call__, generate_batch, batch_key and interrupt).
     metrics: a sdrt.serve.metrics.Metrics, or None."""
 
-    def __init__(self, pipe, max_queue: int = 16, max_batch: int = 4, timeout: float = 600.0, metrics=None):
+    def __init__(self, pipe, max_queue: int = 16, max_batch: int = 4, timeout: float = 600.0, metrics=None,
+                 continuous: bool = False):
         self.pipe, self.max_queue, self.max_batch, self.timeout = pipe, max_queue, max_batch, timeout
-        self.metrics = metrics
+        self.metrics, self.continuous = metrics, continuous
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closing = False
         self._seconds_per_image = 1.0  # running estimate, for Retry-After
-        self.progress = Progress()
+        self._runs: list[Progress] = []  # the batches running (one in queue mode)
+        self.batcher = None
+        if continuous:
+            from sdrt.serve.continuous import StepBatcher
+
+            self.batcher = StepBatcher(on_call=self._merged_call)
+            pipe.unet_gate = self.batcher.gate
         self._worker = threading.Thread(target=self._run, name="sdrt-worker", daemon=True)
         self._worker.start()
 
@@ -147,23 +161,44 @@ class Scheduler:
     # -- the worker ---------------------------------------------------------------------------
     def _run(self) -> None:
         lower_priority()
+        threads: list[threading.Thread] = []
         while True:
             with self._cond:
-                while not self._queue and not self._closing:
+                while not self._closing and not (self._queue and self._room()):
                     self._cond.wait()
                 if self._closing and not self._queue:
-                    return
+                    break
                 batch = self._take()
-                self.progress = Progress(started=time.monotonic(), jobs=batch)
+                if not batch:
+                    continue
+                run = Progress(started=time.monotonic(), jobs=batch)
+                self._runs.append(run)
                 self._gauges()
-            if batch:
-                self._execute(batch)
-            with self._cond:
-                self.progress = Progress()
-                self._gauges()
+            if not self.continuous:
+                self._execute(run)
+                continue
+            threads = [t for t in threads if t.is_alive()]
+            threads.append(threading.Thread(target=self._execute, args=(run,), name="sdrt-generation", daemon=True))
+            threads[-1].start()
+        for t in threads:
+            t.join()
+
+    def _room(self) -> bool:
+        """Queue mode: nothing runs. Continuous mode: the next request's images fit beside the running ones."""
+        running = sum(j.images for r in self._runs for j in r.jobs)
+        return not running if not self.continuous else running + self._queue[0].images <= self.max_batch
+
+    @property
+    def progress(self) -> Progress:
+        """The oldest running batch's progress, with every running request in `jobs`."""
+        runs = list(self._runs)
+        if not runs:
+            return Progress()
+        first = runs[0]
+        return Progress(first.step, first.total, first.started, first.denoised, [j for r in runs for j in r.jobs])
 
     def _take(self) -> list[Job]:
-        """The oldest live request and the waiting ones that can share its UNet calls."""
+        """The oldest live request and (queue mode) the waiting ones that can share its UNet calls."""
         now = time.monotonic()
         for job in [j for j in self._queue if j.deadline <= now]:
             self._queue.remove(job)
@@ -173,7 +208,7 @@ class Scheduler:
             return []
         first = self._queue.popleft()
         batch, images = [first], first.images
-        if first.key is not None:
+        if first.key is not None and not self.continuous:
             for job in list(self._queue):
                 if job.key == first.key and images + job.images <= self.max_batch:
                     self._queue.remove(job)
@@ -181,16 +216,28 @@ class Scheduler:
                     images += job.images
         return batch
 
-    def _execute(self, batch: list[Job]) -> None:
-        t0 = time.monotonic()
+    def _execute(self, run: Progress) -> None:
+        if self.continuous:
+            lower_priority()
+        try:
+            self._generate(run)
+        finally:
+            with self._cond:
+                self._runs.remove(run)
+                self._gauges()
+                self._cond.notify_all()
+
+    def _generate(self, run: Progress) -> None:
+        batch, t0 = run.jobs, run.started
         for job in batch:
             job.started = t0
             self._observe("queue_wait", t0 - job.enqueued)
+        callback = self._callback(run)
         try:
             if len(batch) == 1:
-                results = [self.pipe(batch[0].request, callback=self._step)]
+                results = [self.pipe(batch[0].request, callback=callback)]
             else:
-                results = self.pipe.generate_batch([j.request for j in batch], callback=self._step)
+                results = self.pipe.generate_batch([j.request for j in batch], callback=callback)
         except Interrupted:
             for job in batch:
                 self._finish(job, exception=Cancelled(job.cancelled or "interrupt"))
@@ -201,24 +248,26 @@ class Scheduler:
             return
         seconds = time.monotonic() - t0
         images = sum(j.images for j in batch)
-        self._seconds_per_image = 0.7 * self._seconds_per_image + 0.3 * seconds / images
-        self._record_speed(batch, seconds, images)
+        share = max(1, len(self._runs)) if self.continuous else 1  # generations that ran beside it
+        self._seconds_per_image = 0.7 * self._seconds_per_image + 0.3 * seconds / images / share
+        self._record_speed(run.total, seconds, images)
         for job, result in zip(batch, results):
             if job.cancelled:
                 self._finish(job, exception=Cancelled(job.cancelled))
             else:
                 self._finish(job, result=result)
 
-    def _step(self, step: int, total: int, latents, denoised) -> None:
-        """The pipeline's callback: record progress; stop when no request of the batch is still wanted."""
-        p = self.progress
-        p.step, p.total, p.denoised = step + 1, total, denoised
-        now = time.monotonic()
-        for job in p.jobs:
-            if not job.cancelled and job.deadline <= now:
-                job.cancelled = "deadline"
-        if all(j.cancelled for j in p.jobs):
-            raise Interrupted("every request of the batch was cancelled")
+    def _callback(self, run: Progress):
+        """The pipeline's step callback for RUN: record progress; stop when none of its requests is wanted."""
+        def step(i: int, total: int, latents, denoised) -> None:
+            run.step, run.total, run.denoised = i + 1, total, denoised
+            now = time.monotonic()
+            for job in run.jobs:
+                if not job.cancelled and job.deadline <= now:
+                    job.cancelled = "deadline"
+            if all(j.cancelled for j in run.jobs):
+                raise Interrupted("every request of the batch was cancelled")
+        return step
 
     def _finish(self, job: Job, result=None, exception: BaseException | None = None) -> None:
         if job.future.done():
@@ -236,6 +285,10 @@ class Scheduler:
             self.metrics.queue_depth.set(len(self._queue))
             self.metrics.in_flight.set(len(self.progress.jobs))
 
+    def _merged_call(self, rows: int, generations: int) -> None:
+        if self.metrics is not None:
+            self.metrics.unet_call_generations.observe(generations)
+
     def _count(self, name: str, label: str) -> None:
         if self.metrics is not None:
             getattr(self.metrics, name).labels(label).inc()
@@ -244,10 +297,10 @@ class Scheduler:
         if self.metrics is not None:
             getattr(self.metrics, name).observe(value)
 
-    def _record_speed(self, batch: list[Job], seconds: float, images: int) -> None:
+    def _record_speed(self, steps: int, seconds: float, images: int) -> None:
+        """steps: the steps that ran (img2img runs a part of the schedule)."""
         if self.metrics is None:
             return
-        steps = self.progress.total  # the steps run (img2img runs a part of the schedule)
         m = self.metrics
         m.unet_steps.inc(steps)
         m.images.inc(images)
