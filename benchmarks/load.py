@@ -42,33 +42,34 @@ def rss_mb(pid: int) -> float | None:
 
 
 class Load:
-    def __init__(self, url: str, path: str, body: bytes, clients: int, requests: int, timeout: float,
+    def __init__(self, url: str, path: str, bodies: list[bytes], clients: int, requests: int, timeout: float,
                  headers: dict | None = None, backoff: bool = True):
         parts = urlsplit(url)
         if parts.hostname not in LOOPBACK:
             raise SystemExit(f"load.py sends traffic to this machine only (127.0.0.1), not {parts.hostname}")
         self.host, self.port = parts.hostname, parts.port or 80
-        self.path, self.body, self.clients, self.timeout = path, body, clients, timeout
+        self.path, self.bodies, self.clients, self.timeout = path, bodies, clients, timeout
         self.headers = {"Content-Type": "application/json", **(headers or {})}
         self.left, self.backoff = requests, backoff
         self.lock = threading.Lock()
         self.statuses: Counter = Counter()
         self.latencies: list[float] = []  # of the 200s
 
-    def _take(self) -> bool:
+    def _take(self) -> bytes | None:
+        """The next request's body (the bodies in turn), or None when all are sent."""
         with self.lock:
             if self.left <= 0:
-                return False
+                return None
             self.left -= 1
-            return True
+            return self.bodies[self.left % len(self.bodies)]
 
     def _client(self) -> None:
         conn = None
-        while self._take():
+        while (body := self._take()) is not None:
             conn = conn or http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
             t0, wait = time.perf_counter(), 0.0
             try:
-                conn.request("POST", self.path, self.body, self.headers)
+                conn.request("POST", self.path, body, self.headers)
                 r = conn.getresponse()
                 r.read()
                 status = r.status
@@ -171,7 +172,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("url", help="the server, on 127.0.0.1")
     p.add_argument("--path", default="/generate")
-    p.add_argument("--body", default='{"prompt": "a cat", "steps": 2}')
+    p.add_argument("--body", action="append", help="JSON body; repeat it for a mix, sent in turn "
+                                                   "(default: {\"prompt\": \"a cat\", \"steps\": 2})")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests", type=int, default=200, help="in all, over every client")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
@@ -186,7 +188,8 @@ def main(argv=None) -> int:
     if not (1 <= args.clients <= 1024 and 1 <= args.requests <= 100_000):
         raise SystemExit("--clients must be 1..1024 and --requests 1..100000")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
-    load = Load(args.url, args.path, args.body.encode(), args.clients, args.requests, args.timeout, headers,
+    bodies = [b.encode() for b in args.body or ['{"prompt": "a cat", "steps": 2}']]
+    load = Load(args.url, args.path, bodies, args.clients, args.requests, args.timeout, headers,
                 not args.no_backoff)
     probe = HealthProbe(load.host, load.port) if args.health else None
     loris = Slowloris(load.host, load.port, args.slowloris) if args.slowloris else None

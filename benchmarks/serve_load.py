@@ -2,7 +2,7 @@
 concurrent clients with batching against one request at a time, and (with --robustness) 64 / 256
 clients with /health probed throughout, RSS over 1,000+ requests, and 50 slowloris connections.
 
-    python benchmarks/serve_load.py ENGINE_DIR --out benchmarks/results/serve-load-tiny --steps 2
+    python benchmarks/serve_load.py ENGINE_DIR --out benchmarks/results/serve-load-tiny --steps 2 --mixed
     python benchmarks/serve_load.py ENGINE_DIR --out ... --steps 4 --size 256 --requests 3 --no-robustness
 
 Each server runs in its own process; the load generator (benchmarks/load.py) runs at nice 19, as if its
@@ -51,19 +51,23 @@ def _get(url: str) -> int:
         return getattr(e, "code", 0)
 
 
-def run_load(url: str, body: str, clients: int, requests: int, *extra: str) -> dict:
+MODES = (("one_at_a_time", ("--max-batch", "1", "--max-images", "1")),
+         ("batched", ("--max-batch", "8")),  # queue batching: waiting requests with one batch_key
+         ("continuous", ("--max-batch", "8", "--batching", "continuous")))
+
+
+def run_load(url: str, body: str | list[str], clients: int, requests: int, *extra: str) -> dict:
+    bodies = [a for b in ([body] if isinstance(body, str) else body) for a in ("--body", b)]
     out = subprocess.run(["nice", "-n", "19", sys.executable, str(HERE / "load.py"), url, "--clients", str(clients),
-                          "--requests", str(requests), "--body", body, *extra], capture_output=True, text=True,
-                         check=True)
+                          "--requests", str(requests), *bodies, *extra], capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
 
-def throughput(engines: str, body: str, requests_per_client: int) -> list[dict]:
+def throughput(engines: str, body: str | list[str], requests_per_client: int) -> list[dict]:
     rows = []
     for clients in (1, 4, 16):
         row = {"clients": clients}
-        for mode, flags in (("one_at_a_time", ("--max-batch", "1", "--max-images", "1")),
-                            ("batched", ("--max-batch", "8"))):
+        for mode, flags in MODES:
             server = Server(engines, "--max-queue", "64", *flags)
             try:
                 run_load(server.url, body, 1, 2)  # warm
@@ -71,16 +75,18 @@ def throughput(engines: str, body: str, requests_per_client: int) -> list[dict]:
             finally:
                 server.stop()
         row["throughput_ratio"] = ratio(row)
+        if "continuous" in row:
+            row["continuous_ratio"] = ratio(row, "continuous")
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
 
 
-def ratio(row: dict) -> float:
-    """Images per second batched over one at a time (from the counts, not the rounded rates)."""
+def ratio(row: dict, mode: str = "batched") -> float:
+    """Images per second in MODE over one at a time (from the counts, not the rounded rates)."""
     def rate(r):
         return r["statuses"].get("200", 0) / r["seconds"]
-    return round(rate(row["batched"]) / rate(row["one_at_a_time"]), 2)
+    return round(rate(row[mode]) / rate(row["one_at_a_time"]), 2)
 
 
 def robustness(engines: str, body: str) -> dict:
@@ -135,16 +141,26 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
+def _row(r: dict, cell) -> str:
+    cont = f"{cell(r['continuous'])} | {r['continuous_ratio']}x" if "continuous" in r else "- | -"
+    return f"| {r['clients']} | {cell(r['one_at_a_time'])} | {cell(r['batched'])} | {r['throughput_ratio']}x | {cont} |"
+
+
 def markdown(results: dict) -> str:
     lines = [f"# sdrt serve under load: {results['engines']}", "", f"Machine: {results['machine']}. "
              f"Request: `{results['body']}`. Load generator at nice 19; one server process per row and mode.", "",
-             "| clients | one at a time: images/s | p50 | p95 | batched: images/s | p50 | p95 | throughput ratio |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| clients | one at a time: images/s, p50, p95 | queue batching | ratio | continuous batching | ratio |",
+             "|---|---|---|---|---|---|"]
+
+    def cell(r):
+        lat = r["latency_s"]
+        return f"{r['ok_per_second']:.3g}, {lat['p50']:.3g} s, {lat['p95']:.3g} s"
+
     for r in results["throughput"]:
-        a, b = r["one_at_a_time"], r["batched"]
-        lines.append(f"| {r['clients']} | {a['ok_per_second']:.3g} | {a['latency_s']['p50']:.3g} s "
-                     f"| {a['latency_s']['p95']:.3g} s | {b['ok_per_second']:.3g} | {b['latency_s']['p50']:.3g} s "
-                     f"| {b['latency_s']['p95']:.3g} s | {r['throughput_ratio']}x |")
+        lines.append(_row(r, cell))
+    if "throughput_mixed" in results:
+        lines += ["", "Mixed requests, in turn: " + ", ".join(f"`{b}`" for b in results["mixed_bodies"]), "",
+                  lines[4], lines[5], *(_row(r, cell) for r in results["throughput_mixed"])]
     rob = results.get("robustness")
     if rob:
         lines += ["", "| run | requests | statuses | p50 | p99 |", "|---|---|---|---|---|"]
@@ -169,6 +185,7 @@ def main() -> int:
     p.add_argument("--size", type=int, help="width and height (default: the model's)")
     p.add_argument("--requests", type=int, default=25, help="per client, in the throughput table")
     p.add_argument("--no-robustness", action="store_true")
+    p.add_argument("--mixed", action="store_true", help="also a table for a mix of step counts and samplers")
     args = p.parse_args()
     body = {"prompt": "a lighthouse on a cliff", "steps": args.steps}
     if args.size:
@@ -176,6 +193,11 @@ def main() -> int:
     body = json.dumps(body)
     results = {"engines": args.engines, "body": body, "machine": machine(),
                "throughput": throughput(args.engines, body, args.requests)}
+    if args.mixed:  # the same prompt at other step counts and samplers: queue batching can't merge these
+        mixed = [json.dumps(json.loads(body) | {"steps": args.steps + k, "sampler": smp})
+                 for k, smp in enumerate(("dpmpp_2m_karras", "euler_a", "ddim", "heun"))]
+        results["mixed_bodies"] = mixed
+        results["throughput_mixed"] = throughput(args.engines, mixed, args.requests)
     if not args.no_robustness:
         results["robustness"] = robustness(args.engines, body)
     out = Path(args.out)
