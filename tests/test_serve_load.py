@@ -59,12 +59,12 @@ def _rss_mb(pid: int) -> float:
 
 def test_load_64_and_256_clients_get_200_or_429_and_health_stays_fast(server):
     url, pid = server
-    _load(url, 4, 100)  # warm: arenas and caches at their working size
+    _load(url, 4, 40)  # warm: arenas and caches at their working size
     rss0 = _rss_mb(pid)
     host, port = url.rsplit("//", 1)[1].split(":")
     probe = _load_module().HealthProbe(host, int(port))  # from this (un-niced) process
     probe.start()
-    results = [_load(url, 64, 300), _load(url, 256, 600), _load(url, 16, 150)]
+    results = [_load(url, 64, 300), _load(url, 256, 600), _load(url, 16, 100)]
     probe.stop.set()
     probe.join()
     for r in results:
