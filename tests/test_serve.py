@@ -511,3 +511,16 @@ def test_continuous_batching_server(engines, pipe):
         assert call(server.url, "/info")[1]["batching"] == "continuous"
     finally:
         server.stop()
+
+
+def test_a1111_parameters_read_back_leniently():
+    from sdrt.runtime.images import a1111_parameters, parse_a1111_parameters
+
+    text = a1111_parameters("a cat\nsecond line", "blurry", {"Steps": 20, "Sampler": "Euler a", "Size": "72x48",
+                                                              "Lora hashes": '"detail: 3f2a, x: 1"'})
+    out = parse_a1111_parameters(text)
+    assert out["Prompt"] == "a cat\nsecond line" and out["Negative prompt"] == "blurry"
+    assert out["Steps"] == "20" and out["Size-1"] == "72" and out["Lora hashes"] == "detail: 3f2a, x: 1"
+    odd = parse_a1111_parameters('x\nSteps: 2, Sampler: "\\q", Seed: 1')  # an invalid JSON escape: kept as is
+    assert odd["Sampler"] == '"\\q"' and odd["Seed"] == "1"
+    assert parse_a1111_parameters("just a prompt") == {"Prompt": "just a prompt", "Negative prompt": ""}

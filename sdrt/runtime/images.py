@@ -113,8 +113,11 @@ def parse_a1111_parameters(text: str) -> dict:
     out = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
     for key, value in settings:
         value = value.strip()
-        if value.startswith('"') and value.endswith('"'):
-            value = json.loads(value)
+        if len(value) > 1 and value.startswith('"') and value.endswith('"'):
+            try:
+                value = json.loads(value)
+            except ValueError:  # not JSON after all: keep the text as written
+                pass
         out[key.strip()] = value
         size = re.fullmatch(r"(\d+)x(\d+)", value) if isinstance(value, str) else None
         if size:
