@@ -126,7 +126,8 @@ def check_value(f: dataclasses.Field, value) -> None:
 
 
 def from_text(f: dataclasses.Field, text: str):
-    """A field's value from text (a CLI flag, an HTML form field): numbers parsed, the rest as is."""
+    """A field's value from text (an HTML form field, as the OpenAI client's image edits send them):
+    numbers parsed, the rest as is."""
     kind = f.metadata["kind"]
     if kind not in ("int", "number") or not isinstance(text, str):
         return text

@@ -26,8 +26,8 @@ from sdrt.serve.scheduler import Cancelled, QueueFull, Scheduler, lower_priority
 
 log = logging.getLogger("sdrt.serve")
 
-# how each cancellation reason answers; 499 is nginx's "client closed request" (nobody reads it)
 BATCHING = ("queue", "continuous")
+# how each cancellation reason answers; 499 is nginx's "client closed request" (nobody reads it)
 CANCELLED_STATUS = {"deadline": 503, "interrupt": 409, "disconnect": 499, "shutdown": 503}
 
 
@@ -90,11 +90,8 @@ class Service:
         threading.Thread(target=warm, name="sdrt-warmup", daemon=True).start()
 
     async def generate(self, req, http_request: Request, route: str):
-        """Run REQ (a GenerateRequest) through the queue; returns (Result, Job)."""
-        from sdrt.runtime import noise
-
-        if req.seed is None or req.seed == -1:  # fixed now, so the answer can name it
-            req = req.replace(seed=noise.new_seed())
+        """Run REQ (a GenerateRequest) through the queue; returns (Result, Job). A random seed (-1, none)
+        is picked by the pipeline's plan and named in Result.seeds."""
         await asyncio.to_thread(self.pipe.plan, req)  # every check against the engine dir, before it queues
         timeout = _header_timeout(http_request)
         job = self.scheduler.submit(req, timeout)
@@ -134,7 +131,7 @@ def _header_timeout(request: Request) -> float | None:
     return seconds
 
 
-def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
+def create_app(config: ServeConfig) -> FastAPI:
     """The ASGI app (uvicorn runs it; Ray Serve wraps it). The engines load here; sessions are created in
     the background once it starts."""
     from contextlib import asynccontextmanager
@@ -142,7 +139,7 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
     from sdrt.serve import a1111, openai_api
     from sdrt.serve.guard import Guard
 
-    service = service or Service(config)
+    service = Service(config)
 
     @asynccontextmanager
     async def lifespan(app):
