@@ -395,6 +395,18 @@ def test_a_request_past_its_deadline_is_stopped(gated):
     assert call(server.url, "/generate", {"prompt": "x"}, headers={"X-Sdrt-Timeout": "soon"})[0] == 400
 
 
+def test_a_waiting_request_past_its_deadline_is_answered_while_the_batch_ahead_runs(gated):
+    server, gate = gated
+    first = _in_thread(call, server.url, "/generate", {"prompt": "first", "steps": 2, "width": W, "height": H})
+    gate.running.wait(60)
+    status, out, _ = call(server.url, "/generate", {"prompt": "x", "steps": 3, "width": W, "height": H},
+                          headers={"X-Sdrt-Timeout": "0.5"})
+    assert status == 503 and "deadline passed" in out["error"] and first[0].is_alive()  # the first still runs
+    gate.release.set()
+    first[0].join(60)
+    assert first[1]["answer"][0] == 200
+
+
 # -- the command ------------------------------------------------------------------------------------
 def test_cli_errors(engines, capsys):
     from sdrt.cli import main

@@ -109,8 +109,6 @@ class Service:
             if await http_request.is_disconnected():
                 self.scheduler.cancel(job, "disconnect")
                 raise ClientGone
-            if time.monotonic() > job.deadline:  # a queued request need not wait for the batch ahead
-                self.scheduler.cancel(job, "deadline")
 
     def close(self) -> None:
         self.scheduler.close()

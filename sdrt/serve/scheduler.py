@@ -199,11 +199,7 @@ class Scheduler:
 
     def _take(self) -> list[Job]:
         """The oldest live request and (queue mode) the waiting ones that can share its UNet calls."""
-        now = time.monotonic()
-        for job in [j for j in self._queue if j.deadline <= now]:
-            self._queue.remove(job)
-            job.cancelled = "deadline"
-            self._finish(job, exception=Cancelled("deadline"))
+        self._expire()
         if not self._queue:
             return []
         first = self._queue.popleft()
@@ -215,6 +211,19 @@ class Scheduler:
                     batch.append(job)
                     images += job.images
         return batch
+
+    def _expire(self) -> None:
+        """Requests past their deadline: a waiting one is answered now, a running one stops at its
+        batch's next step. Called with the lock held, when the worker takes work and at every step."""
+        now = time.monotonic()
+        for job in [j for j in self._queue if j.deadline <= now]:
+            self._queue.remove(job)
+            job.cancelled = "deadline"
+            self._finish(job, exception=Cancelled("deadline"))
+        for job in (j for r in self._runs for j in r.jobs):
+            if not job.cancelled and job.deadline <= now:
+                job.cancelled = "deadline"
+        self._gauges()
 
     def _execute(self, run: Progress) -> None:
         if self.continuous:
@@ -261,10 +270,8 @@ class Scheduler:
         """The pipeline's step callback for RUN: record progress; stop when none of its requests is wanted."""
         def step(i: int, total: int, latents, denoised) -> None:
             run.step, run.total, run.denoised = i + 1, total, denoised
-            now = time.monotonic()
-            for job in run.jobs:
-                if not job.cancelled and job.deadline <= now:
-                    job.cancelled = "deadline"
+            with self._cond:
+                self._expire()  # the queue's too: a waiting request need not wait for this batch to end
             if all(j.cancelled for j in run.jobs):
                 raise Interrupted("every request of the batch was cancelled")
         return step
