@@ -27,14 +27,21 @@ FP32_OPS = ("GroupNormalization",)
 def convert(src: Path, dst: Path) -> None:
     """Write SRC (fp32, any size) as an fp16 graph at DST with its weights in DST.data."""
     import onnx
+
+    model = convert_model(onnx.load(str(src)))
+    onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=dst.name + ".data", size_threshold=1024)
+
+
+def convert_model(model, fp32_ops: tuple[str, ...] = ()):
+    """MODEL (an fp32 ModelProto) in fp16, FP32_OPS and FP32_OPS kept in fp32; returns the model."""
     from onnxruntime.transformers import float16
 
     from sdrt.kernels.graph import toposort
 
-    model = onnx.load(str(src))
     model = float16.convert_float_to_float16(
         model, keep_io_types=True, disable_shape_infer=True,
-        op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS))
+        op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS) + list(fp32_ops))
     _drop_repeated_casts(model.graph)
     toposort(model.graph)  # the converter appends its input Casts at the end
     # it also leaves value_info that contradicts the graph (weights declared fp32 though stored fp16, a
@@ -46,8 +53,7 @@ def convert(src: Path, dst: Path) -> None:
     kept = [v for v in model.graph.value_info if seen[v.name] == 1 and v.name not in weights]
     del model.graph.value_info[:]
     model.graph.value_info.extend(kept)
-    onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=dst.name + ".data", size_threshold=1024)
+    return model
 
 
 def _drop_repeated_casts(graph) -> None:
@@ -58,12 +64,12 @@ def _drop_repeated_casts(graph) -> None:
     first: dict[str, object] = {}
     kept = []
     for node in graph.node:
-        repeat = [first[o] for o in node.output if o in first]
+        repeat = [first[o] for o in node.output if o and o in first]
         if repeat:
-            if len(repeat) != len(node.output) or any(r != node for r in repeat):
+            if len(repeat) != len([o for o in node.output if o]) or any(r != node for r in repeat):
                 raise ValueError(f"fp16 conversion: {node.name} writes an existing value differently")
             continue
-        first.update({o: node for o in node.output})
+        first.update({o: node for o in node.output if o})
         kept.append(node)
     del graph.node[:]
     graph.node.extend(kept)

@@ -75,3 +75,86 @@ def winograd_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, bt: np.nda
             y[:, :, ty * m:(ty + 1) * m, tx * m:(tx + 1) * m] = np.einsum("ia,nkab,jb->nkij", at, mm, at)
     y = y[:, :, :h, :wd]
     return y if b is None else y + np.asarray(b, np.float64)[:, None, None]
+
+
+# -- the com.microsoft ops of the onnxruntime-cuda target (ONNX Runtime's ContribOperators.md) --------
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    """The exact (erf) GELU."""
+    from math import erf, sqrt
+
+    x = np.asarray(x, np.float64)
+    return 0.5 * x * (1.0 + np.vectorize(erf)(x / sqrt(2.0)))
+
+
+def group_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, groups: int, epsilon: float,
+               silu: bool = False, channels_last: bool = True) -> np.ndarray:
+    """GroupNorm: x (N, H, W, C) channels last, else (N, C, H, W); SiLU after it with silu."""
+    x = np.asarray(x, np.float64)
+    if not channels_last:
+        x = x.transpose(0, 2, 3, 1)
+    n, h, w, c = x.shape
+    g = x.reshape(n, h * w, groups, c // groups)
+    mean = g.mean(axis=(1, 3), keepdims=True)
+    var = g.var(axis=(1, 3), keepdims=True)
+    y = ((g - mean) / np.sqrt(var + epsilon)).reshape(n, h, w, c) * gamma + beta
+    if silu:
+        y = y / (1.0 + np.exp(-y))
+    return y if channels_last else y.transpose(0, 3, 1, 2)
+
+
+def skip_group_norm(x, gamma, beta, skip, bias, groups: int, epsilon: float, silu: bool):
+    """SkipGroupNorm (channels last): s = x + skip [+ bias], skip (N, H, W, C), (N, 1, 1, C) or
+    (N, C); returns (GroupNorm(s), s)."""
+    skip = np.asarray(skip, np.float64)
+    s = np.asarray(x, np.float64) + (skip[:, None, None, :] if skip.ndim == 2 else skip)
+    if bias is not None:
+        s = s + bias
+    return group_norm(s, gamma, beta, groups, epsilon, silu), s
+
+
+def bias_split_gelu(x: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """BiasSplitGelu: (x + bias) split in halves on the last axis, first * GELU(second)."""
+    z = np.asarray(x, np.float64) + bias
+    half = z.shape[-1] // 2
+    return z[..., :half] * gelu(z[..., half:])
+
+
+def skip_layer_norm(x, skip, gamma, beta, bias, epsilon: float):
+    """SkipLayerNormalization: s = x + skip [+ bias]; returns (LayerNorm(s) * gamma [+ beta], mean,
+    1 / std, s), the statistics over the last axis."""
+    s = np.asarray(x, np.float64) + skip
+    if bias is not None:
+        s = s + bias
+    mean = s.mean(axis=-1, keepdims=True)
+    inv_std = 1.0 / np.sqrt(s.var(axis=-1, keepdims=True) + epsilon)
+    y = (s - mean) * inv_std * gamma
+    return (y if beta is None else y + beta), mean, inv_std, s
+
+
+def conv2d_nhwc(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, strides=(1, 1),
+                pads=(0, 0, 0, 0)) -> np.ndarray:
+    """NhwcConv (one group, no dilation): x (N, H, W, C), w (K, r, s, C), pads (top, left, bottom,
+    right); output (N, H', W', K)."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    xp = np.pad(x, ((0, 0), (pads[0], pads[2]), (pads[1], pads[3]), (0, 0)))
+    r, s = w.shape[1:3]
+    sh, sw = strides
+    h = (xp.shape[1] - r) // sh + 1
+    wd = (xp.shape[2] - s) // sw + 1
+    y = sum(np.einsum("nhwc,kc->nhwk", xp[:, i:i + sh * (h - 1) + 1:sh, j:j + sw * (wd - 1) + 1:sw], w[:, i, j])
+            for i in range(r) for j in range(s))
+    return y if b is None else y + np.asarray(b, np.float64)
+
+
+def packed_attention(query, key, value, num_heads: int, attention_bias=None, scale=None) -> np.ndarray:
+    """MultiHeadAttention with any of its input layouts: separate 3-D Q, K, V; packed QKV as
+    query (B, S, heads, 3, head_dim); Q with packed KV as key (B, L, heads, 2, head_dim)."""
+    def merged(x):  # (B, S, heads, head_dim) -> (B, S, heads * head_dim)
+        return x.reshape(*x.shape[:2], -1)
+
+    if query.ndim == 5:
+        query, key, value = (merged(query[:, :, :, i]) for i in range(3))
+    elif key.ndim == 5:
+        key, value = (merged(key[:, :, :, i]) for i in range(2))
+    return multi_head_attention(query, key, value, num_heads, attention_bias, scale)
