@@ -155,12 +155,12 @@ def cmd_bench(args) -> int:
     from sdrt.bench import report
     from sdrt.manifest import Manifest
 
-    settings = bench.Settings(sizes=args.sizes or [], repeats=args.repeats, warmup=args.warmup, steps=args.steps,
-                              batches=args.batches, sampler=args.sampler, providers=args.providers,
+    settings = bench.Settings(sizes=args.sizes or [], repeats=args.repeats, warmup=args.warmup, steps=args.steps[0],
+                              more_steps=args.steps[1:], batches=args.batches, sampler=args.sampler, providers=args.providers,
                               plain=args.plain, also=args.also,
                               eager=not args.no_eager, peer=not args.no_peer,
                               cold=not args.no_cold, end_to_end=not args.no_end_to_end)
-    if args.repeats < 1 or args.warmup < 0 or args.steps < 1 or min(args.batches) < 1:
+    if args.repeats < 1 or args.warmup < 0 or min(args.steps) < 1 or min(args.batches) < 1:
         raise InputError("--repeats, --steps and --batches must be >= 1, --warmup >= 0")
     from sdrt.runtime.samplers import get_sampler
 
@@ -350,7 +350,8 @@ def _add_bench(sub, parents) -> None:
     b.add_argument("--sizes", type=int, nargs="+", default=None, help="image sides in px (default: the model's)")
     b.add_argument("--repeats", type=int, default=3, help="timed rounds per workload")
     b.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    b.add_argument("--steps", type=int, default=10, help="steps of the end-to-end generations")
+    b.add_argument("--steps", type=int, nargs="+", default=[10],
+                   help="steps of the end-to-end generations, one or more counts (the first: cold starts too)")
     b.add_argument("--batches", type=int, nargs="+", default=[1], help="end-to-end batch sizes")
     b.add_argument("--sampler", default=DEFAULT_SAMPLER)
     b.add_argument("--providers", nargs="+", default=["cpu"], choices=list(PROVIDERS),

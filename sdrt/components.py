@@ -74,8 +74,9 @@ class ComponentSpec:
                 feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         return feeds
 
-    def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
-        """Raise ValueError naming the input whose rank, fixed dim or dtype disagrees with the spec."""
+    def check_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, int]:
+        """Raise ValueError naming the input whose rank, fixed dim or dtype disagrees with the spec;
+        return the sizes the feeds give each symbol (outputs' shapes resolve with them)."""
         bound: dict[str, int] = {}
         for spec in self.inputs:
             if spec.name not in feeds:
@@ -92,6 +93,7 @@ class ComponentSpec:
                 if not ok:
                     raise ValueError(f"{self.name}.{spec.name}: shape {list(arr.shape)} does not fit "
                                      f"{[str(d) for d in spec.shape]}")
+        return bound
 
     def to_json(self) -> dict:
         return {"inputs": [t.to_json() for t in self.inputs],

@@ -23,7 +23,8 @@ class Settings:
     sizes: list[int] = field(default_factory=list)  # image sides in px; [] = the model's default size
     repeats: int = 3
     warmup: int = 1
-    steps: int = 10  # end-to-end generations
+    steps: int = 10  # end-to-end generations (and cold starts)
+    more_steps: list[int] = field(default_factory=list)  # further end-to-end step counts (e.g. 20 and 50)
     batches: list[int] = field(default_factory=lambda: [1])  # end-to-end batch sizes (images per call)
     sampler: str = "dpmpp_2m_karras"
     providers: list[str] = field(default_factory=lambda: ["cpu"])  # one sdrt path per runtime provider
@@ -118,18 +119,20 @@ def _components(paths, manifest, settings, gemm, progress, out: dict, saved) -> 
 
 
 def _end_to_end(paths, settings, progress, out: dict, saved) -> None:
-    """Fill OUT with one entry per (size, batch) generation; saved() after each."""
+    """Fill OUT with one entry per (size, batch, steps) generation; saved() after each."""
     for size in settings.sizes:
         for batch in settings.batches:
-            samples = measure.rounds(
-                paths, lambda p, s=size, b=batch: p.generate(PROMPT, settings.steps, s, b, settings.sampler, 0),
-                settings.warmup, settings.repeats, progress)
-            summaries = {k: measure.summary(v) for k, v in samples.items() if v}
-            out[f"generate_b{batch}@{size}"] = {
-                "size": size, "batch": batch, "steps": settings.steps, "sampler": settings.sampler,
-                "paths": summaries, "ratios": measure.pair_ratios(samples, BASELINE),
-                "images_per_minute": {k: 60 * batch / s["median"] for k, s in summaries.items()}}
-            saved()
+            for steps in [settings.steps, *settings.more_steps]:
+                samples = measure.rounds(
+                    paths, lambda p, s=size, b=batch, n=steps: p.generate(PROMPT, n, s, b, settings.sampler, 0),
+                    settings.warmup, settings.repeats, progress)
+                summaries = {k: measure.summary(v) for k, v in samples.items() if v}
+                key = f"generate_b{batch}@{size}" + (f"x{steps}" if steps != settings.steps else "")
+                out[key] = {
+                    "size": size, "batch": batch, "steps": steps, "sampler": settings.sampler,
+                    "paths": summaries, "ratios": measure.pair_ratios(samples, BASELINE),
+                    "images_per_minute": {k: 60 * batch / s["median"] for k, s in summaries.items()}}
+                saved()
 
 
 def run(engine_dir: str | Path, settings: Settings, progress=None, checkpoint=None) -> dict:
@@ -181,7 +184,7 @@ def total_rounds(manifest: Manifest, settings: Settings) -> int:
     specs = {k: c.spec for k, c in manifest.components.items()}
     n = len(measure.component_workloads(specs, sizes, manifest.dims.vae_scale_factor))
     if settings.end_to_end:
-        n += len(sizes) * len(settings.batches)
+        n += len(sizes) * len(settings.batches) * (1 + len(settings.more_steps))
     from sdrt.bench.peer import ORT_PROVIDERS
 
     peers = settings.peer * sum(p in ORT_PROVIDERS for p in settings.providers)

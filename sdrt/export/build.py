@@ -149,7 +149,7 @@ def fp16_stage(entry: ComponentEntry, pipe, staging: Path) -> ComponentEntry:
             return dataclasses.replace(entry, optimizations=[*entry.optimizations, f"fp32: {why}"])
     for f in entry.files:
         (staging / f).unlink()
-    files = onnx_export.component_files(staging, name)  # model.fp16.onnx, model.fp16.onnx.data
+    files = [str(p.relative_to(staging)) for p in (dst, dst.with_name(dst.name + ".data")) if p.exists()]
     err, tol = onnx_export.check_parity(name, spec, pipe, dst, "fp16")
     return dataclasses.replace(entry, files=files, precision="fp16", parity_max_abs=err, parity_tolerance=tol,
                                optimizations=[*entry.optimizations, f"fp16 (kept in fp32: {', '.join(fp16.FP32_OPS)})"])
@@ -175,6 +175,22 @@ def targets_stage(entry: ComponentEntry, pipe, staging: Path, latent_side: int, 
     if any(t.fused.get("WinogradConv") for t in out.values()):
         notes.append(f"Winograd layers chosen for {latent_side * f} px (onnxruntime-cpu graph; sdrt export --cpu-size)")
     return dataclasses.replace(entry, targets=out, optimizations=notes)
+
+
+def cuda_stage(entry: ComponentEntry, pipe, staging: Path) -> TargetGraph:
+    """The onnxruntime-cuda graph (sdrt.kernels.cuda), fused from the fp32 graph and then made fp16,
+    parity-checked like the fp16 one (on ONNX Runtime's CUDA provider, or sdrt's NumPy references of
+    its CUDA-only ops where there is none)."""
+    from sdrt.export import onnx_export
+    from sdrt.kernels import cuda, target_file
+
+    name = entry.spec.name
+    src = staging / entry.files[0]
+    dst = src.with_name(target_file("model.onnx", cuda.TARGET))
+    upcast = name == "unet" and bool(getattr(pipe.unet.config, "upcast_attention", False))
+    fused = cuda.build(src, dst, fp16=True, fp32_attention=upcast)
+    err, _ = onnx_export.check_parity(name, entry.spec, pipe, dst, "fp16")
+    return TargetGraph(str(dst.relative_to(staging)), fused, err)
 
 
 # -- engine-wide stages --------------------------------------------------------------------------
@@ -241,10 +257,14 @@ def _components(pipe, dims: ModelDims, staging: Path, opts: Options) -> dict[str
     with tqdm(total=len(COMPONENTS), desc="export", unit="component", disable=not opts.progress) as bar:
         for name in COMPONENTS:
             entry = onnx_stage(name, specs[name], pipe, staging, opts)
+            # the CUDA graph is fused from the fp32 one (fusions match fp32 patterns), then made fp16
+            gpu = cuda_stage(entry, pipe, staging) if opts.precision == "fp16" and opts.optimize else None
             if opts.precision == "fp16":
                 entry = fp16_stage(entry, pipe, staging)
             if opts.optimize:
                 entry = targets_stage(entry, pipe, staging, latent_side, dims.vae_scale_factor)
+            if gpu is not None:
+                entry = dataclasses.replace(entry, targets={**entry.targets, "onnxruntime-cuda": gpu})
             entries[name] = entry
             bar.update(1)
             fault("component")

@@ -38,6 +38,7 @@ TARGET = "onnxruntime-cuda"
 # the fused ops of this target, counted in the final graph (the manifest's `fused` and `sdrt info`)
 FUSED_OPS = ("MultiHeadAttention", "PackedQKV", "PackedKV", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu",
              "BiasAdd", "SkipLayerNormalization", "NhwcConv")
+CUDA_ONLY_OPS = ("GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd", "NhwcConv")  # no CPU kernels
 NHWC, NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
 
 

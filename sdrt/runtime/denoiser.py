@@ -55,7 +55,10 @@ class Denoiser:
         self.prediction = PREDICTIONS[prediction_type]
         self.guided = uncond is not None
         # [uncond; cond] in one batch, as diffusers orders it
-        self.context = np.concatenate([uncond, cond]) if self.guided else cond
+        self.context = np.concatenate([uncond, cond]) if self.guided else cond.copy()
+        # read-only: the same array every step, so a GPU backend keeps it on the device
+        # (sdrt.runtime.backends.binding)
+        self.context.setflags(write=False)
         self.guidance_scale = guidance_scale
         self.extra = None if extra is None else extra.astype(np.float32)
         # the UNet timestep of every level the schedule names; other levels (midpoint samplers) by

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ from sdrt.runtime.request import GenerateRequest
 from sdrt.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
+
+EMBEDDING_CACHE = 64  # prompts whose text embeddings a pipeline keeps (servers see the same ones often)
 
 # callback(step, total, latents, denoised): after every step; latents is the sampler state, denoised
 # the step's data estimate x0 (previews decode it); both (N, C, h, w) float64
@@ -83,6 +86,9 @@ class Pipeline:
         # run the provider's rewritten graphs (sdrt.kernels) where the export made them
         self.targets = PROVIDER_TARGETS.get(provider, ()) if optimized else ()
         self.engines = {}  # component name -> Backend, filled by engine()
+        # (token ids, clip skip) -> (77, D) embedding, the most recent EMBEDDING_CACHE prompts
+        self._embeddings: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._embedding_lock = threading.Lock()
         self._stop = threading.Event()
         # unet -> context manager yielding the UNet callable the sampler loop uses; None: the UNet itself.
         # A server's step batcher (sdrt.serve.continuous) merges concurrent generations' calls through it.
@@ -250,8 +256,19 @@ class Pipeline:
             if dropped:
                 log.warning("prompt is longer than %d tokens; this part was dropped: %r%s",
                             self.tokenizer.max_length, dropped[:200], "..." if len(dropped) > 200 else "")
-        hidden = self.engine("text_encoder")(tok.ids)  # (layers, N, 77, D)
-        return hidden[-clip_skip]
+        keys = [(tuple(ids), clip_skip) for ids in tok.ids.tolist()]
+        with self._embedding_lock:
+            cached = {k: self._embeddings[k] for k in keys if k in self._embeddings}
+        todo = sorted({k for k in keys if k not in cached}, key=keys.index)
+        if todo:
+            hidden = self.engine("text_encoder")(np.array([k[0] for k in todo], np.int64))  # (layers, N, 77, D)
+            with self._embedding_lock:
+                for k, row in zip(todo, hidden[-clip_skip]):
+                    cached[k] = self._embeddings[k] = row
+                    self._embeddings.move_to_end(k)
+                while len(self._embeddings) > EMBEDDING_CACHE:
+                    self._embeddings.popitem(last=False)
+        return np.stack([cached[k] for k in keys])
 
     def _conditioning(self, plan: Plan) -> tuple[np.ndarray, np.ndarray | None]:
         """(N, 77, D) prompt embeddings, and the negative prompt's when guidance is on."""

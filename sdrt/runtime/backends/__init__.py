@@ -20,8 +20,9 @@ PROVIDERS = ("cpu", "cuda", "tensorrt", "openvino", "openvino-fp32")
 # exported standard ONNX graph). The export writes a target's graph only where its passes changed
 # something (the text encoder has no onnxruntime-cpu graph: no convolutions), and engines exported
 # before a target existed lack it. ONNX Runtime's TensorRT provider gets the TensorRT graph: contrib
-# ops would split its engine.
-PROVIDER_TARGETS = {"cpu": ("onnxruntime-cpu", "onnxruntime"), "cuda": ("onnxruntime",),
+# ops would split its engine. The CUDA provider's own graph (sdrt.kernels.cuda) comes only with fp16
+# exports.
+PROVIDER_TARGETS = {"cpu": ("onnxruntime-cpu", "onnxruntime"), "cuda": ("onnxruntime-cuda", "onnxruntime"),
                     "tensorrt": ("tensorrt",), "openvino": (), "openvino-fp32": ()}
 
 __all__ = ["MEMORY", "PROVIDERS", "PROVIDER_TARGETS", "Backend", "check_provider", "load_backend",

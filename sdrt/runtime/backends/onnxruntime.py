@@ -4,10 +4,12 @@ peer path all create sessions here), the provider table, and the backend."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from sdrt.errors import InputError, SdrtError
 from sdrt.runtime.backends.base import Backend
+from sdrt.runtime.backends.binding import IoBinder
 from sdrt.runtime.backends.memory import CUDA_OPTIONS, MEMORY, gpu_memory_mode
 
 log = logging.getLogger(__name__)
@@ -101,12 +103,14 @@ def preload_cuda_libraries(ort) -> None:
 
 def session(model: str | Path | bytes, provider: str = "cpu", *, component: str | None = None,
             shared_memory: bool = False, optimize: bool = True, config: dict | None = None,
-            providers: list | None = None):
+            providers: list | None = None, cuda_graph: bool = False):
     """An ONNX Runtime InferenceSession of MODEL (a path or serialized bytes) on an sdrt provider.
 
     shared_memory: allocate from the process's shared arena (sdrt.runtime.backends.memory; the
     runtime's engines). config: session config entries (e.g. where external weights live for a
-    graph given as bytes). providers: ONNX Runtime's provider list, overriding PROVIDER's."""
+    graph given as bytes). providers: ONNX Runtime's provider list, overriding PROVIDER's.
+    cuda_graph: the CUDA provider with `enable_cuda_graph` (sdrt.runtime.backends.binding); such a
+    session keeps its own arena, as a captured graph's buffers must stay where they were."""
     import onnxruntime as ort
 
     if provider != "cpu":
@@ -115,43 +119,94 @@ def session(model: str | Path | bytes, provider: str = "cpu", *, component: str 
     opts.log_severity_level = 3  # not its notes on sdrt's overridable constants or node placement
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if shared_memory:
+    if shared_memory and not cuda_graph:
         MEMORY.configure(ort, opts, provider, component)
     for k, v in (config or {}).items():
         opts.add_session_config_entry(k, v)
     cache = Path(model).parent / "trt_cache" if isinstance(model, (str, Path)) else None
     source = model if isinstance(model, bytes) else str(model)
+    if cuda_graph:
+        providers = [("CUDAExecutionProvider", {**CUDA_OPTIONS, "enable_cuda_graph": "1"}), "CPUExecutionProvider"]
     return ort.InferenceSession(source, opts, providers=providers or ort_providers(provider, cache))
 
 
+# components whose calls run as CUDA graphs on the CUDA provider: the UNet, called every step with
+# the same shapes (the text encoder and VAE run once per image: a capture would cost more than it saves)
+CUDA_GRAPH_COMPONENTS = ("unet",)
+BINDING_DEVICE = "cuda"  # where the CUDA provider's IO-bound buffers live (tests stand the CPU in)
+
+
+def cuda_graphs_wanted(component: str) -> bool:
+    """SDRT_CUDA_GRAPHS=0 turns CUDA graphs off (on by default for CUDA_GRAPH_COMPONENTS)."""
+    return component in CUDA_GRAPH_COMPONENTS and os.environ.get("SDRT_CUDA_GRAPHS", "1") != "0"
+
+
 class OrtBackend(Backend):
-    """ONNX Runtime InferenceSession on the CPU, CUDA or TensorRT execution provider."""
+    """ONNX Runtime InferenceSession on the CPU, CUDA or TensorRT execution provider. On CUDA, calls
+    go through IO binding, and the UNet's through CUDA graphs where ONNX Runtime can capture them."""
 
     def _load(self) -> None:
         import onnxruntime as ort
 
         check_ort_provider(self.provider)
+        self._outputs = [t.name for t in self.spec.outputs]
+        self._run_options = ort.RunOptions()
+        self._binder = None
+        graphs = self.provider == "cuda" and cuda_graphs_wanted(self.spec.name)
         try:
-            self.session = session(self.path, self.provider, component=self.spec.name, shared_memory=True)
+            try:
+                self._open(graphs)
+            except SdrtError:
+                raise
+            except Exception as e:
+                if not graphs:
+                    raise
+                self._no_graphs(e)
+        except SdrtError:
+            raise
         except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf types
             raise InputError(f"cannot load {self.path} (corrupt or not an ONNX model?): {e}") from None
+        if self.provider == "cpu":
+            MEMORY.release()
+
+    def _open(self, graphs: bool) -> None:
+        import onnxruntime as ort
+
+        self.session = session(self.path, self.provider, component=self.spec.name, shared_memory=True,
+                               cuda_graph=graphs)
         wanted = ort_provider_name(self.provider)
         if self.session.get_providers()[0] != wanted:  # ONNX Runtime falls back when a provider's libraries
             # are missing, with a line on stdout: a GPU run silently on the CPU would be worse than an error
             raise SdrtError(f"provider {self.provider}: ONNX Runtime could not start {wanted} for {self.path} "
                             f"and fell back to {self.session.get_providers()[0]}; it needs "
                             f"{gpu_libraries(ort, wanted)}")
-        self._outputs = [t.name for t in self.spec.outputs]
-        self._run_options = ort.RunOptions()
-        if self.provider == "cpu":
-            MEMORY.release()
+        if self.provider == "cuda":
+            self._binder = IoBinder(self.session, self.spec, BINDING_DEVICE, 0, graphs)
+
+    def _no_graphs(self, why: Exception) -> None:
+        """CUDA graph capture failed (at session creation or first run): go on without graphs."""
+        log.warning("%s: no CUDA graphs (%s); running with IO binding only", self.spec.name,
+                    str(why).strip().splitlines()[0][:300] if str(why).strip() else type(why).__name__)
+        self.session = self._binder = None
+        self._open(False)
 
     def _run(self, feeds):
         self._run_options.terminate = False
-        return self.session.run(self._outputs, feeds, self._run_options)
+        if self._binder is None:
+            return self.session.run(self._outputs, feeds, self._run_options)
+        self._binder.resume()
+        try:
+            return self._binder.run(feeds)
+        except Exception as e:
+            if not self._binder.graphs or self._stop.is_set():
+                raise
+            self._no_graphs(e)
+            return self._binder.run(feeds)
 
     def _terminate(self) -> None:
         self._run_options.terminate = True  # ONNX Runtime checks it between nodes
+        if self._binder is not None:
+            self._binder.terminate()
 
     def close(self) -> None:
-        self.session = None
+        self.session = self._binder = None
