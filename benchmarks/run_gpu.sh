@@ -1,27 +1,60 @@
 #!/usr/bin/env bash
-# The GPU checks and results, on a machine with an NVIDIA GPU: onnxruntime-gpu (CUDA 13 build) and
-# the export extra with a CUDA torch (`pip install -e ".[export,dev,gpu]"`). random-sd15 is exported
-# in fp16 on that machine, so export's fp16 parity checks and the VAE decoder's overflow probe run on
-# the GPU (ONNX Runtime's CUDA provider).
-#   1. the tests that need a GPU (they skip elsewhere): fp16 graphs on CUDA, the pipeline on the CUDA
-#      and TensorRT providers, TensorRT engines (where TensorRT is installed)
-#   2. $OUT (default benchmarks/results/gpu/): 512 px components, 20-step generations and cold
-#      starts, sdrt fp16 on ONNX Runtime's CUDA provider (with and without sdrt.kernels rewrites)
-#      against eager diffusers fp16 on CUDA and diffusers' OnnxStableDiffusionPipeline on CUDA.
-# Each step can be run alone: STEP=tests|export|bench.
+# The GPU run of issue 19 as one script: onnxruntime-gpu from carried wheels, random-sd15 exported
+# on the GPU in fp16 (with the onnxruntime-cuda graphs, parity measured on CUDA), then the bench:
+# sdrt on ONNX Runtime's CUDA provider (onnxruntime-cuda graphs, IO binding, CUDA graphs) against
+# eager diffusers fp16 (SDPA attention), diffusers' ONNX pipeline, and sdrt's standard graphs
+# (--plain); components at 512 px with each one's share of the measured fp16 GEMM peak, and whole
+# images at 20 and 50 steps. Everything lands in $OUT.
+#
+# Wheels: the GPU machine reaches no index, and a call carries at most 64 MiB, so
+# `benchmarks/gpu_wheels.sh` (run here) downloads the wheels the machine's image lacks
+# (onnxruntime-gpu for its Python, diffusers) and splits them into parts under .gpu-wheels/<n>/;
+# each device call carries one part (carry: [".gpu-wheels/<n>"]) and appends it under
+# $WHEEL_STORE, which stays while the machine is warm; this script installs from there.
+#
+# Budget (15 minutes of device time, start included): export ~5 min, bench ~4 min.
+# Locally, without a GPU, the same flow on `tiny` and the CPU provider checks the script itself:
+#   PROVIDER=cpu SOURCE=tiny SIZE=64 OUT=/tmp/gpu-dry benchmarks/run_gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ENGINES=${ENGINES:-engines/sd15-fp16}
+PROVIDER=${PROVIDER:-cuda}
+SOURCE=${SOURCE:-random-sd15}
+SIZE=${SIZE:-512}
 OUT=${OUT:-benchmarks/results/gpu}
+ENGINES=${ENGINES:-/tmp/sdrt-engines/$SOURCE-fp16}
+WHEEL_STORE=${WHEEL_STORE:-/tmp/sdrt-wheels}
 STEP=${STEP:-all}
-if [ "$STEP" = all ] || [ "$STEP" = tests ]; then
-    python -m pytest -q -rs -o addopts="" tests/test_precision.py tests/test_pipeline.py tests/test_tensorrt.py \
-        -k "fp16 or gpu or tensorrt"
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+stamp() { echo "== $(date +%T) $*"; }
+
+if [ "$STEP" = all ] || [ "$STEP" = install ]; then
+    stamp install
+    if compgen -G "$WHEEL_STORE/*.part*" > /dev/null; then  # reassemble the carried parts
+        for first in "$WHEEL_STORE"/*.part000; do
+            whl=${first%.part000}
+            cat "$whl".part* > "$whl" && rm -f "$whl".part*
+        done
+    fi
+    if compgen -G "$WHEEL_STORE/*.whl" > /dev/null; then
+        python3 -m pip uninstall -y -q onnxruntime || true  # the image's CPU build would shadow the GPU one
+        python3 -m pip install -q --no-index --no-deps "$WHEEL_STORE"/*.whl
+    fi
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>/dev/null \
+        || python3 -m pip install -q --no-deps -e .
+    python3 -c "import onnxruntime as o, torch; print('onnxruntime', o.__version__, o.get_available_providers()); \
+print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 fi
 if [ "$STEP" = all ] || [ "$STEP" = export ]; then
-    [ -f "$ENGINES/manifest.json" ] || sdrt export random-sd15 "$ENGINES" --precision fp16
-    sdrt info "$ENGINES"
+    stamp export
+    [ -f "$ENGINES/manifest.json" ] || sdrt export "$SOURCE" "$ENGINES" --precision fp16
+    sdrt info "$ENGINES" | tee "$OUT/engines.txt"
 fi
 if [ "$STEP" = all ] || [ "$STEP" = bench ]; then
-    sdrt bench "$ENGINES" --sizes 512 --repeats 5 --warmup 2 --steps 20 --providers cuda --plain --out "$OUT"
+    stamp bench
+    sdrt bench "$ENGINES" --sizes "$SIZE" --repeats 3 --warmup 1 --steps 20 50 --batches 1 \
+        --providers "$PROVIDER" --plain --no-cold --out "$OUT"
+    SDRT_CUDA_GRAPHS=0 sdrt bench "$ENGINES" --sizes "$SIZE" --repeats 3 --warmup 1 --steps 20 50 \
+        --providers "$PROVIDER" --no-eager --no-peer --no-cold --out "$OUT/no-cuda-graphs"
 fi
+stamp done

@@ -28,3 +28,7 @@ class Interrupted(SdrtError):
     """The run was stopped on request (Ctrl-C, a server's interrupt or cancellation). CLI exit 130."""
 
     exit_code = 130
+
+
+class NonFiniteOutput(SdrtError):
+    """An engine gave NaN or inf (an fp16 overflow, or corrupt weights)."""

@@ -91,6 +91,26 @@ def test_callback_gets_the_denoised_estimate(pipe):
     np.testing.assert_allclose(pipe.decode(seen[-1][1]), r.pixels, atol=1e-6)
 
 
+def test_text_embeddings_are_cached_per_prompt_and_clip_skip(pipe, monkeypatch):
+    """A prompt seen before costs no text-encoder call and gives the same rows; the cache keeps the
+    most recent EMBEDDING_CACHE prompts."""
+    from sdrt.runtime import pipeline as pipeline_module
+
+    pipe._embeddings.clear()
+    engine = pipe.engine("text_encoder")
+    calls = []
+    real = engine._run
+    monkeypatch.setattr(engine, "_run", lambda feeds: calls.append(feeds["input_ids"].shape[0]) or real(feeds))
+    first = pipe.encode_prompts(["a cat", "a dog"], 1)
+    again = pipe.encode_prompts(["a dog", "a cat", "a cat"], 1)
+    assert calls == [2] and np.array_equal(again, first[[1, 0, 0]])
+    pipe.encode_prompts(["a dog", "a bird"], 2)  # another clip skip: another embedding
+    assert calls == [2, 2]
+    monkeypatch.setattr(pipeline_module, "EMBEDDING_CACHE", 3)
+    pipe.encode_prompts(["a fish"], 1)
+    assert len(pipe._embeddings) == 3 and (tuple(pipe.tokenizer(["a cat"]).ids[0]), 1) not in pipe._embeddings
+
+
 @pytest.mark.parametrize("img2img", [False, True])
 def test_memory_is_released_between_phases_not_between_steps(pipe, monkeypatch, img2img):
     """CPU sessions keep their arena from call to call (a UNet step re-faulting its pages after a
@@ -103,6 +123,7 @@ def test_memory_is_released_between_phases_not_between_steps(pipe, monkeypatch, 
         real = engine._run
         monkeypatch.setattr(engine, "_run", lambda feeds, real=real, name=name: events.append(name) or real(feeds))
     monkeypatch.setattr(pipeline_module, "release_free_memory", lambda: events.append("release"))
+    pipe._embeddings.clear()  # earlier tests' prompts
     image = Image.new("RGB", (64, 48), "blue") if img2img else None
     pipe("a dog", steps=4, width=64, height=48, image=image, strength=1.0)
     phases = ["text_encoder", "text_encoder", "release"] + (["vae_encoder", "release"] if img2img else [])

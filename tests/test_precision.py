@@ -80,10 +80,56 @@ def test_fp16_unet_matches_fp32(fp16_engines, engines):
     spec = m32.components["unet"].spec
     feeds = spec.sample_inputs({"B": 2, "h": H // 8, "w": W // 8, "S": 77}, seed=4)
     want = ort.InferenceSession(str(engines["eps"] / m32.components["unet"].files[0])).run(None, feeds)[0]
-    for target in (None, "onnxruntime", "tensorrt"):
+    for target in (None, "onnxruntime", "tensorrt", "onnxruntime-cuda"):  # cuda's: NumPy references
         got = run_fp16(fp16_engines / m16.components["unet"].file_for(target), feeds, ["out_sample"])[0]
         scale = max(1.0, float(np.abs(want).max()))
         assert np.abs(got.astype(np.float64) - want).max() < onnx_export.PARITY_TOLERANCE["fp16"] * scale
+
+
+def test_fp16_export_writes_the_cuda_graphs_with_their_fused_ops(fp16_engines, capsys):
+    """Every component gets an onnxruntime-cuda graph, counted in the manifest and by `sdrt info`
+    (the counts themselves: tests/test_cuda_target.py), which the CUDA provider prefers."""
+    from sdrt.cli import main
+    from sdrt.runtime.backends import PROVIDER_TARGETS
+    from tests.test_cuda_target import COUNTS
+
+    m = Manifest.read(fp16_engines)
+    for name, c in m.components.items():
+        assert c.targets["onnxruntime-cuda"].fused == COUNTS[name], name
+        assert c.file_for(PROVIDER_TARGETS["cuda"]) == f"{name}/model.onnxruntime-cuda.onnx"
+    assert main(["info", str(fp16_engines)]) == 0
+    out = capsys.readouterr().out
+    assert "onnxruntime-cuda graph: unet/model.onnxruntime-cuda.onnx (MultiHeadAttention x12, PackedQKV x6" in out
+
+
+def test_fp16_vae_decoder_falls_back_to_fp32_where_it_overflows(fp16_engines, monkeypatch, caplog):
+    """An image whose fp16 decode has NaN / inf is decoded by the fp32 decoder the export kept."""
+    import logging
+
+    from sdrt.errors import NonFiniteOutput
+    from sdrt.runtime.pipeline import FP32_FALLBACK
+
+    pipe = sdrt.Pipeline.load(fp16_engines)
+    c = pipe.manifest.components["vae_decoder"]
+    assert c.targets[FP32_FALLBACK].file == "vae_decoder/model.onnx"
+    latent = np.random.default_rng(0).standard_normal((2, 4, H // 8, W // 8)).astype(np.float32)
+    decoder = pipe.engine("vae_decoder")
+    real = decoder.run
+    calls = []
+
+    def overflow_on_second(feeds):  # the second image overflows
+        calls.append(1)
+        if len(calls) == 2:
+            raise NonFiniteOutput("vae_decoder: its output sample has NaN or inf")
+        return real(feeds)
+
+    monkeypatch.setattr(decoder, "run", overflow_on_second)
+    with caplog.at_level(logging.WARNING):
+        got = pipe.decode(latent)
+    assert "decoding with the fp32 decoder" in caplog.text
+    fp32 = sdrt.runtime.backends.load_backend(fp16_engines / "vae_decoder" / "model.onnx", c.spec, "onnx", "cpu")
+    want = np.clip(fp32(latent[1:]) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+    assert np.array_equal(got[1], want[0])
 
 
 @pytest.mark.parametrize("name", ["text_encoder", "unet", "vae_decoder", "vae_encoder"])

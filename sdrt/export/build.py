@@ -147,12 +147,21 @@ def fp16_stage(entry: ComponentEntry, pipe, staging: Path) -> ComponentEntry:
             why = "the fp16 decoder overflowed (NaN/inf) on probe inputs"
             log.warning("vae_decoder kept in fp32: %s", why)
             return dataclasses.replace(entry, optimizations=[*entry.optimizations, f"fp32: {why}"])
-    for f in entry.files:
-        (staging / f).unlink()
+    targets = dict(entry.targets)
+    if name == "vae_decoder":  # kept: the runtime decodes with it where fp16 overflows on an image
+        from sdrt.runtime.pipeline import FP32_FALLBACK
+
+        targets[FP32_FALLBACK] = TargetGraph(entry.files[0], {}, entry.parity_max_abs)
+    else:
+        for f in entry.files:
+            (staging / f).unlink()
     files = [str(p.relative_to(staging)) for p in (dst, dst.with_name(dst.name + ".data")) if p.exists()]
     err, tol = onnx_export.check_parity(name, spec, pipe, dst, "fp16")
     return dataclasses.replace(entry, files=files, precision="fp16", parity_max_abs=err, parity_tolerance=tol,
-                               optimizations=[*entry.optimizations, f"fp16 (kept in fp32: {', '.join(fp16.FP32_OPS)})"])
+                               targets=targets,
+                               optimizations=[*entry.optimizations, f"fp16 (kept in fp32: {', '.join(fp16.FP32_OPS)})"]
+                               + (["the fp32 graph kept: the runtime decodes with it where fp16 overflows"]
+                                  if name == "vae_decoder" else []))
 
 
 def targets_stage(entry: ComponentEntry, pipe, staging: Path, latent_side: int, f: int) -> ComponentEntry:
@@ -174,7 +183,7 @@ def targets_stage(entry: ComponentEntry, pipe, staging: Path, latent_side: int, 
     notes = list(entry.optimizations)
     if any(t.fused.get("WinogradConv") for t in out.values()):
         notes.append(f"Winograd layers chosen for {latent_side * f} px (onnxruntime-cpu graph; sdrt export --cpu-size)")
-    return dataclasses.replace(entry, targets=out, optimizations=notes)
+    return dataclasses.replace(entry, targets={**entry.targets, **out}, optimizations=notes)
 
 
 def cuda_stage(entry: ComponentEntry, pipe, staging: Path) -> TargetGraph:

@@ -10,6 +10,9 @@ Which passes a target gets is decided by measurement (docs/kernels.md):
 - onnxruntime-cpu (CPU provider): that, plus 3x3 convolutions as Winograd F(4x4, 3x3)
   (sdrt.kernels.winograd). Not for CUDA: cuDNN picks its own Winograd / implicit-GEMM kernels.
 - tensorrt: attention decomposed into MatMul/Softmax/MatMul, the pattern its builder fuses.
+- onnxruntime-cuda (CUDA provider, fp16 exports): ONNX Runtime's own Stable Diffusion fusions plus
+  sdrt's where it falls short, then fp16; built by sdrt.kernels.cuda from the fp32 graph with its own
+  weights, so it is not one of TARGETS' graph-only rewrites.
 - openvino: none; it reads the standard ONNX graph (it fuses opset-23 Attention and
   GroupNormalization itself).
 GroupNormalization is left as ONNX's op on every target: the rewrites tried on ONNX Runtime's CPU

@@ -165,7 +165,8 @@ def _packed(graph: Graph, node):
 # -- the target -------------------------------------------------------------------------------------
 
 def count_fused(model) -> dict[str, int]:
-    """How many of each fused op MODEL's graph has (packed attention counted by its input layout)."""
+    """How many of each fused op MODEL's graph has, those it has (packed attention counted by its
+    input layout)."""
     ops = collections.Counter(n.op_type for n in model.graph.node if n.domain == MS_DOMAIN)
     shapes = {n.output[0]: n for n in model.graph.node if n.op_type == "Reshape"}
     for n in model.graph.node:
@@ -173,7 +174,7 @@ def count_fused(model) -> dict[str, int]:
             ops["PackedQKV"] += 1
         elif n.op_type == "MultiHeadAttention" and len(n.input) > 1 and n.input[1] in shapes and not n.input[2]:
             ops["PackedKV"] += 1
-    return {op: ops.get(op, 0) for op in FUSED_OPS}
+    return {op: ops[op] for op in FUSED_OPS if ops.get(op)}
 
 
 def sdrt_passes(graph: Graph) -> None:

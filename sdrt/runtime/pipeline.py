@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.errors import InputError, Interrupted
+from sdrt.errors import InputError, Interrupted, NonFiniteOutput
 from sdrt.manifest import Manifest
 from sdrt.runtime import images, noise, samplers
 from sdrt.runtime.backends import PROVIDER_TARGETS, check_provider, load_backend, release_free_memory
@@ -29,6 +29,8 @@ from sdrt.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
 
+FP32_FALLBACK = "fp32"  # the target name of the fp32 VAE decoder an fp16 export keeps
+FP32_DECODER = "vae_decoder:fp32"  # its engine's key in Pipeline.engines
 EMBEDDING_CACHE = 64  # prompts whose text embeddings a pipeline keeps (servers see the same ones often)
 
 # callback(step, total, latents, denoised): after every step; latents is the sampler state, denoised
@@ -113,7 +115,8 @@ class Pipeline:
             if c is None:
                 raise InputError(f"{self.engine_dir}: no {name} engine")
             if c.precision == "fp16" and self.provider == "cpu" and not any(
-                    self.manifest.components[n].precision == "fp16" for n in self.engines):  # once per pipeline
+                    n in self.manifest.components and self.manifest.components[n].precision == "fp16"
+                    for n in self.engines):  # once per pipeline
                 # it runs (ops without fp16 kernels compute in fp32 between casts), but at fp32's speed with
                 # fp32 copies of the weights beside the fp16 ones
                 log.warning("%s: the engines are fp16, made for GPUs; ONNX Runtime's CPU provider runs them no "
@@ -358,9 +361,24 @@ class Pipeline:
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """(N, 4, h, w) latents -> (N, H, W, 3) float32 pixels in [0, 1]; one image at a time (memory)."""
-        out = [self.engine("vae_decoder")(latents[i : i + 1].astype(np.float32)) for i in range(len(latents))]
+        out = [self._decode_one(latents[i : i + 1].astype(np.float32)) for i in range(len(latents))]
         image = np.concatenate(out)
         return np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1).astype(np.float32)
+
+    def _decode_one(self, latent: np.ndarray) -> np.ndarray:
+        """One image through the VAE decoder; where an fp16 decoder overflows (NaN / inf) and the
+        export kept the fp32 one (FP32_FALLBACK), through that instead."""
+        try:
+            return self.engine("vae_decoder")(latent)
+        except NonFiniteOutput:
+            fallback = self.manifest.components["vae_decoder"].targets.get(FP32_FALLBACK)
+            if fallback is None:
+                raise
+            if FP32_DECODER not in self.engines:
+                log.warning("the fp16 VAE decoder overflowed on this image; decoding with the fp32 decoder")
+                spec = self.manifest.components["vae_decoder"].spec
+                self.engines[FP32_DECODER] = load_backend(self.engine_dir / fallback.file, spec, "onnx", self.provider)
+            return self.engines[FP32_DECODER](latent)
 
     def _metadata(self, plan: Plan) -> list[str]:
         """A1111's `parameters` text for each image (its keys, in its order)."""

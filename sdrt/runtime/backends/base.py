@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from sdrt.components import ComponentSpec
-from sdrt.errors import InputError, Interrupted, SdrtError
+from sdrt.errors import InputError, Interrupted, NonFiniteOutput
 
 
 class Backend:
@@ -72,7 +72,7 @@ class Backend:
         self.calls += 1
         for t, o in zip(self.spec.outputs, out):
             if not np.isfinite(o).all():
-                raise SdrtError(f"{self.spec.name}: its output {t.name} has NaN or inf ({self.path}); the engine's "
+                raise NonFiniteOutput(f"{self.spec.name}: its output {t.name} has NaN or inf ({self.path}); the engine's "
                                 f"weights may be corrupt (sdrt verify {self.path.parent.parent})")
         return out
 
