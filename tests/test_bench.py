@@ -11,7 +11,7 @@ from sdrt.cli import main
 @pytest.fixture(scope="module")
 def results(engines, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    assert main(["-q", "bench", str(engines["eps"]), "--sizes", "64", "--repeats", "2", "--steps", "2",
+    assert main(["-q", "bench", str(engines["eps"]), "--sizes", "64", "--repeats", "2", "--steps", "2", "1",
                  "--batches", "1", "2", "--providers", "cpu", "openvino", "--out", str(out)]) == 0
     return json.loads((out / "results.json").read_text()), out
 
@@ -29,7 +29,8 @@ def test_every_figure_positive_and_ratios_consistent(results):
     data, _ = results
     entries = {**data["components"], **data["end_to_end"]}
     assert set(data["components"]) == {"text_encoder", "unet_b1@64", "unet_b2@64", "vae_decode@64", "vae_encode@64"}
-    assert set(data["end_to_end"]) == {"generate_b1@64", "generate_b2@64"}
+    assert set(data["end_to_end"]) == {"generate_b1@64", "generate_b2@64", "generate_b1@64x1", "generate_b2@64x1"}
+    assert [e["steps"] for e in data["end_to_end"].values()] == [2, 1, 2, 1]
     for name, e in entries.items():
         for path in ("sdrt", "sdrt-openvino", "diffusers-onnx", "eager"):
             s = e["paths"][path]
