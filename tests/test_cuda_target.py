@@ -128,7 +128,7 @@ def cuda_graphs(engines, tmp_path_factory):
     built = {}
     for name, c in manifest.components.items():
         built[name] = out / f"{name}.onnx"
-        assert cuda.build(engines["eps"] / c.files[0], built[name], fp16=False) == COUNTS[name], name
+        assert cuda.build(engines["eps"] / c.files[0], built[name], fp16=False, pack=True) == COUNTS[name], name
     return manifest, built
 
 
@@ -159,6 +159,7 @@ def test_upcast_attention_keeps_attention_in_fp32(engines, tmp_path):
     types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
     mha = [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]
     assert mha and all(types.get(n.output[0], F) == F for n in mha)
+    assert all(n.input[1] and n.input[2] for n in mha)  # unpacked: the fp32 kernels take no packed input
     assert any(n.op_type == "Cast" for n in model.graph.node)
 
 

@@ -177,9 +177,10 @@ def count_fused(model) -> dict[str, int]:
     return {op: ops[op] for op in FUSED_OPS if ops.get(op)}
 
 
-def sdrt_passes(graph: Graph) -> None:
+def sdrt_passes(graph: Graph, pack: bool = True) -> None:
     fuse_multihead_attention(graph)
-    pack_qkv(graph)
+    if pack:
+        pack_qkv(graph)
     group_norm_nhwc(graph)
     bias_split_gelu(graph)
 
@@ -200,15 +201,18 @@ def ort_fusions(model):
     return optimized
 
 
-def build(src: Path, dst: Path, *, fp16: bool = True, fp32_attention: bool = False) -> dict[str, int]:
+def build(src: Path, dst: Path, *, fp16: bool = True, fp32_attention: bool = False,
+          pack: bool | None = None) -> dict[str, int]:
     """Write SRC (a standard fp32 graph) fused for ONNX Runtime's CUDA provider at DST, with its own
     weights in DST.data (packed and NHWC weights differ from SRC's); return the fused-op counts.
-    fp32_attention: keep MultiHeadAttention in fp32 in the fp16 graph."""
+    fp32_attention: keep MultiHeadAttention in fp32 in the fp16 graph. pack: pack Q, K and V
+    (default: where attention runs in fp16, as ONNX Runtime's packed kernels need)."""
     import onnx
 
     model = onnx.load(str(src))
     graph = Graph(model)
-    sdrt_passes(graph)
+    # ONNX Runtime's CUDA kernels take packed QKV / KV in fp16 only (its fused attention kernels)
+    sdrt_passes(graph, pack=fp16 and not fp32_attention if pack is None else pack)
     optimized = ort_fusions(model)
     if fp16:
         from sdrt.export.fp16 import convert_model
