@@ -42,7 +42,7 @@ def sampler_seconds_per_step(name: str, config: dict, dims, repeats: int = 3) ->
         schedule = smp.make_schedule(config, STEPS)
         denoise = Denoiser(FreeUnet(), schedule, "epsilon", context, context, 7.5)
         x = samplers.initial_state(smp, schedule, noise.randn([0], noise.INITIAL, shape))
-        x = smp.fn(denoise, x, schedule, noise=noise.ImageNoise([0], noise.SAMPLER), **smp.options)
+        x = smp.fn(denoise, x, schedule, noise=noise.Noise("sdrt", [0]).sampler(), **smp.options)
         samplers.final_latents(smp, schedule, x)
         best = min(best, time.perf_counter() - t0)
     return best / STEPS

@@ -73,9 +73,18 @@ def patch_noise(stack, draws):
     stack.enter_context(mock.patch.object(mods.scheduling_dpmsolver_sde, "BrownianTreeNoiseSampler", Brownian))
 
 
+def generators(seeds: list[int] | None):
+    """diffusers' `generator`: one torch CPU generator per image, seeded s + i (None: none)."""
+    import torch
+
+    return None if seeds is None else [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+
 def txt2img(path: Path, *, prompt, negative_prompt, steps, sampler, guidance_scale, width, height,
-            num_images, clip_skip, latents: np.ndarray, draws=None, schedule_type=None, eta=None) -> np.ndarray:
-    """draws: sdrt's sampler noise (noise.ImageNoise) to feed diffusers' stochastic schedulers."""
+            num_images, clip_skip, latents: np.ndarray | None = None, draws=None, schedule_type=None, eta=None,
+            seeds: list[int] | None = None) -> np.ndarray:
+    """draws: sdrt's sampler noise (noise.Noise(...).sampler()) to feed diffusers' stochastic
+    schedulers; seeds: no latents or draws, diffusers' own noise from generators seeded with them."""
     import torch
 
     pipe, _, config = _pipelines(str(path))
@@ -86,8 +95,8 @@ def txt2img(path: Path, *, prompt, negative_prompt, steps, sampler, guidance_sca
         out = pipe(prompt, **_negative(pipe, negative_prompt, guidance_scale, clip_skip), num_inference_steps=steps,
                    guidance_scale=guidance_scale, width=width, height=height, num_images_per_prompt=num_images,
                    clip_skip=None if clip_skip == 1 else clip_skip - 1,  # diffusers counts skipped layers
-                   latents=torch.from_numpy(latents.astype(np.float32)), output_type="np",
-                   **({} if eta is None else {"eta": eta}))
+                   latents=None if latents is None else torch.from_numpy(latents.astype(np.float32)),
+                   generator=generators(seeds), output_type="np", **({} if eta is None else {"eta": eta}))
     return out.images
 
 

@@ -62,7 +62,7 @@ def test_inpaint_matches_diffusers(inpaint, checkpoints, engines, unet, sampler,
     args = dict(prompt=PROMPT, negative_prompt=negative, steps=STEPS, sampler=sampler,
                 guidance_scale=guidance, strength=strength, width=W, height=H)
     with sdrt.Pipeline.load(engines) as pipe:
-        ours = pipe(**args, image=image, mask=mask, num_images=batch, seed=5, latents=latents).pixels
+        ours = pipe(**args, image=image, mask=mask, num_images=batch, seed=5, latents=latents, noise="sdrt").pixels
     ref = reference.inpaint(ckpt, **args, image=image, mask=mask, num_images=batch, latents=latents,
                             posterior_noise=noise.randn(seeds, noise.POSTERIOR, shape),
                             masked_noise=noise.randn(seeds, noise.MASKED_POSTERIOR, shape))

@@ -81,7 +81,7 @@ def float32_split_slack(name, config, steps, x_init, ours, schedule_type=None):
     real = samplers.ancestral_step
     try:
         samplers.ancestral_step = lambda a, b, eta=1.0: real(float(a), float(b), eta)
-        exact = run_sdrt(name, config, steps, x_init, noise.ImageNoise([1, 2], noise.SAMPLER), schedule_type)
+        exact = run_sdrt(name, config, steps, x_init, noise.Noise("sdrt", [1, 2]).sampler(), schedule_type)
     finally:
         samplers.ancestral_step = real
     return [float(np.abs(a - b).max()) for a, b in zip(ours, exact)]
@@ -89,8 +89,8 @@ def float32_split_slack(name, config, steps, x_init, ours, schedule_type=None):
 
 def _compare(name, config, steps, schedule_type=None, eta=None, rtol=RTOL):
     x_init = np.random.default_rng(steps).standard_normal((2, 4, 3, 3))
-    ref = run_diffusers(name, config, steps, x_init, noise.ImageNoise([1, 2], noise.SAMPLER), schedule_type, eta)
-    ours = run_sdrt(name, config, steps, x_init, noise.ImageNoise([1, 2], noise.SAMPLER), schedule_type, eta)
+    ref = run_diffusers(name, config, steps, x_init, noise.Noise("sdrt", [1, 2]).sampler(), schedule_type, eta)
+    ours = run_sdrt(name, config, steps, x_init, noise.Noise("sdrt", [1, 2]).sampler(), schedule_type, eta)
     assert len(ours) == len(ref) == steps
     slack = float32_split_slack(name, config, steps, x_init, ours, schedule_type)
     for i, (a, b) in enumerate(zip(ours, ref)):

@@ -73,6 +73,7 @@ class StartState:
     x: np.ndarray  # the sampler state before the first step, float64
     extra: np.ndarray | None = None  # channels appended to the UNet input (9-channel inpainting)
     hook: Callable | None = None  # (i, x) -> x after every step (inpainting's blend)
+    draws: noise.Noise | None = None  # the generation's noise, which the sampler continues
 
 
 class Pipeline:
@@ -285,22 +286,24 @@ class Pipeline:
 
     def _start_state(self, plan: Plan) -> StartState:
         """The state before the first step: noise (txt2img, inpainting at full strength) or the init
-        image's latents noised to the first level; inpainting's extra channels or per-step blend."""
+        image's latents noised to the first level; inpainting's extra channels or per-step blend.
+        Draws are made in diffusers' order (sdrt.runtime.noise)."""
         req, schedule, smp = plan.req, plan.schedule, plan.sampler
-        latents = req.latents if req.latents is not None else noise.randn(plan.seeds, noise.INITIAL,
-                                                                           self._noise_shape(plan))
+        draws = noise.Noise(req.noise, plan.seeds)
+        mask = None if req.mask is None else images.to_mask(req.mask, plan.width, plan.height)  # 1: repaint
+        x0 = None
+        if plan.image is not None and not (plan.inpaint_unet and req.strength >= 1):
+            x0 = self.encode_image(plan.image, plan.width, plan.height, draws)  # img2img's start; a blend's
+            release_free_memory()
+        latents = req.latents if req.latents is not None else draws.draw(noise.INITIAL, self._noise_shape(plan))
         noise0 = np.asarray(latents).astype(np.float64)
         if plan.image is None:
-            return StartState(samplers.initial_state(smp, schedule, noise0))
-        extra = mask = None
-        if req.mask is not None:
-            mask = images.to_mask(req.mask, plan.width, plan.height)  # (1, 1, H, W), 1: repaint
+            return StartState(samplers.initial_state(smp, schedule, noise0), draws=draws)
+        extra = None
         if plan.inpaint_unet:
-            extra = self._inpaint_channels(plan, mask)
-        x0 = None
-        if not (plan.inpaint_unet and req.strength >= 1):  # img2img's start; an ordinary model's blend
-            x0 = self.encode_image(plan.image, plan.width, plan.height, plan.seeds)
-            release_free_memory()
+            extra = self._inpaint_channels(plan, mask, draws)
+        elif mask is not None:  # diffusers encodes the masked image for any UNet (a 4-channel one ignores it)
+            draws.skip(noise.MASKED_POSTERIOR, self._noise_shape(plan))
         if mask is not None and req.strength >= 1:  # inpainting at full strength: pure noise
             x = samplers.initial_state(smp, schedule, noise0)
         else:
@@ -308,17 +311,17 @@ class Pipeline:
         hook = None
         if mask is not None and not plan.inpaint_unet:  # an ordinary model: keep the image outside the mask
             hook = inpaint_blend(self._latent_mask(mask), x0, noise0, schedule, smp.space)
-        return StartState(x, extra, hook)
+        return StartState(x, extra, hook, draws)
 
     def _latent_mask(self, mask: np.ndarray) -> np.ndarray:
         return mask[:, :, ::self.scale_factor, ::self.scale_factor]  # torch's nearest resize, as diffusers
 
-    def _inpaint_channels(self, plan: Plan, mask: np.ndarray) -> np.ndarray:
+    def _inpaint_channels(self, plan: Plan, mask: np.ndarray, draws: noise.Noise) -> np.ndarray:
         """diffusers' StableDiffusionInpaintPipeline with a 9-channel UNet: the mask and the masked
-        image's latents (from a noise stream of their own)."""
+        image's latents."""
         kept = images.to_model_input(plan.image, plan.width, plan.height) * (mask < 0.5)
         m = np.repeat(self._latent_mask(mask), len(plan.seeds), axis=0)
-        extra = np.concatenate([m, self._encode(kept, plan.seeds, noise.MASKED_POSTERIOR)], axis=1)
+        extra = np.concatenate([m, self._encode(kept, draws, noise.MASKED_POSTERIOR)], axis=1)
         release_free_memory()
         return extra
 
@@ -342,21 +345,21 @@ class Pipeline:
                 callback(i, total, x, denoise.last_x0)
             return x
 
-        x = smp.fn(denoise, start.x, schedule, noise=noise.ImageNoise(plan.seeds, noise.SAMPLER),
+        x = smp.fn(denoise, start.x, schedule, noise=start.draws.sampler(),
                    callback=step_end, **plan.options)
         if total:
             x = samplers.final_latents(smp, schedule, x)
         release_free_memory()  # the UNet's working set, before the decoder's peak
         return x
 
-    def encode_image(self, image, width: int, height: int, seeds: list[int]) -> np.ndarray:
-        """One posterior sample per image, from that image's seed: (N, 4, h, w) float64."""
-        return self._encode(images.to_model_input(image, width, height), seeds, noise.POSTERIOR)
+    def encode_image(self, image, width: int, height: int, draws: noise.Noise) -> np.ndarray:
+        """One posterior sample per image, from that image's noise: (N, 4, h, w) float64."""
+        return self._encode(images.to_model_input(image, width, height), draws, noise.POSTERIOR)
 
-    def _encode(self, arr: np.ndarray, seeds: list[int], stream: int) -> np.ndarray:
-        """(1, 3, H, W) in [-1, 1] -> a posterior sample per seed from noise stream `stream`."""
+    def _encode(self, arr: np.ndarray, draws: noise.Noise, use: int) -> np.ndarray:
+        """(1, 3, H, W) in [-1, 1] -> a posterior sample per image, its noise drawn for `use`."""
         mean, std = self.engine("vae_encoder").run({"image": arr.astype(np.float32)})
-        eps = noise.randn(seeds, stream, (len(seeds), *mean.shape[1:]))
+        eps = draws.draw(use, (len(draws.seeds), *mean.shape[1:]))
         return mean.astype(np.float64) + std.astype(np.float64) * eps
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -392,6 +395,7 @@ class Pipeline:
                 "Model hash": source.get("sha256", "")[:10], "Model": Path(str(source.get("name", ""))).name,
                 "Clip skip": req.clip_skip if req.clip_skip != 1 else None,
                 "Denoising strength": req.strength if plan.image is not None else None, "Eta": req.eta,
+                "RNG": noise.RNG_FIELD[req.noise],
             }
 
         return [images.a1111_parameters(req.prompt, req.negative_prompt or "", settings(s)) for s in plan.seeds]

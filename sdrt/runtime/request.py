@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdrt.errors import InputError
+from sdrt.runtime import noise as noise_sources
 from sdrt.runtime import samplers
 
 MAX_STEPS = 500  # A1111's UI stops at 150; a 500-step run is already minutes of UNet calls
@@ -51,6 +52,9 @@ class GenerateRequest:
                                 help="classifier-free guidance; <= 1 runs the prompt alone")
     seed: int | None = arg(None, kind="int", lo=-1, hi=MAX_SEED,
                            help="image i uses seed + i; none or -1: a random seed")
+    noise: str = arg(noise_sources.DEFAULT_SOURCE, kind="choice", choices=noise_sources.SOURCES,
+                     help="where a seed's noise comes from: torch-cpu (diffusers' CPU generator), sdrt, "
+                          "a1111-gpu (A1111's default), a1111-cpu")
     width: int | None = arg(None, kind="int", help="pixels, a multiple of the VAE scale factor (default: the "
                                                     "init image's, else the model's size)")
     height: int | None = arg(None, kind="int", help="pixels (as width)")
