@@ -119,14 +119,17 @@ def _fixed_noise(posterior_noise: np.ndarray, noise: np.ndarray):
 
 
 def img2img(path: Path, *, image, strength, prompt, negative_prompt, steps, sampler, guidance_scale,
-            num_images, clip_skip, posterior_noise: np.ndarray, latents: np.ndarray) -> np.ndarray:
+            num_images, clip_skip, posterior_noise: np.ndarray | None = None, latents: np.ndarray | None = None,
+            seeds: list[int] | None = None) -> np.ndarray:
+    """posterior_noise and latents: sdrt's draws; or seeds: diffusers' own, from generators."""
     _, pipe, config = _pipelines(str(path))
     pipe.scheduler = scheduler_for(config, sampler)
-    with _fixed_noise(posterior_noise, latents):
+    with _fixed_noise(posterior_noise, latents) if seeds is None else ExitStack():
         out = pipe(prompt, image=image, strength=strength,
                    **_negative(pipe, negative_prompt, guidance_scale, clip_skip),
                    num_inference_steps=steps, guidance_scale=guidance_scale, num_images_per_prompt=num_images,
-                   clip_skip=None if clip_skip == 1 else clip_skip - 1, output_type="np")
+                   clip_skip=None if clip_skip == 1 else clip_skip - 1, output_type="np",
+                   generator=generators(seeds))
     return out.images
 
 
@@ -140,8 +143,9 @@ def _inpaint_pipeline(path: str):
 
 
 def inpaint(path: Path, *, image, mask, strength, prompt, negative_prompt, steps, sampler, guidance_scale,
-            width, height, num_images, posterior_noise: np.ndarray, masked_noise: np.ndarray,
-            latents: np.ndarray) -> np.ndarray:
+            width, height, num_images, posterior_noise: np.ndarray | None = None,
+            masked_noise: np.ndarray | None = None, latents: np.ndarray | None = None,
+            seeds: list[int] | None = None) -> np.ndarray:
     """StableDiffusionInpaintPipeline drawing sdrt's noise: `latents` as its initial noise (not passed
     as `latents=`, which would make diffusers ignore strength), `posterior_noise` for the init image's
     VAE sample, then `masked_noise` for the masked image's."""
@@ -150,6 +154,11 @@ def inpaint(path: Path, *, image, mask, strength, prompt, negative_prompt, steps
 
     pipe, config = _inpaint_pipeline(str(path))
     pipe.scheduler = scheduler_for(config, sampler)
+    if seeds is not None:  # diffusers' own noise
+        return pipe(prompt, image=image, mask_image=mask, strength=strength,
+                    **_negative(pipe, negative_prompt, guidance_scale, 1), num_inference_steps=steps,
+                    guidance_scale=guidance_scale, width=width, height=height, num_images_per_prompt=num_images,
+                    output_type="np", generator=generators(seeds)).images
     # diffusers' encode order: the init image (below full strength, or always for a 4-channel UNet,
     # whose loop blends the image's latents back in), then the masked image (used by 9-channel UNets)
     image_encoded = strength < 1 or pipe.unet.config.in_channels == 4

@@ -65,16 +65,20 @@ class Noise:
         # from sdrt's streams
         return self._generators is not None and (self.source == "torch-cpu" or use in (INITIAL, SAMPLER))
 
-    def draw(self, use: int, shape: tuple) -> np.ndarray:
+    def draw(self, use: int, shape: tuple, shared: bool = False) -> np.ndarray:
+        """shared: one draw from the first image's generator for every image, as diffusers' inpainting
+        encodes its one init image (and masked image) with generator[0] and repeats the latents."""
         if not self._from_generator(use):
             rngs = self._streams.setdefault(use, [np.random.default_rng([s, use]) for s in self.seeds])
             return np.stack([r.standard_normal(shape[1:]) for r in rngs])
+        if shared:
+            return np.repeat(self._generators[0].randn((1, *shape[1:])), len(self.seeds), axis=0).astype(np.float64)
         return np.stack([g.randn((1, *shape[1:]))[0] for g in self._generators]).astype(np.float64)
 
-    def skip(self, use: int, shape: tuple) -> None:
+    def skip(self, use: int, shape: tuple, shared: bool = False) -> None:
         """A draw the reference makes and sdrt does not need (its generator state moves on)."""
         if self._from_generator(use):
-            self.draw(use, shape)
+            self.draw(use, shape, shared)
 
     def sampler(self) -> Callable[[tuple], np.ndarray]:
         """The samplers' noise(shape) (ancestral and SDE steps)."""

@@ -293,7 +293,7 @@ class Pipeline:
         mask = None if req.mask is None else images.to_mask(req.mask, plan.width, plan.height)  # 1: repaint
         x0 = None
         if plan.image is not None and not (plan.inpaint_unet and req.strength >= 1):
-            x0 = self.encode_image(plan.image, plan.width, plan.height, draws)  # img2img's start; a blend's
+            x0 = self.encode_image(plan.image, plan.width, plan.height, draws, shared=mask is not None)
             release_free_memory()
         latents = req.latents if req.latents is not None else draws.draw(noise.INITIAL, self._noise_shape(plan))
         noise0 = np.asarray(latents).astype(np.float64)
@@ -303,7 +303,7 @@ class Pipeline:
         if plan.inpaint_unet:
             extra = self._inpaint_channels(plan, mask, draws)
         elif mask is not None:  # diffusers encodes the masked image for any UNet (a 4-channel one ignores it)
-            draws.skip(noise.MASKED_POSTERIOR, self._noise_shape(plan))
+            draws.skip(noise.MASKED_POSTERIOR, self._noise_shape(plan), shared=True)
         if mask is not None and req.strength >= 1:  # inpainting at full strength: pure noise
             x = samplers.initial_state(smp, schedule, noise0)
         else:
@@ -321,7 +321,7 @@ class Pipeline:
         image's latents."""
         kept = images.to_model_input(plan.image, plan.width, plan.height) * (mask < 0.5)
         m = np.repeat(self._latent_mask(mask), len(plan.seeds), axis=0)
-        extra = np.concatenate([m, self._encode(kept, draws, noise.MASKED_POSTERIOR)], axis=1)
+        extra = np.concatenate([m, self._encode(kept, draws, noise.MASKED_POSTERIOR, shared=True)], axis=1)
         release_free_memory()
         return extra
 
@@ -352,14 +352,15 @@ class Pipeline:
         release_free_memory()  # the UNet's working set, before the decoder's peak
         return x
 
-    def encode_image(self, image, width: int, height: int, draws: noise.Noise) -> np.ndarray:
-        """One posterior sample per image, from that image's noise: (N, 4, h, w) float64."""
-        return self._encode(images.to_model_input(image, width, height), draws, noise.POSTERIOR)
+    def encode_image(self, image, width: int, height: int, draws: noise.Noise, shared: bool = False) -> np.ndarray:
+        """One posterior sample per image, from that image's noise: (N, 4, h, w) float64 (shared:
+        see noise.Noise.draw)."""
+        return self._encode(images.to_model_input(image, width, height), draws, noise.POSTERIOR, shared)
 
-    def _encode(self, arr: np.ndarray, draws: noise.Noise, use: int) -> np.ndarray:
+    def _encode(self, arr: np.ndarray, draws: noise.Noise, use: int, shared: bool = False) -> np.ndarray:
         """(1, 3, H, W) in [-1, 1] -> a posterior sample per image, its noise drawn for `use`."""
         mean, std = self.engine("vae_encoder").run({"image": arr.astype(np.float32)})
-        eps = draws.draw(use, (len(draws.seeds), *mean.shape[1:]))
+        eps = draws.draw(use, (len(draws.seeds), *mean.shape[1:]), shared)
         return mean.astype(np.float64) + std.astype(np.float64) * eps
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
