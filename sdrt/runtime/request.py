@@ -85,6 +85,8 @@ class GenerateRequest:
         """The limits that do not depend on the engine dir: types, ranges, choices."""
         for f in dataclasses.fields(self):
             check_value(f, getattr(self, f.name))
+        if self.noise not in noise_sources.SOURCES:
+            raise InputError(f"noise {self.noise!r}: unknown source; choose one of: {', '.join(noise_sources.SOURCES)}")
 
     def validate(self, manifest) -> None:
         """The limits that depend on the engine dir (sdrt.manifest.Manifest)."""
