@@ -213,3 +213,11 @@ def test_karras_sigmas_formula():
     s = schedules.karras_sigmas(5, 0.1, 10.0)
     assert s[0] == pytest.approx(10.0) and s[-1] == pytest.approx(0.1)
     assert np.all(np.diff(s) < 0)
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm"])
+def test_a_config_without_clip_sample_clips_as_diffusers(name):
+    """diffusers' DDIM and DDPM default to clip_sample=True where the config has none (one saved from
+    a PNDMScheduler, say); the toy model's x0 leaves [-1, 1], so clipping shows."""
+    config = {k: v for k, v in CONFIG.items() if k != "clip_sample"}
+    _compare(name, config, 5)

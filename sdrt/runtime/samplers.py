@@ -396,7 +396,8 @@ def _variants(name, display, fn, schedule, deterministic, space, cls, *, types=_
 
 
 _TABLE = [
-    Sampler("ddim", "DDIM", sample_ddim, schedules.ddim_schedule, True, "vp", ("DDIMScheduler", {})),
+    Sampler("ddim", "DDIM", sample_ddim, partial(schedules.ddim_schedule, clip_default=True), True, "vp",
+            ("DDIMScheduler", {})),
     Sampler("pndm", "PLMS", sample_plms, schedules.ddim_schedule, True, "vp",
             ("PNDMScheduler", {"skip_prk_steps": True}), img2img_start=_plms_start),
     *_variants("lms", "LMS", sample_lms, _k, True, "ve", "LMSDiscreteScheduler"),
@@ -413,8 +414,8 @@ _TABLE = [
     *_variants("dpmpp_sde", "DPM++ SDE", sample_dpmpp_sde, _k, False, "ve", "DPMSolverSDEScheduler"),
     Sampler("unipc", "UniPC", sample_unipc, _ms, True, "vp", ("UniPCMultistepScheduler", {}), _K),
     Sampler("deis", "DEIS", sample_deis, partial(_ms, final="deis"), True, "vp", ("DEISMultistepScheduler", {}), _K),
-    Sampler("ddpm", "DDPM", sample_ddpm, partial(schedules.ddim_schedule, final_alpha_one=True), False, "vp",
-            ("DDPMScheduler", {})),
+    Sampler("ddpm", "DDPM", sample_ddpm, partial(schedules.ddim_schedule, final_alpha_one=True, clip_default=True),
+            False, "vp", ("DDPMScheduler", {})),
     Sampler("lcm", "LCM", sample_lcm, schedules.lcm_schedule, False, "vp", ("LCMScheduler", {})),
 ]
 SAMPLERS = {s.name: s for s in _TABLE}

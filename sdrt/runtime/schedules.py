@@ -138,8 +138,10 @@ def spaced_timesteps(config: dict, n: int, *, extra: bool = False, round_linspac
     return t[::-1][:n].copy()
 
 
-def _params(config: dict, n: int) -> dict:
-    clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample") else None
+def _params(config: dict, n: int, clip_default: bool = False) -> dict:
+    """clip_default: the clip_sample of the diffusers class when the config has none (DDIM's and
+    DDPM's is True: a config saved from another scheduler, e.g. PNDM's, clips under them)."""
+    clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", clip_default) else None
     return {"step_ratio": int(config.get("num_train_timesteps", 1000)) // n, "clip": clip,
             "spacing": config.get("timestep_spacing", "leading"),
             "timestep_scaling": float(config.get("timestep_scaling", 10.0)),
@@ -183,7 +185,8 @@ def multistep_schedule(config: dict, n: int, sigma_type: str = "default", *, fin
     return Schedule(np.append(sigmas, last), t, table=table, params=_params(config, n))
 
 
-def ddim_schedule(config: dict, n: int, sigma_type: str = "default", *, final_alpha_one: bool = False) -> Schedule:
+def ddim_schedule(config: dict, n: int, sigma_type: str = "default", *, final_alpha_one: bool = False,
+                  clip_default: bool = False) -> Schedule:
     """DDIM, PLMS, DDPM: integer timesteps. Step i lands on t - T // n (`sigmas_prev`), which is the
     next timestep except under `linspace` spacing; below t = 0 on the final alpha_bar (DDIM and
     PLMS: 1 or alpha_bar_0 by set_alpha_to_one; DDPM, final_alpha_one: always 1)."""
@@ -198,7 +201,7 @@ def ddim_schedule(config: dict, n: int, sigma_type: str = "default", *, final_al
     prev = (t - table.num_train_timesteps // n).astype(np.int64)
     sigmas_prev = np.array([table.sigmas[p] if p >= 0 else final_sigma for p in prev])
     sigmas = np.append(table.sigmas[t.astype(np.int64)], final_sigma)
-    return Schedule(sigmas, t, sigmas_prev, table, _params(config, n))
+    return Schedule(sigmas, t, sigmas_prev, table, _params(config, n, clip_default))
 
 
 def lcm_schedule(config: dict, n: int, sigma_type: str = "default") -> Schedule:
