@@ -155,9 +155,9 @@ def cmd_bench(args) -> int:
     from sdrt.bench import report
     from sdrt.manifest import Manifest
 
-    settings = bench.Settings(sizes=args.sizes or [], repeats=args.repeats, warmup=args.warmup, steps=args.steps[0],
-                              more_steps=args.steps[1:], batches=args.batches, sampler=args.sampler, providers=args.providers,
-                              plain=args.plain, also=args.also,
+    settings = bench.Settings(sizes=args.sizes or [], repeats=args.repeats, warmup=args.warmup,
+                              steps=args.steps[0], more_steps=args.steps[1:], batches=args.batches,
+                              sampler=args.sampler, providers=args.providers, plain=args.plain, also=args.also,
                               eager=not args.no_eager, peer=not args.no_peer,
                               cold=not args.no_cold, end_to_end=not args.no_end_to_end)
     if args.repeats < 1 or args.warmup < 0 or min(args.steps) < 1 or min(args.batches) < 1:

@@ -51,7 +51,8 @@ def test_group_norm_reference_equals_onnx_group_normalization(silu):
 
 
 def test_skip_layer_norm_reference_equals_onnx_runtime_kernel():
-    x, skip, gamma, beta, bias = _rand(2, 9, 32), _rand(2, 9, 32, seed=1), _rand(32), _rand(32, seed=2), _rand(32, seed=3)
+    x, skip = _rand(2, 9, 32), _rand(2, 9, 32, seed=1)
+    gamma, beta, bias = _rand(32), _rand(32, seed=2), _rand(32, seed=3)
     node = helper.make_node("SkipLayerNormalization", ["x", "s", "g", "b", "bias"], ["y", "", "", "sum"],
                             domain="com.microsoft", epsilon=1e-5)
     want_y, want_sum = _ort([node], {"x": x, "s": skip, "g": gamma, "b": beta, "bias": bias}, ["y", "sum"], ms=True)
@@ -61,7 +62,8 @@ def test_skip_layer_norm_reference_equals_onnx_runtime_kernel():
 
 def test_bias_split_gelu_reference_equals_standard_ops():
     x, bias = _rand(2, 6, 16), _rand(16, seed=1)
-    nodes = [helper.make_node("Add", ["x", "b"], ["a"]), helper.make_node("Split", ["a"], ["l", "r"], axis=2, num_outputs=2),
+    nodes = [helper.make_node("Add", ["x", "b"], ["a"]),
+             helper.make_node("Split", ["a"], ["l", "r"], axis=2, num_outputs=2),
              helper.make_node("Gelu", ["r"], ["g"]), helper.make_node("Mul", ["l", "g"], ["y"])]
     (want,) = _ort(nodes, {"x": x, "b": bias}, ["y"])
     assert np.abs(reference.bias_split_gelu(x, bias) - want).max() < OP_TOL

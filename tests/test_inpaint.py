@@ -9,7 +9,7 @@ from PIL import Image
 
 import sdrt
 from sdrt.errors import InputError
-from sdrt.runtime import images, noise
+from sdrt.runtime import images
 from tests import reference
 from tests.conftest import SIZES
 from tests.test_parity import PROMPT, STEPS, TOL, _init_image

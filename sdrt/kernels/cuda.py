@@ -5,12 +5,13 @@ ONNX Runtime's transformers optimizer (`onnxruntime.transformers`, shipped in th
 fused CUDA kernels Stable Diffusion needs and the fusions that emit them. On sdrt's opset-23 graphs
 it recognises only some of them; sdrt writes the rest, in the form its later fusions expect:
 
-| fused op | made by | why sdrt's own pass |
-|---|---|---|
-| MultiHeadAttention, packed QKV / KV | sdrt (`attention`, `pack_qkv`) | its attention fusion matches the MatMul-Softmax pattern of older exports, not ONNX `Attention` |
-| GroupNorm (NHWC, SiLU fused) | sdrt (`group_norm_nhwc`) | it matches Reshape-InstanceNormalization-Reshape, not ONNX `GroupNormalization` |
-| BiasSplitGelu | sdrt (`bias_split_gelu`) | it matches GEGLU's Slice form, not the `Split` torch's exporter writes |
-| SkipGroupNorm, SkipLayerNormalization, NhwcConv, BiasAdd, Transpose removal | ONNX Runtime | - |
+- MultiHeadAttention with packed QKV / KV: sdrt (`attention`, `pack_qkv`); its attention fusion
+  matches the MatMul-Softmax pattern of older exports, not ONNX `Attention`.
+- GroupNorm (NHWC, SiLU fused): sdrt (`group_norm_nhwc`); it matches Reshape-InstanceNormalization-
+  Reshape, not ONNX `GroupNormalization`.
+- BiasSplitGelu: sdrt (`bias_split_gelu`); it matches GEGLU's Slice form, not the `Split` torch's
+  exporter writes.
+- SkipGroupNorm, SkipLayerNormalization, NhwcConv, BiasAdd and Transpose removal: ONNX Runtime's.
 
 ONNX Runtime's fusions need symbolic shape inference, which fails on graphs with ONNX `Attention`
 or `GroupNormalization` (it knows neither); after sdrt's passes it succeeds. The graph is then

@@ -1,12 +1,15 @@
 """Seeded noise, from one of several sources (`noise=` / `--noise`). Image i of a call with seed s
 uses seed s + i, so an image is the same whatever the batch size.
 
-| source | draws | reproduces |
-|---|---|---|
-| `sdrt` | NumPy streams per image and use (initial noise, VAE posterior, sampler, masked image), independent of order | sdrt's own images (the default before sources existed) |
-| `torch-cpu` | torch's CPU generator per image (sdrt.runtime.rng), in the order diffusers draws | diffusers with `generator=[torch.Generator("cpu").manual_seed(s + i) ...]` (at batch 1, `manual_seed(s)`) |
-| `a1111-cpu` | the same generator per image, in A1111's order | A1111 with "Random number generator source: CPU" |
-| `a1111-gpu` | A1111's NV source (Philox) per image, in A1111's order | A1111's default (torch.randn on an NVIDIA GPU), on any device |
+- `torch-cpu` (the default): torch's CPU generator per image (sdrt.runtime.rng), drawn in diffusers'
+  order. Reproduces diffusers with `generator=[torch.Generator("cpu").manual_seed(s + i) ...]` (at
+  batch 1, `manual_seed(s)`).
+- `sdrt`: NumPy streams per image and use (initial noise, VAE posterior, sampler, masked image),
+  independent of order: sdrt's own images from before sources existed.
+- `a1111-gpu`: A1111's NV source (Philox) per image, in A1111's order. Reproduces A1111's default
+  (torch.randn on an NVIDIA GPU) on any device.
+- `a1111-cpu`: torch's CPU generator per image, in A1111's order: A1111 with "Random number
+  generator source: CPU".
 
 A generation's draws go through one `Noise`; the pipeline makes them in diffusers' order (img2img:
 the init image's posterior, then the initial noise; inpainting: the noise, then the masked image's

@@ -72,8 +72,8 @@ class Backend:
         self.calls += 1
         for t, o in zip(self.spec.outputs, out):
             if not np.isfinite(o).all():
-                raise NonFiniteOutput(f"{self.spec.name}: its output {t.name} has NaN or inf ({self.path}); the engine's "
-                                f"weights may be corrupt (sdrt verify {self.path.parent.parent})")
+                raise NonFiniteOutput(f"{self.spec.name}: its output {t.name} has NaN or inf ({self.path}); the "
+                                      f"engine's weights may be corrupt (sdrt verify {self.path.parent.parent})")
         return out
 
     def __call__(self, *args: np.ndarray) -> np.ndarray:
