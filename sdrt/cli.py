@@ -85,6 +85,8 @@ def cmd_generate(args) -> int:
     from sdrt.runtime.pipeline import Pipeline
 
     out = Path(args.output)
+    if args.preview_every is not None and args.preview_every < 1:
+        raise InputError(f"--preview-every {args.preview_every}: must be a step count >= 1")
     if out.suffix.lower() != ".png":
         raise InputError(f"-o {args.output}: the output must be a .png file")
     if not out.parent.exists():
@@ -97,6 +99,8 @@ def cmd_generate(args) -> int:
         if not bars:
             bars.append(tqdm(total=total, unit="step", desc="generate", disable=args.quiet, file=sys.stderr))
         bars[0].update(1)
+        if args.preview_every and (step + 1) % args.preview_every == 0 and step + 1 < total:
+            _write_previews(pipe, denoised, step + 1, out, args.preview_decode)
 
     t0 = time.perf_counter()
     try:
@@ -110,6 +114,15 @@ def cmd_generate(args) -> int:
         print(path)
     log.info("%d image(s) in %.1f s (seed %d)", len(result.images), time.perf_counter() - t0, result.seeds[0])
     return 0
+
+
+def _write_previews(pipe, denoised, step: int, out: Path, mode: str) -> None:
+    """OUT-step0005.png (NAME-i-step0005.png for batches): the step's denoised estimate."""
+    from sdrt.runtime.preview import preview_images
+
+    shots = preview_images(pipe, denoised, mode)
+    for i, image in enumerate(shots):
+        image.save(out.with_name(f"{out.stem}{f'-{i}' if len(shots) > 1 else ''}-step{step:04d}.png"))
 
 
 def cmd_verify(args) -> int:
@@ -328,6 +341,7 @@ def add_request_flags(parser) -> None:
 
 def _add_generate(sub, parents) -> None:
     from sdrt.runtime.backends import PROVIDERS
+    from sdrt.runtime.preview import PREVIEW_MODES
 
     g = sub.add_parser("generate", parents=parents, help="prompt -> PNG (A1111 'parameters' metadata included)")
     add_request_flags(g)
@@ -337,6 +351,10 @@ def _add_generate(sub, parents) -> None:
                    help="cpu (ONNX Runtime), cuda / tensorrt (ONNX Runtime GPU), openvino (bf16 on CPUs "
                         "with bf16 units), openvino-fp32")
     g.add_argument("--verify", action="store_true", help="check every engine file's sha256 before loading")
+    g.add_argument("--preview-every", type=int, default=None, metavar="N",
+                   help="every N steps, write the step's denoised estimate beside -o (OUT-step0005.png)")
+    g.add_argument("--preview-decode", choices=PREVIEW_MODES, default="cheap",
+                   help="previews by A1111's 'Approx cheap' latent->RGB map (default) or a full VAE decode")
     g.set_defaults(fn=cmd_generate)
 
 

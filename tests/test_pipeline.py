@@ -291,3 +291,24 @@ def test_gpu_providers(engines, provider):
             pytest.skip(f"TensorRT's libraries are not installed: {e}")
         b = cpu("a dog", seed=1, **ARGS).pixels
     assert np.abs(a - b).max() < 2e-2  # TensorRT runs fp16
+
+
+@pytest.mark.parametrize("mode", ["cheap", "vae"])
+def test_cli_previews_are_the_steps_denoised_estimates(engines, pipe, tmp_path, mode):
+    """`sdrt generate --preview-every N` writes, every N steps before the last, the callback's
+    denoised estimate as A1111's cheap latent->RGB map or a full decode (sdrt.runtime.preview, which
+    the server's progress endpoint uses too)."""
+    from sdrt.cli import main
+    from sdrt.runtime.preview import preview_images
+
+    out = tmp_path / "x.png"
+    assert main(["-q", "generate", "a dog", "--engines", str(engines["eps"]), "--steps", "5", "--width", "64",
+                 "--height", "48", "--seed", "3", "--preview-every", "2", "--preview-decode", mode,
+                 "-o", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x-step0002.png", "x-step0004.png", "x.png"]
+    seen = {}
+    pipe("a dog", steps=5, width=64, height=48, seed=3, callback=lambda i, n, x, x0: seen.setdefault(i + 1, x0))
+    for step in (2, 4):
+        (want,) = preview_images(pipe, seen[step], mode)
+        got = Image.open(tmp_path / f"x-step{step:04d}.png")
+        assert got.size == (64, 48) and np.array_equal(np.asarray(got), np.asarray(want.convert("RGB")))

@@ -35,3 +35,22 @@ def cheap_png(latents: np.ndarray, index: int = 0) -> bytes | None:
     buf = io.BytesIO()
     Image.fromarray(rgb[0]).save(buf, format="PNG")
     return buf.getvalue()
+
+
+PREVIEW_MODES = ("cheap", "vae")
+
+
+def preview_images(pipe, denoised: np.ndarray, mode: str = "cheap") -> list:
+    """A step's denoised estimate (N, 4, h, w) as PIL images at the output size: `cheap`, the linear
+    map above (nearest-upscaled from latent resolution), or `vae`, a full decode."""
+    from PIL import Image
+
+    if mode == "vae":
+        from sdrt.runtime.images import to_pil
+
+        return to_pil(pipe.decode(denoised))
+    rgb = cheap_rgb(denoised)
+    if rgb is None:
+        return []
+    f = pipe.scale_factor
+    return [Image.fromarray(x).resize((x.shape[1] * f, x.shape[0] * f), Image.NEAREST) for x in rgb]
