@@ -138,8 +138,11 @@ def test_webuiapi_txt2img_img2img_and_png_info(live, pipe):
     out = api.txt2img(prompt="a castle", negative_prompt="rain", seed=21, width=W, height=H, cfg_scale=6,
                       batch_size=2)
     want = pipe("a castle", negative_prompt="rain", seed=21, width=W, height=H, guidance_scale=6, num_images=2,
-                steps=3, sampler="dpmpp_2m", schedule_type="karras")
+                steps=3, sampler="dpmpp_2m", schedule_type="karras", noise="a1111-gpu")  # A1111's own noise
     assert len(out.images) == 2 and all(_same(g, w) for g, w in zip(out.images, want.images))
+    cpu = api.txt2img(prompt="a castle", seed=21, width=W, height=H, override_settings={"randn_source": "CPU"})
+    assert _same(cpu.images[0], pipe("a castle", seed=21, width=W, height=H, steps=3, sampler="dpmpp_2m",
+                                     schedule_type="karras", guidance_scale=7.0, noise="a1111-cpu").images[0])
     assert out.info["all_seeds"] == [21, 22] and out.info["infotexts"] == want.parameters
     assert out.parameters["prompt"] == "a castle"  # the request, echoed as A1111 does
 
@@ -147,7 +150,8 @@ def test_webuiapi_txt2img_img2img_and_png_info(live, pipe):
     out = api.img2img(images=[_picture()], mask_image=mask, prompt="a castle", seed=5, width=W, height=H,
                       denoising_strength=0.6, mask_blur=4)
     want = pipe("a castle", image=_picture(), mask=mask.filter(ImageFilter.GaussianBlur(4)), seed=5, width=W,
-                height=H, strength=0.6, guidance_scale=7.0, steps=3, sampler="dpmpp_2m", schedule_type="karras")
+                height=H, strength=0.6, guidance_scale=7.0, steps=3, sampler="dpmpp_2m", schedule_type="karras",
+                noise="a1111-gpu")
     assert _same(out.images[0], want.images[0])
 
     info = api.png_info(out.images[0])
@@ -192,6 +196,8 @@ BAD = [  # (path, body, status, words the answer must contain)
     ("/sdapi/v1/txt2img", {"prompt": "x", "scheduler": "beta"}, 400, "scheduler: 'beta' is not one sdrt has"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "batch_size": 0}, 400, "batch_size: expected an integer >= 1"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "override_settings": {"sd_vae_x": 1}}, 400, "override_settings: sdrt"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "override_settings": {"randn_source": "quantum"}}, 400, "randn_source"),
+    ("/generate", {"prompt": "x", "noise": "quantum"}, 400, "noise 'quantum': unknown source"),
     ("/sdapi/v1/img2img", {"prompt": "x"}, 400, "init_images: expected a list with one base64 image"),
     ("/sdapi/v1/png-info", {"image": "%%%"}, 400, "image: not base64"),
     ("/v1/images/generations", {"prompt": "x", "size": "big"}, 400, "size: expected 'WIDTHxHEIGHT'"),

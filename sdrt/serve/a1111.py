@@ -5,6 +5,8 @@ clients send. A1111's field names map to sdrt's request (sdrt.runtime.request):
     cfg_scale -> guidance_scale; sampler_name (or sampler_index) -> sampler, A1111's names;
     scheduler -> schedule_type ("automatic": the sampler's own); batch_size x n_iter -> num_images;
     eta -> DDIM's eta; override_settings.CLIP_stop_at_last_layers -> clip_skip
+    noise: A1111's own (`a1111-gpu`, its default GPU source, reproduced on any device), or
+    override_settings.randn_source (GPU, NV -> a1111-gpu; CPU -> a1111-cpu), so a seed gives A1111's image
     img2img: init_images[0] -> image, denoising_strength -> strength, mask (blurred by mask_blur px,
     inverted by inpainting_mask_invert, as A1111 does)
 
@@ -45,7 +47,7 @@ NO_EFFECT = {"hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "
              "mask_blur", "mask_blur_x", "mask_blur_y", "inpainting_mask_invert"}
 DIRECT = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps", "seed": "seed",
           "width": "width", "height": "height", "cfg_scale": "guidance_scale"}
-OVERRIDES = {"CLIP_stop_at_last_layers": "clip_skip"}
+OVERRIDES = {"CLIP_stop_at_last_layers": "clip_skip", "randn_source": "noise"}
 OVERRIDES_NO_EFFECT = {"sd_model_checkpoint", "sd_vae", "samples_format", "eta_ddim", "eta_ancestral"}
 
 
@@ -64,6 +66,7 @@ def _values(body: dict) -> dict:
     values["sampler"] = body.get("sampler_name") or body.get("sampler_index") or "Euler"  # A1111's default
     values["schedule_type"] = _scheduler(body.get("scheduler"))
     values["num_images"] = _count(body, "batch_size") * _count(body, "n_iter")
+    values["noise"] = "a1111-gpu"
     values.update(_overrides(body.get("override_settings") or {}))
     eta = _eta(values["sampler"], body.get("eta"))
     if eta is not None:
@@ -97,7 +100,15 @@ def _overrides(settings) -> dict:
     if unknown:
         raise InputError(f"override_settings: sdrt does not have {', '.join(unknown)} (it takes "
                          f"{', '.join([*OVERRIDES, *sorted(OVERRIDES_NO_EFFECT)])})")
-    return {OVERRIDES[k]: v for k, v in settings.items() if k in OVERRIDES}
+    out = {OVERRIDES[k]: v for k, v in settings.items() if k in OVERRIDES}
+    if "noise" in out:
+        from sdrt.runtime.noise import source_from_rng_field
+
+        try:
+            out["noise"] = source_from_rng_field(str(out["noise"]))
+        except ValueError:
+            raise InputError(f"override_settings.randn_source: {str(out['noise'])[:40]!r} is not GPU, CPU or NV") from None
+    return out
 
 
 def _eta(sampler: str, eta):
@@ -207,6 +218,7 @@ def sd_models(request: Request):
 def options(request: Request):
     s = request.app.state.service
     return {"sd_model_checkpoint": s.model_name, "CLIP_stop_at_last_layers": 1, "eta_ddim": 0.0,
+            "randn_source": "GPU",
             "eta_ancestral": 1.0, "samples_format": "png", "live_previews_enable": True,
             "show_progress_type": "Approx cheap"}
 
