@@ -181,13 +181,13 @@ class Pipeline:
 
     def batch_key(self, req: GenerateRequest) -> tuple | None:
         """Requests with equal keys can share their UNet calls (generate_batch): the same latent size,
-        schedule, sampler and guidance. Prompts, seeds, image counts and clip skip may differ. None: the
-        request runs alone (an init image, a mask or its own latents)."""
+        schedule, sampler, guidance and noise source. Prompts, seeds, image counts and clip skip may
+        differ. None: the request runs alone (an init image, a mask or its own latents)."""
         if req.image is not None or req.mask is not None or req.latents is not None:
             return None
         size = self.manifest.default_image_size
         return (req.width or size, req.height or size, req.steps, samplers.get_sampler(req.sampler).name,
-                req.schedule_type, req.eta, req.guidance_scale)
+                req.schedule_type, req.eta, req.guidance_scale, req.noise)
 
     def generate_batch(self, requests: list[GenerateRequest], callback: Callback | None = None) -> list[Result]:
         """Several text-to-image requests with one batch_key as one sampling run: every UNet call takes
