@@ -179,3 +179,18 @@ def inpaint(path: Path, *, image, mask, strength, prompt, negative_prompt, steps
                    output_type="np")
     assert not draws, "diffusers encoded fewer images than expected"
     return out.images
+
+
+def cycle(path: Path, *, image, prompt, source_prompt, strength, steps, guidance_scale, source_guidance_scale,
+          eta, seed: int) -> np.ndarray:
+    """diffusers' CycleDiffusionPipeline (DDIM, its own noise from a generator seeded SEED)."""
+    import torch
+    from diffusers import CycleDiffusionPipeline, DDIMScheduler
+
+    txt, _, config = _pipelines(str(path))
+    parts = {k: v for k, v in txt.components.items() if k not in ("image_encoder",)}
+    pipe = CycleDiffusionPipeline(**{**parts, "scheduler": DDIMScheduler.from_config(config)})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt, source_prompt, image=image, strength=strength, num_inference_steps=steps,
+                guidance_scale=guidance_scale, source_guidance_scale=source_guidance_scale, eta=eta,
+                generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images

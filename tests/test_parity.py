@@ -136,3 +136,36 @@ def test_sampler_options_end_to_end(engines, checkpoints, options):
     ref = reference.txt2img(checkpoints["eps"], **args, **options, num_images=1, latents=latents,
                             draws=noise.Noise("sdrt", [5]).sampler())
     assert np.abs(ours - ref).max() < TOL
+
+
+@pytest.mark.parametrize("kind,eta,guidance,source_guidance", [("eps", 0.1, 7.5, 1.0), ("eps", 0.0, 1.0, 1.0),
+                                                                ("eps", 0.5, 5.0, 2.0)])
+def test_cycle_diffusion_matches_diffusers(engines, checkpoints, kind, eta, guidance, source_guidance):
+    """A source prompt (CycleDiffusion) equals diffusers' CycleDiffusionPipeline from the same seed.
+    Epsilon models only: diffusers' pipeline reads the UNet's output as noise when it derives the
+    source noise (compute_noise), which a v-prediction model's is not; sdrt uses the model's own
+    parameterization there (sdrt.runtime.cycle)."""
+    pipe = _pipe(engines[kind])
+    w, h = SIZES[kind]
+    image = _init_image(w, h)
+    args = dict(prompt="a blue horse in the snow", source_prompt=PROMPT, strength=0.8, steps=STEPS + 2,
+                guidance_scale=guidance, source_guidance_scale=source_guidance, eta=eta)
+    ours = pipe(**args, image=image, sampler="ddim", seed=3).pixels
+    ref = reference.cycle(checkpoints[kind], **args, image=image, seed=3)
+    assert ours.shape == ref.shape == (1, h, w, 3)
+    err = np.abs(ours - ref).max()
+    assert err < TOL, f"max abs pixel error {err:.2e}"
+
+
+@pytest.mark.parametrize("args,words", [
+    (dict(sampler="ddim"), "needs an init image"),
+    (dict(sampler="euler", image="IMG"), "runs DDIM, not euler"),
+    (dict(sampler="ddim", image="IMG", mask="IMG"), "no mask"),
+])
+def test_cycle_diffusion_refuses_what_it_cannot_take(engines, args, words):
+    from sdrt.errors import InputError
+
+    w, h = SIZES["eps"]
+    args = {k: (_init_image(w, h) if v == "IMG" else v) for k, v in args.items()}
+    with pytest.raises(InputError, match=words):
+        _pipe(engines["eps"])("a horse", source_prompt="a cat", steps=2, **args)

@@ -21,7 +21,7 @@ import numpy as np
 
 from sdrt.errors import InputError, Interrupted, NonFiniteOutput
 from sdrt.manifest import Manifest
-from sdrt.runtime import images, noise, samplers
+from sdrt.runtime import cycle, images, noise, samplers
 from sdrt.runtime.backends import PROVIDER_TARGETS, check_provider, load_backend, release_free_memory
 from sdrt.runtime.denoiser import Denoiser
 from sdrt.runtime.request import GenerateRequest
@@ -74,6 +74,7 @@ class StartState:
     extra: np.ndarray | None = None  # channels appended to the UNet input (9-channel inpainting)
     hook: Callable | None = None  # (i, x) -> x after every step (inpainting's blend)
     draws: noise.Noise | None = None  # the generation's noise, which the sampler continues
+    clean: np.ndarray | None = None  # the init image's latents (CycleDiffusion's posterior)
 
 
 class Pipeline:
@@ -224,6 +225,8 @@ class Pipeline:
         inpaint_unet = self.manifest.dims.unet_in_channels == 9
         if req.mask is not None and req.image is None:
             raise InputError("a mask needs an init image (--init-image) to inpaint")
+        if req.source_prompt is not None:
+            _check_cycle(req, smp, inpaint_unet)
         if inpaint_unet and (req.image is None or req.mask is None):
             raise InputError(f"{self.engine_dir} is an inpainting model: give it an init image and a mask "
                              "(--init-image, --mask)")
@@ -243,7 +246,8 @@ class Pipeline:
             schedule = schedule.tail(smp.img2img_start(req.steps, req.strength))
         seed = noise.new_seed() if req.seed is None or req.seed == -1 else req.seed
         seeds = [int(seed) + i for i in range(req.num_images)]
-        plan = Plan(req, smp, schedule, smp.options_for(req.eta), seeds, width, height, image, inpaint_unet)
+        options = smp.options_for(req.eta if req.source_prompt is None or req.eta is not None else cycle.DEFAULT_ETA)
+        plan = Plan(req, smp, schedule, options, seeds, width, height, image, inpaint_unet)
         if req.latents is not None and np.shape(req.latents) != self._noise_shape(plan):
             raise InputError(f"latents: shape {np.shape(req.latents)}, expected {self._noise_shape(plan)}")
         return plan
@@ -281,6 +285,10 @@ class Pipeline:
         uncond = None
         if req.guidance_scale > 1:  # diffusers: guidance <= 1 runs the conditional pass only
             uncond = np.repeat(self.encode_prompts([req.negative_prompt or ""], req.clip_skip), n, axis=0)
+        if req.source_prompt is not None:  # CycleDiffusion: [source; target] rows (sdrt.runtime.cycle)
+            source = np.repeat(self.encode_prompts([req.source_prompt], req.clip_skip), n, axis=0)
+            cond = np.concatenate([source, cond])
+            uncond = None if uncond is None else np.concatenate([uncond, uncond])
         release_free_memory()  # each phase starts from a small arena
         return cond, uncond
 
@@ -311,7 +319,7 @@ class Pipeline:
         hook = None
         if mask is not None and not plan.inpaint_unet:  # an ordinary model: keep the image outside the mask
             hook = inpaint_blend(self._latent_mask(mask), x0, noise0, schedule, smp.space)
-        return StartState(x, extra, hook, draws)
+        return StartState(x, extra, hook, draws, x0)
 
     def _latent_mask(self, mask: np.ndarray) -> np.ndarray:
         return mask[:, :, ::self.scale_factor, ::self.scale_factor]  # torch's nearest resize, as diffusers
@@ -333,8 +341,7 @@ class Pipeline:
 
     def _sample_with(self, unet, plan: Plan, cond, uncond, start: StartState, callback) -> np.ndarray:
         schedule, smp, total = plan.schedule, plan.sampler, len(plan.schedule)
-        denoise = Denoiser(unet, schedule, self.manifest.prediction_type, cond, uncond, plan.req.guidance_scale,
-                           start.extra)
+        denoise = Denoiser(unet, schedule, self.manifest.prediction_type, cond, uncond, _guidance(plan), start.extra)
 
         def step_end(i, x):
             if self._stop.is_set():
@@ -345,8 +352,11 @@ class Pipeline:
                 callback(i, total, x, denoise.last_x0)
             return x
 
-        x = smp.fn(denoise, start.x, schedule, noise=start.draws.sampler(),
-                   callback=step_end, **plan.options)
+        if plan.req.source_prompt is not None:
+            x = cycle.sample_cycle(denoise, start.x, start.clean, schedule, eta=plan.options.get("eta", 0.0),
+                                   noise=start.draws.sampler(), callback=step_end)
+        else:
+            x = smp.fn(denoise, start.x, schedule, noise=start.draws.sampler(), callback=step_end, **plan.options)
         if total:
             x = samplers.final_latents(smp, schedule, x)
         release_free_memory()  # the UNet's working set, before the decoder's peak
@@ -400,6 +410,27 @@ class Pipeline:
             }
 
         return [images.a1111_parameters(req.prompt, req.negative_prompt or "", settings(s)) for s in plan.seeds]
+
+
+def _guidance(plan: Plan):
+    """The guidance scale; CycleDiffusion's per row: the source prompt's rows, then the target's."""
+    req = plan.req
+    if req.source_prompt is None:
+        return req.guidance_scale
+    n = len(plan.seeds)
+    return np.repeat([req.source_guidance_scale, req.guidance_scale], n)[:, None, None, None]
+
+
+def _check_cycle(req: GenerateRequest, smp, inpaint_unet: bool) -> None:
+    """What CycleDiffusion (a source prompt) needs: an init image, no mask, an ordinary model, DDIM."""
+    if req.image is None:
+        raise InputError("source_prompt (CycleDiffusion) needs an init image (--init-image) that it describes")
+    if req.mask is not None or inpaint_unet:
+        raise InputError("source_prompt (CycleDiffusion) works on a whole image with an ordinary model: "
+                         "no mask, no inpainting model")
+    if smp.name != "ddim":
+        raise InputError(f"source_prompt (CycleDiffusion) runs DDIM, not {smp.name}: use --sampler ddim "
+                         f"(--eta sets its noise, default {cycle.DEFAULT_ETA})")
 
 
 def inpaint_blend(mask, x0, noise0, schedule, space):
