@@ -228,15 +228,19 @@ class Scheduler:
     def _execute(self, run: Progress) -> None:
         if self.continuous:
             lower_priority()
+        outcomes = []
         try:
-            self._generate(run)
+            outcomes = self._generate(run)
         finally:
             with self._cond:
                 self._runs.remove(run)
-                self._gauges()
+                self._gauges()  # before any answer: a client that reads /metrics next sees it done
                 self._cond.notify_all()
+            for job, result, exception in outcomes:
+                self._finish(job, result, exception)
 
-    def _generate(self, run: Progress) -> None:
+    def _generate(self, run: Progress) -> list[tuple]:
+        """Run RUN's batch; (job, result, exception) for each of its jobs."""
         batch, t0 = run.jobs, run.started
         for job in batch:
             job.started = t0
@@ -248,23 +252,16 @@ class Scheduler:
             else:
                 results = self.pipe.generate_batch([j.request for j in batch], callback=callback)
         except Interrupted:
-            for job in batch:
-                self._finish(job, exception=Cancelled(job.cancelled or "interrupt"))
-            return
+            return [(job, None, Cancelled(job.cancelled or "interrupt")) for job in batch]
         except Exception as e:  # noqa: BLE001 - handed to each waiting request, which answers for it
-            for job in batch:
-                self._finish(job, exception=e)
-            return
+            return [(job, None, e) for job in batch]
         seconds = time.monotonic() - t0
         images = sum(j.images for j in batch)
         share = max(1, len(self._runs)) if self.continuous else 1  # generations that ran beside it
         self._seconds_per_image = 0.7 * self._seconds_per_image + 0.3 * seconds / images / share
         self._record_speed(run.total, seconds, images)
-        for job, result in zip(batch, results):
-            if job.cancelled:
-                self._finish(job, exception=Cancelled(job.cancelled))
-            else:
-                self._finish(job, result=result)
+        return [(job, None, Cancelled(job.cancelled)) if job.cancelled else (job, result, None)
+                for job, result in zip(batch, results)]
 
     def _callback(self, run: Progress):
         """The pipeline's step callback for RUN: record progress; stop when none of its requests is wanted."""
