@@ -196,6 +196,9 @@ def test_vae_decoder_falls_back_to_fp32_when_fp16_overflows(checkpoints, tmp_pat
     assert m.components["vae_decoder"].precision == "fp32"
     assert "overflowed" in m.components["vae_decoder"].optimizations[0]
     assert m.components["unet"].precision == "fp16"
+    gpu = onnx.load(str(tmp_path / "out" / m.components["vae_decoder"].targets["onnxruntime-cuda"].file),
+                    load_external_data=False)  # its CUDA graph stays fp32 too
+    assert not any(t.data_type == TensorProto.FLOAT16 for t in gpu.graph.initializer)
 
 
 def test_int8_unet_is_static_qdq(int8_engines):

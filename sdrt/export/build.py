@@ -132,7 +132,8 @@ def onnx_stage(name: str, spec: ComponentSpec, pipe, staging: Path, opts: Option
 
 
 def fp16_stage(entry: ComponentEntry, pipe, staging: Path) -> ComponentEntry:
-    """The component in fp16; the VAE decoder stays fp32 if fp16 overflows on probe inputs."""
+    """The component in fp16; the VAE decoder stays fp32 if fp16 overflows on probe inputs. The fp32
+    files stay (the CUDA graph is made from them next; _precision_stages removes them)."""
     from sdrt.export import fp16, onnx_export
 
     name, spec = entry.spec.name, entry.spec
@@ -152,9 +153,6 @@ def fp16_stage(entry: ComponentEntry, pipe, staging: Path) -> ComponentEntry:
         from sdrt.runtime.pipeline import FP32_FALLBACK
 
         targets[FP32_FALLBACK] = TargetGraph(entry.files[0], {}, entry.parity_max_abs)
-    else:
-        for f in entry.files:
-            (staging / f).unlink()
     files = [str(p.relative_to(staging)) for p in (dst, dst.with_name(dst.name + ".data")) if p.exists()]
     err, tol = onnx_export.check_parity(name, spec, pipe, dst, "fp16")
     return dataclasses.replace(entry, files=files, precision="fp16", parity_max_abs=err, parity_tolerance=tol,
@@ -186,10 +184,10 @@ def targets_stage(entry: ComponentEntry, pipe, staging: Path, latent_side: int, 
     return dataclasses.replace(entry, targets={**entry.targets, **out}, optimizations=notes)
 
 
-def cuda_stage(entry: ComponentEntry, pipe, staging: Path) -> TargetGraph:
-    """The onnxruntime-cuda graph (sdrt.kernels.cuda), fused from the fp32 graph and then made fp16,
-    parity-checked like the fp16 one (on ONNX Runtime's CUDA provider, or sdrt's NumPy references of
-    its CUDA-only ops where there is none)."""
+def cuda_stage(entry: ComponentEntry, pipe, staging: Path, fp16: bool = True) -> TargetGraph:
+    """The onnxruntime-cuda graph (sdrt.kernels.cuda), fused from the fp32 graph ENTRY and then made
+    fp16 (fp16 False: a decoder that stays fp32), parity-checked like the other graphs (on ONNX
+    Runtime's CUDA provider, or sdrt's NumPy references of its CUDA-only ops where there is none)."""
     from sdrt.export import onnx_export
     from sdrt.kernels import cuda, target_file
 
@@ -197,8 +195,8 @@ def cuda_stage(entry: ComponentEntry, pipe, staging: Path) -> TargetGraph:
     src = staging / entry.files[0]
     dst = src.with_name(target_file("model.onnx", cuda.TARGET))
     upcast = name == "unet" and bool(getattr(pipe.unet.config, "upcast_attention", False))
-    fused = cuda.build(src, dst, fp16=True, fp32_attention=upcast)
-    err, _ = onnx_export.check_parity(name, entry.spec, pipe, dst, "fp16")
+    fused = cuda.build(src, dst, fp16=fp16, fp32_attention=upcast)
+    err, _ = onnx_export.check_parity(name, entry.spec, pipe, dst, "fp16" if fp16 else "fp32")
     return TargetGraph(str(dst.relative_to(staging)), fused, err)
 
 
@@ -257,6 +255,18 @@ def tensorrt_stage(entries: dict[str, ComponentEntry], staging: Path, profile, v
 
 # -- the whole export ------------------------------------------------------------------------------
 
+def _precision_stages(fp32: ComponentEntry, pipe, staging: Path, optimize: bool):
+    """fp16 exports: (the fp16 entry, its CUDA graph or None). The CUDA graph is fused from the fp32
+    graph (its fusions match fp32 patterns) in the precision the component got; the fp32 files go
+    after, unless the component kept them (a VAE decoder)."""
+    entry = fp16_stage(fp32, pipe, staging)
+    gpu = cuda_stage(fp32, pipe, staging, fp16=entry.precision == "fp16") if optimize else None
+    if entry.files != fp32.files and fp32.files[0] not in {t.file for t in entry.targets.values()}:
+        for f in fp32.files:
+            (staging / f).unlink()
+    return entry, gpu
+
+
 def _components(pipe, dims: ModelDims, staging: Path, opts: Options) -> dict[str, ComponentEntry]:
     from tqdm.auto import tqdm
 
@@ -266,10 +276,9 @@ def _components(pipe, dims: ModelDims, staging: Path, opts: Options) -> dict[str
     with tqdm(total=len(COMPONENTS), desc="export", unit="component", disable=not opts.progress) as bar:
         for name in COMPONENTS:
             entry = onnx_stage(name, specs[name], pipe, staging, opts)
-            # the CUDA graph is fused from the fp32 one (fusions match fp32 patterns), then made fp16
-            gpu = cuda_stage(entry, pipe, staging) if opts.precision == "fp16" and opts.optimize else None
+            gpu = None
             if opts.precision == "fp16":
-                entry = fp16_stage(entry, pipe, staging)
+                entry, gpu = _precision_stages(entry, pipe, staging, opts.optimize)
             if opts.optimize:
                 entry = targets_stage(entry, pipe, staging, latent_side, dims.vae_scale_factor)
             if gpu is not None:

@@ -76,17 +76,17 @@ def _drop_repeated_casts(graph) -> None:
 
 
 def run_fp16(path: Path, feeds: dict[str, np.ndarray], output_names: list[str]) -> list[np.ndarray]:
-    """Execute an fp16 graph: ONNX Runtime's CUDA provider if present, else its CPU provider, or
-    ONNX's reference evaluator with sdrt's NumPy ops where the graph has CUDA-only ops."""
+    """Execute an fp16 graph (or any graph with CUDA-only ops): ONNX Runtime's CUDA provider if
+    present, else its CPU provider, or ONNX's reference evaluator with sdrt's NumPy ops where the
+    graph has CUDA-only ops."""
     import onnxruntime as ort
 
     from sdrt.kernels import contrib
-    from sdrt.kernels.cuda import CUDA_ONLY_OPS
-    from sdrt.kernels.graph import load_graph_only
+    from sdrt.kernels.cuda import has_cuda_only_ops
     from sdrt.runtime.backends.onnxruntime import session
 
     gpu = "CUDAExecutionProvider" in ort.get_available_providers()
-    if not gpu and {n.op_type for n in load_graph_only(path).graph.node} & set(CUDA_ONLY_OPS):
+    if not gpu and has_cuda_only_ops(path):
         log.info("%s: CUDA-only ops and no CUDA here: run with NumPy references (sdrt.kernels.contrib)", path)
         return contrib.evaluate(path, feeds, output_names)
     return session(path, "cuda" if gpu else "cpu", providers=["CUDAExecutionProvider" if gpu else

@@ -190,7 +190,9 @@ def check_parity(name: str, spec: ComponentSpec, pipe, onnx_path: Path,
 
     feeds = spec.sample_inputs(parity_sizes(spec), seed=1)
     names = [t.name for t in spec.outputs]
-    if precision == "fp16":
+    from sdrt.kernels.cuda import has_cuda_only_ops
+
+    if precision == "fp16" or has_cuda_only_ops(onnx_path):
         got = fp16.run_fp16(onnx_path, feeds, names)
     else:
         got = session(onnx_path).run(names, feeds)

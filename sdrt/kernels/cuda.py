@@ -43,6 +43,13 @@ CUDA_ONLY_OPS = ("GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd", "Nhwc
 NHWC, NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
 
 
+def has_cuda_only_ops(path: Path) -> bool:
+    """Whether the graph at PATH needs ONNX Runtime's CUDA provider (or sdrt.kernels.contrib) to run."""
+    from sdrt.kernels.graph import load_graph_only
+
+    return bool({n.op_type for n in load_graph_only(path).graph.node} & set(CUDA_ONLY_OPS))
+
+
 # -- sdrt's passes ----------------------------------------------------------------------------------
 
 def group_norm_nhwc(graph: Graph) -> int:
