@@ -107,7 +107,8 @@ def _overrides(settings) -> dict:
         try:
             out["noise"] = source_from_rng_field(str(out["noise"]))
         except ValueError:
-            raise InputError(f"override_settings.randn_source: {str(out['noise'])[:40]!r} is not GPU, CPU or NV") from None
+            got = str(out["noise"])[:40]
+            raise InputError(f"override_settings.randn_source: {got!r} is not GPU, CPU or NV") from None
     return out
 
 
