@@ -16,7 +16,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PY" 
 n=0
 size=0
 mkdir -p .gpu-wheels/$n
-for whl in .gpu-wheels/dl/*.whl; do
+for whl in $(ls -S .gpu-wheels/dl/*.whl); do  # largest first: the small wheels share the last part
     (cd "$(dirname "$whl")" && split -b "${PART_MB}M" -d -a 3 "$(basename "$whl")" "$(basename "$whl").part")
     for part in "$whl".part*; do
         bytes=$(stat -c %s "$part")
