@@ -192,13 +192,31 @@ def test_vae_decoder_falls_back_to_fp32_when_fp16_overflows(checkpoints, tmp_pat
     with torch.no_grad():
         pipe.vae.decoder.conv_in.weight.mul_(1e6)  # GroupNorm follows: the output stays sane in fp32
     pipe.save_pretrained(tmp_path / "ckpt")
-    m = export(str(tmp_path / "ckpt"), tmp_path / "out", precision="fp16", progress=False)
+    m = export(str(tmp_path / "ckpt"), tmp_path / "out", precision="fp16", optimize=False, progress=False)
     assert m.components["vae_decoder"].precision == "fp32"
     assert "overflowed" in m.components["vae_decoder"].optimizations[0]
     assert m.components["unet"].precision == "fp16"
-    gpu = onnx.load(str(tmp_path / "out" / m.components["vae_decoder"].targets["onnxruntime-cuda"].file),
-                    load_external_data=False)  # its CUDA graph stays fp32 too
-    assert not any(t.data_type == TensorProto.FLOAT16 for t in gpu.graph.initializer)
+
+
+def test_the_cuda_graph_takes_the_precision_the_component_got(monkeypatch, tmp_path):
+    """A decoder kept in fp32 gets an fp32 CUDA graph and keeps its fp32 files; an fp16 component gets
+    an fp16 one and its fp32 files go."""
+    import dataclasses
+
+    from sdrt.export import build
+
+    made = {}
+    monkeypatch.setattr(build, "cuda_stage",
+                        lambda entry, pipe, staging, fp16: made.setdefault(entry.spec.name, fp16))
+    for name, kept in (("vae_decoder", True), ("unet", False)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.onnx").write_bytes(b"x")
+        spec = type("Spec", (), {"name": name})()  # all the stage reads of it
+        fp32 = build.ComponentEntry(spec, [f"{name}/model.onnx"], "onnx", "fp32")
+        fp16 = fp32 if kept else dataclasses.replace(fp32, files=[f"{name}/model.fp16.onnx"], precision="fp16")
+        monkeypatch.setattr(build, "fp16_stage", lambda entry, pipe, staging, out=fp16: out)
+        entry, _ = build._precision_stages(fp32, None, tmp_path, optimize=True)
+        assert made[name] is (not kept) and (tmp_path / name / "model.onnx").exists() is kept
 
 
 def test_int8_unet_is_static_qdq(int8_engines):

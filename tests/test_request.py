@@ -55,6 +55,7 @@ OUT_OF_RANGE = {
     "steps": (501, "steps: 501 is out of range (1 to 500)"),
     "num_images": (9, "num_images: 9 is out of range (1 to 8)"),
     "guidance_scale": (101.0, "guidance_scale: 101.0 is out of range (0 to 100)"),
+    "source_guidance_scale": (101.0, "source_guidance_scale: 101.0 is out of range (0 to 100)"),
     "strength": (1.5, "strength: 1.5 is out of range (0 to 1)"),
     "eta": (1.5, "eta: 1.5 is out of range (0 to 1)"),
     "seed": (-2, "seed: -2 is out of range"),
@@ -67,7 +68,7 @@ OUT_OF_RANGE = {
 def test_every_limit_is_checked():
     """Each field with a limit has a case here (the declaration grows, the test follows)."""
     limited = {f.name for f in FIELDS if f.metadata["lo"] is not None or f.metadata["hi"] is not None}
-    assert limited - {"prompt", "negative_prompt"} <= set(OUT_OF_RANGE)
+    assert limited - {"prompt", "negative_prompt", "source_prompt"} <= set(OUT_OF_RANGE)
 
 
 @pytest.mark.parametrize("name", OUT_OF_RANGE)
