@@ -11,7 +11,7 @@ from sdrt.cli import main
 @pytest.fixture(scope="module")
 def results(engines, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    assert main(["-q", "bench", str(engines["eps"]), "--sizes", "64", "--repeats", "2", "--steps", "2", "1",
+    assert main(["-q", "bench", str(engines["eps"]), "--sizes", "64", "--repeats", "2", "--steps", "2",
                  "--batches", "1", "2", "--providers", "cpu", "openvino", "--out", str(out)]) == 0
     return json.loads((out / "results.json").read_text()), out
 
@@ -29,8 +29,7 @@ def test_every_figure_positive_and_ratios_consistent(results):
     data, _ = results
     entries = {**data["components"], **data["end_to_end"]}
     assert set(data["components"]) == {"text_encoder", "unet_b1@64", "unet_b2@64", "vae_decode@64", "vae_encode@64"}
-    assert set(data["end_to_end"]) == {"generate_b1@64", "generate_b2@64", "generate_b1@64x1", "generate_b2@64x1"}
-    assert [e["steps"] for e in data["end_to_end"].values()] == [2, 1, 2, 1]
+    assert set(data["end_to_end"]) == {"generate_b1@64", "generate_b2@64"}
     for name, e in entries.items():
         for path in ("sdrt", "sdrt-openvino", "diffusers-onnx", "eager"):
             s = e["paths"][path]
@@ -166,3 +165,23 @@ def test_a_model_source_is_exported_to_a_temporary_engine_dir_first(tmp_path):
     assert data["paths"] == ["sdrt"] and data["source"]["name"] == "tiny"
     assert data["components"]["unet_b2@64"]["paths"]["sdrt"]["median"] > 0
     assert not Path(data["engine_dir"]).exists()  # the temporary export is gone
+
+
+def test_several_step_counts_are_one_entry_each():
+    """--steps 20 50: an end-to-end entry per (size, batch, steps), the first count keeping the plain key."""
+    from sdrt import bench
+
+    class Path:  # a stand-in path: records what it was asked to generate
+        def __init__(self, name):
+            self.name, self.calls = name, []
+
+        def generate(self, prompt, steps, size, batch, sampler, seed):
+            self.calls.append((steps, size, batch))
+
+    paths = [Path("eager"), Path("sdrt")]
+    settings = bench.Settings(sizes=[64], steps=20, more_steps=[50], batches=[1, 2], repeats=1, warmup=0)
+    out = {}
+    bench._end_to_end(paths, settings, None, out, lambda: None)
+    assert {k: e["steps"] for k, e in out.items()} == {"generate_b1@64": 20, "generate_b1@64x50": 50,
+                                                       "generate_b2@64": 20, "generate_b2@64x50": 50}
+    assert paths[1].calls == [(20, 64, 1), (50, 64, 1), (20, 64, 2), (50, 64, 2)]
