@@ -12,7 +12,8 @@
 # each device call carries one part (carry: [".gpu-wheels/<n>"]) and appends it under
 # $WHEEL_STORE, which stays while the machine is warm; this script installs from there.
 #
-# Budget (15 minutes of device time, start included): export ~5 min, bench ~4 min.
+# Budget (15 minutes of device time, start included): GPU tests ~2 min, export ~5 min, bench ~4 min
+# (STEP=tests|export|bench runs one step).
 # Locally, without a GPU, the same flow on `tiny` and the CPU provider checks the script itself:
 #   PROVIDER=cpu SOURCE=tiny SIZE=64 OUT=/tmp/gpu-dry benchmarks/run_gpu.sh
 set -euo pipefail
@@ -44,6 +45,11 @@ if [ "$STEP" = all ] || [ "$STEP" = install ]; then
         || python3 -m pip install -q --no-deps -e .
     python3 -c "import onnxruntime as o, torch; print('onnxruntime', o.__version__, o.get_available_providers()); \
 print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+fi
+if [ "$STEP" = all ] || [ "$STEP" = tests ]; then
+    stamp tests  # the tests that need a GPU (they skip elsewhere): fp16 on CUDA, the CUDA provider, Philox vs CUDA
+    python3 -m pytest -q -rs -o addopts="" -p no:cacheprovider tests/test_precision.py tests/test_pipeline.py \
+        tests/test_noise.py -k "cuda or gpu" 2>&1 | tee "$OUT/tests.txt" || true
 fi
 if [ "$STEP" = all ] || [ "$STEP" = export ]; then
     stamp export
