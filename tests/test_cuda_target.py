@@ -246,3 +246,20 @@ def test_cuda_graphs_are_for_the_unet_and_can_be_turned_off(monkeypatch):
     assert cuda_graphs_wanted("unet") and not cuda_graphs_wanted("vae_decoder")
     monkeypatch.setenv("SDRT_CUDA_GRAPHS", "0")
     assert not cuda_graphs_wanted("unet")
+
+
+@pytest.mark.parametrize("opset,rewritten", [(21, 1), (18, 0)])
+def test_group_norm_rewrite_needs_per_channel_scales(opset, rewritten):
+    """GroupNormalization-18 scales per group, -21 per channel as GroupNorm does: only the latter is
+    rewritten (with SiLU fused)."""
+    from sdrt.kernels.graph import Graph
+
+    nodes = [helper.make_node("GroupNormalization", ["x", "g", "b"], ["y"], num_groups=4),
+             helper.make_node("Sigmoid", ["y"], ["s"]), helper.make_node("Mul", ["y", "s"], ["z"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, [1, 8, 4, 4])],
+                          [helper.make_tensor_value_info("z", F, None)],
+                          [onnx.numpy_helper.from_array(np.ones(8, np.float32), n) for n in ("g", "b")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    assert cuda.group_norm_nhwc(Graph(model)) == rewritten
+    ops = [n.op_type for n in model.graph.node]
+    assert ops == (["Transpose", "GroupNorm", "Transpose"] if rewritten else ["GroupNormalization", "Sigmoid", "Mul"])

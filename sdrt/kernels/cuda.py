@@ -56,6 +56,9 @@ def group_norm_nhwc(graph: Graph) -> int:
     """ONNX GroupNormalization [-> x * Sigmoid(x)] -> Transpose, com.microsoft.GroupNorm (channels
     last, SiLU fused as activation=1), Transpose: what ONNX Runtime's own GroupNorm fusion emits, so
     its SkipGroupNorm fusion and Transpose removal apply next."""
+    opset = next((o.version for o in graph.model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 21:  # GroupNormalization-18 scales per group, not per channel as GroupNorm does
+        return 0
     nodes = [n for n in graph.nodes if n.op_type == "GroupNormalization"]
     return run_pass(graph, nodes, lambda n: _group_norm(graph, n), domain=MS_DOMAIN)
 
