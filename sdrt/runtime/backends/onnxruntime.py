@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from sdrt.errors import InputError, SdrtError
+from sdrt.errors import InputError, SdrtError, first_line
 from sdrt.runtime.backends.base import Backend
 from sdrt.runtime.backends.binding import IoBinder
 from sdrt.runtime.backends.memory import CUDA_OPTIONS, MEMORY, gpu_memory_mode
@@ -17,12 +17,14 @@ log = logging.getLogger(__name__)
 ORT_PROVIDERS = ("cpu", "cuda", "tensorrt")  # the sdrt providers ONNX Runtime serves
 
 
-def ort_providers(provider: str, cache_dir: Path | None = None) -> list:
-    """ONNX Runtime execution providers for an sdrt provider name, most preferred first."""
+def ort_providers(provider: str, cache_dir: Path | None = None, cuda_graph: bool = False) -> list:
+    """ONNX Runtime execution providers for an sdrt provider name, most preferred first (cuda_graph:
+    the CUDA provider with `enable_cuda_graph`)."""
     if provider == "cpu":
         return ["CPUExecutionProvider"]
     if provider == "cuda":
-        return [("CUDAExecutionProvider", CUDA_OPTIONS), "CPUExecutionProvider"]
+        options = {**CUDA_OPTIONS, "enable_cuda_graph": "1"} if cuda_graph else CUDA_OPTIONS
+        return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
     if provider == "tensorrt":
         trt = {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
                "trt_engine_cache_path": str(cache_dir or Path("trt_cache")), "trt_timing_cache_enable": True}
@@ -125,9 +127,7 @@ def session(model: str | Path | bytes, provider: str = "cpu", *, component: str 
         opts.add_session_config_entry(k, v)
     cache = Path(model).parent / "trt_cache" if isinstance(model, (str, Path)) else None
     source = model if isinstance(model, bytes) else str(model)
-    if cuda_graph:
-        providers = [("CUDAExecutionProvider", {**CUDA_OPTIONS, "enable_cuda_graph": "1"}), "CPUExecutionProvider"]
-    return ort.InferenceSession(source, opts, providers=providers or ort_providers(provider, cache))
+    return ort.InferenceSession(source, opts, providers=providers or ort_providers(provider, cache, cuda_graph))
 
 
 # components whose calls run as CUDA graphs on the CUDA provider: the UNet, called every step with
@@ -154,14 +154,7 @@ class OrtBackend(Backend):
         self._binder = None
         graphs = self.provider == "cuda" and cuda_graphs_wanted(self.spec.name)
         try:
-            try:
-                self._open(graphs)
-            except SdrtError:
-                raise
-            except Exception as e:
-                if not graphs:
-                    raise
-                self._no_graphs(e)
+            self._open_or_without_graphs(graphs)
         except SdrtError:
             raise
         except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf types
@@ -183,10 +176,19 @@ class OrtBackend(Backend):
         if self.provider == "cuda":
             self._binder = IoBinder(self.session, self.spec, BINDING_DEVICE, 0, graphs)
 
+    def _open_or_without_graphs(self, graphs: bool) -> None:
+        try:
+            self._open(graphs)
+        except SdrtError:
+            raise
+        except Exception as e:
+            if not graphs:
+                raise
+            self._no_graphs(e)
+
     def _no_graphs(self, why: Exception) -> None:
         """CUDA graph capture failed (at session creation or first run): go on without graphs."""
-        log.warning("%s: no CUDA graphs (%s); running with IO binding only", self.spec.name,
-                    str(why).strip().splitlines()[0][:300] if str(why).strip() else type(why).__name__)
+        log.warning("%s: no CUDA graphs (%s); running with IO binding only", self.spec.name, first_line(why)[:300])
         self.session = self._binder = None
         self._open(False)
 
