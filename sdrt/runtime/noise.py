@@ -15,8 +15,8 @@ A generation's draws go through one `Noise`; the pipeline makes them in diffuser
 the init image's posterior, then the initial noise; inpainting: the noise, then the masked image's
 posterior), which a stateful source needs and `sdrt` ignores. Where diffusers draws from a source
 no generator here reproduces (DPM++ SDE's Brownian tree, from torchsde), the image differs; where
-A1111 draws from torch's global generator (img2img's VAE posterior), `a1111-*` draw it from the
-image's generator instead.
+A1111 draws from torch's global generator (img2img's VAE posterior), `a1111-*` draw it from sdrt's
+streams instead.
 """
 
 from __future__ import annotations
