@@ -251,6 +251,10 @@ def cmd_info(args) -> int:
           f"({m.scheduler_config.get('timestep_spacing', 'leading')} spacing)")
     print(f"latents        {m.dims.latent_channels} channels, VAE scale factor {m.dims.vae_scale_factor}, "
           f"scaling {m.vae_scaling_factor}, default size {m.default_image_size} px")
+    if m.pipeline == "depth2img":
+        p = m.depth_processor
+        print("depth          " + (f"estimator input {p.width}x{p.height} (resample {p.resample}, mean {p.image_mean}, "
+                                   f"std {p.image_std})" if p else "no estimator: give --depth-map"))
     print("exported with  " + ", ".join(f"{k} {v}" for k, v in m.exporter.items()))
     for name, c in m.components.items():
         size = sum((d / f).stat().st_size for f in c.files) / 2**20

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+DEPTH_ESTIMATOR = "depth_estimator"  # depth2img models' DPT, exported beside the four (depth_spec)
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ class ModelDims:
     text_length: int  # tokenizer max length (77)
     text_hidden: int  # CLIP hidden size (768 for SD 1.x)
     text_layers: int  # CLIP layers; the text encoder returns every layer for clip_skip
-    unet_in_channels: int  # 4 for txt2img, 9 for inpainting UNets
+    unet_in_channels: int  # 4 for txt2img, 9 for inpainting UNets, 5 for depth2img (latents + depth)
     latent_channels: int  # VAE latent channels (4)
     vae_scale_factor: int  # 2 ** (len(vae.block_out_channels) - 1)
 
@@ -156,3 +157,14 @@ def component_specs(m: ModelDims) -> dict[str, ComponentSpec]:
             (TensorSpec("latent_mean", "float32", latent), TensorSpec("latent_std", "float32", latent)),
             latent_dims),
     }
+
+
+def depth_spec(height: int, width: int, out_height: int, out_width: int) -> ComponentSpec:
+    """The depth estimator: its image processor's fixed-size pixel values -> a depth map per image
+    (sdrt.runtime.depth). DPT's position embeddings fix the input size, so only the batch varies."""
+    B = Dim("B")
+    return ComponentSpec(
+        DEPTH_ESTIMATOR,
+        (TensorSpec("pixel_values", "float32", (B, 3, height, width)),),
+        (TensorSpec("predicted_depth", "float32", (B, out_height, out_width)),),
+        {"B": BATCH})

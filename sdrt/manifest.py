@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sdrt.components import COMPONENTS, ComponentSpec, ModelDims, component_specs
+from sdrt.components import DEPTH_ESTIMATOR, ComponentSpec, ModelDims, component_specs, depth_spec
 from sdrt.errors import InputError
 
 FORMAT_VERSION = 1
@@ -68,7 +68,7 @@ class ComponentEntry:
 @dataclass
 class Manifest:
     source: dict  # {"kind", "name", "sha256"}
-    pipeline: str  # "txt2img" (an inpainting UNet: "inpaint")
+    pipeline: str  # "txt2img"; "inpaint" (a 9-channel UNet), "depth2img" (a 5-channel one)
     prediction_type: str  # "epsilon" | "v_prediction" | "sample"
     vae_scaling_factor: float  # latents = scaling_factor * vae.encode(x); applied inside the VAE graphs
     dims: ModelDims
@@ -81,6 +81,9 @@ class Manifest:
     # every file of the engine dir but the manifest: relative path -> {"size": bytes, "sha256": hex};
     # empty in engine dirs exported before sdrt recorded them (then only presence is checked)
     files: dict[str, dict] = field(default_factory=dict)
+    # depth2img: the depth estimator's image-processor settings (sdrt.runtime.depth.Processor); None
+    # where the export had no estimator (single-file depth checkpoints: users give depth maps)
+    depth_processor: object = None
 
     def to_json(self) -> dict:
         return {
@@ -93,7 +96,7 @@ class Manifest:
             "exporter": self.exporter,
             "components": {k: v.to_json() for k, v in self.components.items()},
             "files": self.files,
-        }
+        } | ({"depth_processor": self.depth_processor.to_json()} if self.depth_processor else {})
 
     def write(self, directory: Path) -> None:
         (Path(directory) / MANIFEST).write_text(json.dumps(self.to_json(), indent=2) + "\n")
@@ -145,7 +148,7 @@ class Manifest:
                 components={k: ComponentEntry.from_json(k, v) for k, v in raw["components"].items()},
                 default_image_size=_positive_int("default_image_size", raw.get("default_image_size", 512)),
                 tokenizer_dir=raw.get("tokenizer_dir", TOKENIZER_DIR), exporter=raw.get("exporter", {}),
-                files=raw.get("files", {}))
+                files=raw.get("files", {}), depth_processor=_depth_processor(raw.get("depth_processor")))
         if m.default_image_size % dims.vae_scale_factor:
             raise FieldError(f"default_image_size {m.default_image_size} is not a multiple of "
                              f"vae_scale_factor {dims.vae_scale_factor}")
@@ -173,7 +176,7 @@ class Manifest:
                 raise InputError(f"{d}: {f} is corrupt: its sha256 differs from the one recorded at export")
 
 
-PIPELINES = ("txt2img", "inpaint")
+PIPELINES = ("txt2img", "inpaint", "depth2img")
 # ModelDims fields the manifest states at its top level (the engine-dir facts users read); the rest
 # are under "dims"
 TOP_LEVEL_DIMS = ("vae_scale_factor", "latent_channels", "unet_in_channels")
@@ -214,6 +217,17 @@ def _choice(name: str, v, choices) -> str:
     return v
 
 
+def _depth_processor(d):
+    from sdrt.runtime.depth import Processor
+
+    if d is None:
+        return None
+    try:
+        return Processor.from_json(d)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise FieldError(f"depth_processor: {e}") from None
+
+
 def _scheduler_config(config) -> dict:
     if not isinstance(config, dict):
         raise FieldError(f"scheduler_config must be an object, got {config!r}")
@@ -226,10 +240,10 @@ def _scheduler_config(config) -> dict:
 
 def _check_specs(components: dict[str, ComponentEntry], dims: ModelDims) -> None:
     """Each component's declared inputs and outputs are the ones sdrt's components have."""
-    expected = component_specs(dims)
+    expected = component_specs(dims) | {DEPTH_ESTIMATOR: depth_spec(1, 1, 1, 1)}  # its names; its sizes vary
     for name, c in components.items():
         if name not in expected:
-            raise FieldError(f"components.{name}: not a component sdrt knows ({', '.join(COMPONENTS)})")
+            raise FieldError(f"components.{name}: not a component sdrt knows ({', '.join(expected)})")
         want = expected[name]
         for kind in ("inputs", "outputs"):
             got, exp = [t.name for t in getattr(c.spec, kind)], [t.name for t in getattr(want, kind)]

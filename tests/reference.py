@@ -194,3 +194,25 @@ def cycle(path: Path, *, image, prompt, source_prompt, strength, steps, guidance
     return pipe(prompt, source_prompt, image=image, strength=strength, num_inference_steps=steps,
                 guidance_scale=guidance_scale, source_guidance_scale=source_guidance_scale, eta=eta,
                 generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images
+
+
+@functools.cache
+def _depth_pipeline(path: str):
+    from diffusers import StableDiffusionDepth2ImgPipeline
+
+    pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, dict(pipe.scheduler.config)
+
+
+def depth2img(path: Path, *, image, prompt, negative_prompt, strength, steps, sampler, guidance_scale,
+              num_images, seeds: list[int], depth_map: np.ndarray | None = None) -> np.ndarray:
+    """StableDiffusionDepth2ImgPipeline with its own noise (generators seeded SEEDS); depth_map (1, H, W)
+    replaces its estimator's."""
+    import torch
+
+    pipe, config = _depth_pipeline(str(path))
+    pipe.scheduler = scheduler_for(config, sampler)
+    return pipe(prompt, image=image, negative_prompt=negative_prompt, strength=strength, num_inference_steps=steps,
+                guidance_scale=guidance_scale, num_images_per_prompt=num_images, generator=generators(seeds),
+                depth_map=None if depth_map is None else torch.from_numpy(depth_map), output_type="np").images

@@ -139,4 +139,4 @@ def test_bench_refuses_an_inpainting_model(inpaint, capsys):
     _, engines = inpaint
     assert main(["bench", str(engines), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "an inpaint model; sdrt bench measures txt2img models" in err[0]
+    assert len(err) == 1 and "a model for inpaint; sdrt bench measures txt2img models" in err[0]

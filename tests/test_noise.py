@@ -60,6 +60,32 @@ def test_a1111_nv_source_layout():
     assert PhiloxGenerator(-1).seed == 2**64 - 1  # A1111 wraps negative seeds
 
 
+# torch.randn((8, 8), device="cuda") after torch.manual_seed(0), as printed (4 decimals) in a published
+# notebook run on an NVIDIA GPU: the first 64 values of A1111's initial noise at seed 0 with its default
+# GPU source (one torch.randn per image of shape (4, h, w), flat order)
+CUDA_SEED0 = [
+    [-0.9247, -0.4253, -2.6438, 0.1452, -0.1209, -0.5797, -0.6229, -0.3284],
+    [-1.0745, -0.3631, -1.6711, 2.2655, 0.3117, -0.1842, 1.2866, 1.1820],
+    [-0.1271, 1.2169, 1.4353, 1.0605, -0.4941, -1.4244, -0.7244, -1.2973],
+    [0.0697, -0.0074, 1.8969, 0.6878, -0.0779, -0.8373, 1.3506, -0.2879],
+    [-0.5965, -0.3283, -0.9086, -0.8059, -0.7407, -0.0504, 0.5435, 1.5150],
+    [0.0141, 0.4532, 1.6349, 0.7124, -0.1806, 1.0252, -1.4622, -0.7554],
+    [-0.1836, 0.3824, 0.3918, -0.0830, 0.8971, -1.1123, 0.1116, 0.4863],
+    [-0.5499, -0.3231, -0.5469, 0.9049, 0.2837, 0.1210, 0.4730, -1.0823]]
+# the first 12 values of a C port of A1111's rng_philox.py at seed 0, offset 0, as its test states them
+# (8 decimals; the port computes Box-Muller in double, A1111 in float32)
+A1111_SEED0 = [-0.92466259, -0.42534414, -2.64384580, 0.14518388, -0.12086648, -0.57972562, -0.62285119,
+               -0.32838708, -1.07454228, -0.36314407, -1.67105067, 2.26550508]
+
+
+def test_a1111_gpu_reproduces_stated_values():
+    """Stated outputs, not only our own port: torch.randn on CUDA printed by a GPU run, and another
+    port of A1111's NV source; through the noise source, as the initial noise of a 64 px generation."""
+    x = noise.Noise("a1111-gpu", [0]).draw(noise.INITIAL, (1, 4, 8, 8)).reshape(-1)
+    assert np.array_equal(np.round(x[:64], 4), np.array(CUDA_SEED0).reshape(-1))
+    np.testing.assert_allclose(x[:12], A1111_SEED0, atol=1e-6)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (torch.randn on CUDA)")
 def test_a1111_nv_source_equals_torch_on_cuda():
     for seed in (0, 42, 2**32 + 1):

@@ -101,7 +101,7 @@ def test_single_file_bad_input(checkpoints, single_files, tmp_path, capsys, case
         "sd2-detected": ([_keys_only(tmp_path / "sd2.safetensors", sd2)], r"does not load as SD 2\.x \(detected\)"),
         "sdxl": ([_keys_only(tmp_path / "xl.safetensors", {
             "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (1280,)})],
-            r"a 'xl_base' checkpoint .*; sdrt exports SD 1\.x and SD 2\.x txt2img and inpainting models"),
+            r"a 'xl_base' checkpoint .*; sdrt exports SD 1\.x and SD 2\.x txt2img, inpainting and depth models"),
         "inpainting": ([_keys_only(tmp_path / "inpaint.safetensors", sd2 | {unet + "0.0.weight": (320, 9, 3, 3)})],
                        r"does not load as SD 2\.x inpainting \(detected\)"),
         # the tiny file has SD 1.x's layout but not its sizes: the detected configs don't fit

@@ -141,7 +141,7 @@ def run(engine_dir: str | Path, settings: Settings, progress=None, checkpoint=No
     engine_dir = Path(engine_dir)
     manifest = Manifest.read(engine_dir)
     if manifest.pipeline != "txt2img":  # its UNet takes a mask and masked-image latents beside the latents
-        raise InputError(f"{engine_dir}: an {manifest.pipeline} model; sdrt bench measures txt2img models")
+        raise InputError(f"{engine_dir}: a model for {manifest.pipeline}; sdrt bench measures txt2img models")
     settings.sizes = settings.sizes or [manifest.default_image_size]
     for s in settings.sizes:
         if s % manifest.dims.vae_scale_factor:

@@ -53,6 +53,9 @@ SD2_SCHEDULER = dict(SD15_SCHEDULER, _class_name="DDIMScheduler", prediction_typ
 # with a 9-channel UNet input (latents, mask, masked-image latents); SD 2's is a 512 px epsilon model
 SD15_INPAINT = dict(SD15, unet=dict(SD15["unet"], in_channels=9))
 SD2_INPAINT = dict(SD2, unet=dict(SD2["unet"], in_channels=9, sample_size=64), vae=dict(SD2["vae"], sample_size=512))
+# SD 2 depth (512-depth-ema, stabilityai/stable-diffusion-2-depth): a 5-channel UNet input (latents and
+# depth), 512 px, epsilon; the DPT depth estimator is not in the single file
+SD2_DEPTH = dict(SD2, unet=dict(SD2["unet"], in_channels=5, sample_size=64), vae=dict(SD2["vae"], sample_size=512))
 
 # diffusers' name for a checkpoint's architecture (infer_diffusers_model_type) -> what sdrt writes for it
 ARCHITECTURES = {
@@ -60,4 +63,6 @@ ARCHITECTURES = {
     "v2": ("SD 2.x", SD2, SD2_SCHEDULER, "!"),
     "inpainting": ("SD 1.x inpainting", SD15_INPAINT, SD15_SCHEDULER, None),
     "inpainting_v2": ("SD 2.x inpainting", SD2_INPAINT, dict(SD2_SCHEDULER, prediction_type="epsilon"), "!"),
+    # diffusers detects these as "v2"; sdrt tells them by the UNet's input channels (single_file.DEPTH_CHANNELS)
+    "depth_v2": ("SD 2.x depth", SD2_DEPTH, dict(SD2_SCHEDULER, prediction_type="epsilon"), "!"),
 }

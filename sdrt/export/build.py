@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from sdrt.components import COMPONENTS, ComponentSpec, ModelDims, component_specs
+from sdrt.components import DEPTH_ESTIMATOR, ComponentSpec, ModelDims, component_specs
 from sdrt.errors import InputError, SdrtError
 from sdrt.export.outdir import LOCK, OutDir, fault
 from sdrt.manifest import TOKENIZER_DIR, ComponentEntry, Manifest, TargetGraph, file_records
@@ -240,6 +240,9 @@ def tensorrt_stage(entries: dict[str, ComponentEntry], staging: Path, profile, v
     profile = profile or tensorrt.Profile()
     out = {}
     for name, c in tqdm(entries.items(), desc="tensorrt", unit="engine", disable=not progress):
+        if name == DEPTH_ESTIMATOR:  # once per image: it stays an ONNX graph (ONNX Runtime runs it)
+            out[name] = c
+            continue
         onnx_file = staging / c.file_for("tensorrt")
         plan = onnx_file.parent / "model.plan"
         weights = [staging / f for f in c.files if f.endswith(".data")]
@@ -270,12 +273,20 @@ def _precision_stages(fp32: ComponentEntry, pipe, staging: Path, optimize: bool)
 def _components(pipe, dims: ModelDims, staging: Path, opts: Options) -> dict[str, ComponentEntry]:
     from tqdm.auto import tqdm
 
+    from sdrt.export import depth
+
     specs = component_specs(dims)
     latent_side = _latent_side(opts.cpu_size, dims.vae_scale_factor)
     entries = {}
-    with tqdm(total=len(COMPONENTS), desc="export", unit="component", disable=not opts.progress) as bar:
-        for name in COMPONENTS:
+    if depth.estimator(pipe) is not None:
+        specs[DEPTH_ESTIMATOR] = depth.spec(pipe, depth.processor(pipe))
+    with tqdm(total=len(specs), desc="export", unit="component", disable=not opts.progress) as bar:
+        for name in specs:
             entry = onnx_stage(name, specs[name], pipe, staging, opts)
+            if name == DEPTH_ESTIMATOR:  # once per image: fp32 (DPT-Hybrid's batch norms), the standard graph
+                entries[name] = entry
+                bar.update(1)
+                continue
             gpu = None
             if opts.precision == "fp16":
                 entry, gpu = _precision_stages(entry, pipe, staging, opts.optimize)
@@ -290,18 +301,19 @@ def _components(pipe, dims: ModelDims, staging: Path, opts: Options) -> dict[str
 
 
 def _manifest(loaded, pipe, dims, entries, lora_records, opts: Options) -> Manifest:
-    from sdrt.export import onnx_export, sources
+    from sdrt.export import depth, onnx_export, sources
 
     return Manifest(
         source={"kind": loaded.kind, "name": loaded.name, "sha256": sources.content_hash(pipe)}
         | ({"config": str(Path(opts.config).resolve())} if opts.config else {})
         | ({"loras": lora_records} if lora_records else {}),
-        pipeline="inpaint" if dims.unet_in_channels == 9 else "txt2img",
+        pipeline={9: "inpaint", 5: "depth2img"}.get(dims.unet_in_channels, "txt2img"),
         prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
         vae_scaling_factor=float(pipe.vae.config.scaling_factor), dims=dims,
         scheduler_config=loaded.scheduler_config, components=entries,
         default_image_size=int(pipe.unet.config.sample_size) * dims.vae_scale_factor,
-        exporter=_versions() | {"opset": opts.opset or onnx_export.DEFAULT_OPSET})
+        exporter=_versions() | {"opset": opts.opset or onnx_export.DEFAULT_OPSET},
+        depth_processor=depth.processor(pipe) if depth.estimator(pipe) is not None else None)
 
 
 def _build(source: str, staging: Path, opts: Options) -> Manifest:
@@ -318,6 +330,7 @@ def _build(source: str, staging: Path, opts: Options) -> Manifest:
     lora_records = lora.apply(pipe, list(opts.loras))
     log.info("loaded %s in %.1f s", source, time.perf_counter() - t0)
     dims = model_dims(pipe)
+    _check_kind(pipe, dims, opts)
     entries = _components(pipe, dims, staging, opts)
     pipe.tokenizer.save_pretrained(staging / TOKENIZER_DIR)
     shutil.rmtree(scratch)
@@ -335,6 +348,19 @@ def _build(source: str, staging: Path, opts: Options) -> Manifest:
     log.info("recorded the size and sha256 of %d files in %.1f s", len(manifest.files), time.perf_counter() - t1)
     manifest.write(staging)
     return manifest
+
+
+def _check_kind(pipe, dims: ModelDims, opts: Options) -> None:
+    """What the model's kind rules out, before the long exports; what it lacks, said once."""
+    from sdrt.export import depth
+
+    if opts.precision == "int8" and dims.unet_in_channels != 4:
+        raise InputError("--precision int8 calibrates the UNet on text-to-image runs; this model's UNet takes "
+                         f"{dims.unet_in_channels} input channels (inpainting or depth): export it as fp32 or fp16")
+    if dims.unet_in_channels == 5 and depth.estimator(pipe) is None:
+        log.warning("a depth2img model without a depth estimator (single files carry none): `sdrt generate` "
+                    "will need --depth-map; to export the estimator, pass --config DIR, a diffusers depth2img "
+                    "folder (e.g. stabilityai/stable-diffusion-2-depth) with depth_estimator/ and feature_extractor/")
 
 
 def _share_files(staging: Path) -> None:

@@ -74,8 +74,17 @@ def wrap(name: str, pipe):
             dist = self.vae.encode(image).latent_dist
             return dist.mean * self.scale, dist.std * self.scale
 
+    class DepthEstimator(torch.nn.Module):
+        def __init__(self, dpt):
+            super().__init__()
+            self.dpt = dpt
+
+        def forward(self, pixel_values):  # the image processor's output -> (B, h, w) depth
+            return self.dpt(pixel_values=pixel_values).predicted_depth
+
     module = {"text_encoder": lambda: TextEncoder(pipe.text_encoder), "unet": lambda: Unet(pipe.unet),
-              "vae_decoder": lambda: VaeDecoder(pipe.vae), "vae_encoder": lambda: VaeEncoder(pipe.vae)}[name]()
+              "vae_decoder": lambda: VaeDecoder(pipe.vae), "vae_encoder": lambda: VaeEncoder(pipe.vae),
+              "depth_estimator": lambda: DepthEstimator(pipe.depth_estimator)}[name]()
     return module.eval()
 
 
@@ -107,7 +116,8 @@ def parity_sizes(spec: ComponentSpec) -> dict[str, int]:
 # targets or into another directory skips torch's exporter (about 25 s a component for `tiny` on
 # 2 cores, minutes for SD 1.5). Off by default: it holds a full copy of every model exported.
 CACHE_ENV = "SDRT_EXPORT_CACHE"
-_MODULES = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+_MODULES = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae",
+            "depth_estimator": "depth_estimator"}
 
 
 def cache_key(name: str, spec: ComponentSpec, pipe, opset: int) -> str:

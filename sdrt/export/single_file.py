@@ -21,6 +21,8 @@ from sdrt.export.architectures import ARCHITECTURES
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".safetensors", ".ckpt")
+CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"  # the UNet's first convolution: its input channels
+DEPTH_CHANNELS = 5  # a depth2img UNet: latents and depth
 
 def is_single_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in SUFFIXES
@@ -90,10 +92,13 @@ def _model_type(path: Path) -> str:
     except Exception as e:  # safetensors / torch.load errors: a truncated or foreign file
         raise InputError(f"{path}: cannot read it as a checkpoint: {_first_line(e)}") from None
     model_type = infer_diffusers_model_type(checkpoint)
+    conv_in = checkpoint.get(CONV_IN)
+    if model_type == "v2" and conv_in is not None and conv_in.shape[1] == DEPTH_CHANNELS:
+        model_type = "depth_v2"
     if model_type not in ARCHITECTURES:
         raise InputError(f"{path}: a {model_type!r} checkpoint (diffusers' name for it); sdrt exports SD 1.x and "
-                         "SD 2.x txt2img and inpainting models (pass --config DIR with a diffusers folder of its "
-                         "configs if this one is of that layout)")
+                         "SD 2.x txt2img, inpainting and depth models (pass --config DIR with a diffusers folder "
+                         "of its configs if this one is of that layout)")
     return model_type
 
 
@@ -127,4 +132,18 @@ def load(path: Path, workdir: Path, config: Path | None = None):
                          "--config DIR (a diffusers folder of the same model's configs)") from None
     if any(m.dtype != torch.float32 for m in (pipe.unet, pipe.vae, pipe.text_encoder)):
         pipe.to(torch.float32)
+    if (config / "depth_estimator").is_dir():  # a depth model's configs from its diffusers folder: its estimator too
+        _attach_depth_estimator(pipe, config)
     return pipe
+
+
+def _attach_depth_estimator(pipe, folder: Path) -> None:
+    """The depth estimator and its image processor of the diffusers folder FOLDER (a single file has none)."""
+    from transformers import AutoImageProcessor, DPTForDepthEstimation
+
+    try:
+        pipe.depth_estimator = DPTForDepthEstimation.from_pretrained(folder / "depth_estimator").eval()
+        pipe.feature_extractor = AutoImageProcessor.from_pretrained(folder / "feature_extractor")
+    except (OSError, ValueError) as e:
+        raise InputError(f"--config {folder}: could not load its depth estimator: {first_line(e)}") from None
+    log.info("the depth estimator from %s", folder)

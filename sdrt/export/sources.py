@@ -56,8 +56,12 @@ def build_builtin(name: str, workdir: Path):
 
 
 def _from_pretrained(ref: str, **kw):
-    from diffusers import StableDiffusionPipeline
+    """The folder's pipeline: a depth2img one (with its depth estimator) where its model_index names
+    one, else StableDiffusionPipeline (inpainting folders load as one: the modules are the same)."""
+    from diffusers import DiffusionPipeline, StableDiffusionDepth2ImgPipeline, StableDiffusionPipeline
 
+    if "depth_estimator" in DiffusionPipeline.load_config(ref, **kw):
+        return StableDiffusionDepth2ImgPipeline.from_pretrained(ref, torch_dtype=None, **kw)
     return StableDiffusionPipeline.from_pretrained(ref, safety_checker=None, requires_safety_checker=False,
                                                    torch_dtype=None, **kw)
 
@@ -107,10 +111,12 @@ def load_source(source: str, workdir: Path, config: Path | None = None) -> Loade
 
 
 def content_hash(pipe) -> str:
-    """sha256 over every weight of text encoder, UNet and VAE (names, dtypes, values)."""
+    """sha256 over every weight of text encoder, UNet and VAE (names, dtypes, values), and of the
+    depth estimator where there is one."""
     h = hashlib.sha256()
-    for part in (pipe.text_encoder, pipe.unet, pipe.vae):
-        hash_weights(h, part)
+    for part in (pipe.text_encoder, pipe.unet, pipe.vae, getattr(pipe, "depth_estimator", None)):
+        if part is not None:
+            hash_weights(h, part)
     return h.hexdigest()
 
 

@@ -32,16 +32,24 @@ def image_size(image) -> tuple[int, int]:
     return arr.shape[-2], arr.shape[-3]
 
 
+def as_pil(image, what: str = "image"):
+    """A PIL image as is; an (H, W[, C]) or (1, H, W, C) array in [0, 1] as an 8-bit one."""
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        arr = image[0] if image.ndim == 4 else image
+        image = Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8))
+    if not isinstance(image, Image.Image):
+        raise InputError(f"{what} must be a path, PIL.Image or array, got {type(image).__name__}")
+    return image
+
+
 def _resized(image, mode: str, width: int, height: int, what: str) -> np.ndarray:
     """A PIL image, or an array in [0, 1], in PIL `mode` at (width, height) (Lanczos, as diffusers'
     image processors resize): float32 in [0, 1], (H, W) or (H, W, C)."""
     from PIL import Image
 
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
-    if not isinstance(image, Image.Image):
-        raise InputError(f"{what} must be a path, PIL.Image or array, got {type(image).__name__}")
-    image = image.convert(mode)
+    image = as_pil(image, what).convert(mode)
     if image.size != (width, height):
         image = image.resize((width, height), resample=Image.LANCZOS)
     return np.asarray(image, dtype=np.float32) / 255.0

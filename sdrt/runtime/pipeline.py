@@ -1,9 +1,13 @@
-"""`sdrt.Pipeline`: text-to-image, image-to-image and inpainting over exported engines, in NumPy, no torch.
+"""`sdrt.Pipeline`: text-to-image, image-to-image, inpainting, depth2img and CycleDiffusion over exported
+engines, in NumPy, no torch.
 
 A call runs in named phases: plan (validate the request against the engine dir, resolve sizes,
 schedule and seeds) -> conditioning (text embeddings) -> start state (initial noise, init image
 latents, inpainting inputs) -> sampling (the sampler loop, with its per-step hook) -> decode ->
 metadata. Memory is handed back between phases (sdrt.runtime.backends.memory).
+
+The UNet's input channels decide the model's kind (manifest.pipeline): 4 (txt2img and img2img), 9
+(inpainting: mask and masked-image latents beside the latents), 5 (depth2img: a depth map beside them).
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from sdrt.components import DEPTH_ESTIMATOR
 from sdrt.errors import InputError, Interrupted, NonFiniteOutput
 from sdrt.manifest import Manifest
-from sdrt.runtime import cycle, images, noise, samplers
+from sdrt.runtime import cycle, depth, images, noise, samplers
 from sdrt.runtime.backends import PROVIDER_TARGETS, check_provider, load_backend, release_free_memory
 from sdrt.runtime.denoiser import Denoiser
 from sdrt.runtime.request import GenerateRequest
@@ -66,12 +71,13 @@ class Plan:
     height: int
     image: object = None  # the init image, loaded
     inpaint_unet: bool = False  # a 9-channel inpainting UNet
+    depth_unet: bool = False  # a 5-channel depth2img UNet
 
 
 @dataclass
 class StartState:
     x: np.ndarray  # the sampler state before the first step, float64
-    extra: np.ndarray | None = None  # channels appended to the UNet input (9-channel inpainting)
+    extra: np.ndarray | None = None  # channels appended to the UNet input (inpainting's, depth2img's)
     hook: Callable | None = None  # (i, x) -> x after every step (inpainting's blend)
     draws: noise.Noise | None = None  # the generation's noise, which the sampler continues
     clean: np.ndarray | None = None  # the init image's latents (CycleDiffusion's posterior)
@@ -125,8 +131,18 @@ class Pipeline:
                             "faster than fp32 and with more memory: export with --precision fp32 for CPUs",
                             self.engine_dir)
             path = self.engine_dir / (c.files[0] if c.backend == "tensorrt" else c.file_for(self.targets))
-            self.engines[name] = load_backend(path, c.spec, c.backend, self.provider)
+            self.engines[name] = load_backend(path, c.spec, c.backend, self._provider_for(c.backend))
         return self.engines[name]
+
+    def _provider_for(self, backend: str) -> str:
+        """The provider for one component: the pipeline's, except for an ONNX graph beside TensorRT
+        engines (a depth estimator stays ONNX), which runs on ONNX Runtime's CUDA provider, or its CPU one."""
+        if backend != "onnx" or self.provider != "tensorrt" or not any(
+                c.backend == "tensorrt" for c in self.manifest.components.values()):
+            return self.provider
+        import onnxruntime as ort
+
+        return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
 
     def warmup(self) -> None:
         """Create every session now (servers, benchmarks) instead of on first use."""
@@ -222,14 +238,15 @@ class Pipeline:
         """Validate REQ against this engine dir and resolve what it leaves open; no engine runs."""
         req.validate(self.manifest)
         smp = samplers.get_sampler(req.sampler)
-        inpaint_unet = self.manifest.dims.unet_in_channels == 9
+        kind = self.manifest.pipeline
         if req.mask is not None and req.image is None:
             raise InputError("a mask needs an init image (--init-image) to inpaint")
         if req.source_prompt is not None:
-            _check_cycle(req, smp, inpaint_unet)
-        if inpaint_unet and (req.image is None or req.mask is None):
+            _check_cycle(req, smp, kind)
+        if kind == "inpaint" and (req.image is None or req.mask is None):
             raise InputError(f"{self.engine_dir} is an inpainting model: give it an init image and a mask "
                              "(--init-image, --mask)")
+        self._check_depth(req)
         image, width, height = None, req.width, req.height
         if req.image is not None:
             if "vae_encoder" not in self.manifest.components:
@@ -247,10 +264,26 @@ class Pipeline:
         seed = noise.new_seed() if req.seed is None or req.seed == -1 else req.seed
         seeds = [int(seed) + i for i in range(req.num_images)]
         options = smp.options_for(req.eta if req.source_prompt is None or req.eta is not None else cycle.DEFAULT_ETA)
-        plan = Plan(req, smp, schedule, options, seeds, width, height, image, inpaint_unet)
+        plan = Plan(req, smp, schedule, options, seeds, width, height, image, kind == "inpaint", kind == "depth2img")
         if req.latents is not None and np.shape(req.latents) != self._noise_shape(plan):
             raise InputError(f"latents: shape {np.shape(req.latents)}, expected {self._noise_shape(plan)}")
         return plan
+
+    def _check_depth(self, req: GenerateRequest) -> None:
+        """depth2img models take an init image and a depth map (the user's, or the exported estimator's
+        from the image); other models take no depth map."""
+        if self.manifest.pipeline != "depth2img":
+            if req.depth_map is not None:
+                raise InputError(f"depth_map: {self.engine_dir} is a {self.manifest.pipeline} model; depth maps are "
+                                 "for depth2img models (SD 2 depth)")
+            return
+        if req.image is None or req.mask is not None:
+            raise InputError(f"{self.engine_dir} is a depth2img model: give it an init image (--init-image) and no "
+                             "mask; its depth comes from the image, or from --depth-map")
+        if req.depth_map is None and DEPTH_ESTIMATOR not in self.manifest.components:
+            raise InputError(f"{self.engine_dir} is a depth2img model exported without a depth estimator (single "
+                             "files carry none): give --depth-map, or re-export with --config DIR naming a diffusers "
+                             "depth2img folder (depth_estimator/, feature_extractor/)")
 
     def _noise_shape(self, plan: Plan) -> tuple:
         f = self.scale_factor
@@ -310,6 +343,8 @@ class Pipeline:
         extra = None
         if plan.inpaint_unet:
             extra = self._inpaint_channels(plan, mask, draws)
+        elif plan.depth_unet:
+            extra = self._depth_channel(plan)
         elif mask is not None:  # diffusers encodes the masked image for any UNet (a 4-channel one ignores it)
             draws.skip(noise.MASKED_POSTERIOR, self._noise_shape(plan), shared=True)
         if mask is not None and req.strength >= 1:  # inpainting at full strength: pure noise
@@ -332,6 +367,18 @@ class Pipeline:
         extra = np.concatenate([m, self._encode(kept, draws, noise.MASKED_POSTERIOR, shared=True)], axis=1)
         release_free_memory()
         return extra
+
+    def _depth_channel(self, plan: Plan) -> np.ndarray:
+        """depth2img's UNet channel, (N, 1, h, w) in [-1, 1]: the user's depth map, or the estimator's
+        from the init image as given (diffusers' prepare_depth_map), resized to the latents."""
+        if plan.req.depth_map is not None:
+            d = depth.load_depth_map(plan.req.depth_map)
+        else:
+            pixels = self.manifest.depth_processor(images.as_pil(plan.image, "init image"))
+            d = self.engine(DEPTH_ESTIMATOR).run({"pixel_values": pixels})[0]
+            self.unload(DEPTH_ESTIMATOR)  # once per generation: its memory goes back before sampling
+        f = self.scale_factor
+        return np.repeat(depth.condition(d, plan.height // f, plan.width // f), len(plan.seeds), axis=0)
 
     def _sample(self, plan: Plan, cond, uncond, start: StartState, callback: Callback | None) -> np.ndarray:
         """The sampler loop; returns the final latents (N, C, h, w) float64."""
@@ -421,13 +468,13 @@ def _guidance(plan: Plan):
     return np.repeat([req.source_guidance_scale, req.guidance_scale], n)[:, None, None, None]
 
 
-def _check_cycle(req: GenerateRequest, smp, inpaint_unet: bool) -> None:
+def _check_cycle(req: GenerateRequest, smp, kind: str) -> None:
     """What CycleDiffusion (a source prompt) needs: an init image, no mask, an ordinary model, DDIM."""
     if req.image is None:
         raise InputError("source_prompt (CycleDiffusion) needs an init image (--init-image) that it describes")
-    if req.mask is not None or inpaint_unet:
-        raise InputError("source_prompt (CycleDiffusion) works on a whole image with an ordinary model: "
-                         "no mask, no inpainting model")
+    if req.mask is not None or kind != "txt2img":
+        raise InputError("source_prompt (CycleDiffusion) works on a whole image with an ordinary model: no mask, "
+                         f"no inpainting or depth2img model (this is {kind})")
     if smp.name != "ddim":
         raise InputError(f"source_prompt (CycleDiffusion) runs DDIM, not {smp.name}: use --sampler ddim "
                          f"(--eta sets its noise, default {cycle.DEFAULT_ETA})")

@@ -63,6 +63,8 @@ class GenerateRequest:
     image: Any = arg(None, kind="image", cli="--init-image", help="img2img / inpainting: start from this image")
     strength: float = arg(0.8, kind="number", lo=0, hi=1, help="img2img: how much to change the image")
     mask: Any = arg(None, kind="image", help="inpainting mask (white: repaint, black: keep); needs an init image")
+    depth_map: Any = arg(None, kind="image", help="depth2img models: a depth map (grayscale, 8 or 16 bit, white = "
+                                                  "near) instead of the estimator's from the init image")
     source_prompt: str | None = arg(None, kind="text", hi=MAX_PROMPT_CHARS,
                                     help="CycleDiffusion: what the init image shows (with --init-image, "
                                          "--sampler ddim and --eta, default 0.1); the prompt says what to make of it")

@@ -84,7 +84,7 @@ def make_request(values: dict, max_images: int, *, text: bool = False):
         if kind == "image" and value is not None:
             if not isinstance(value, (str, bytes)):
                 raise InputError(f"{name}: expected base64 of a PNG or JPEG file")
-            value = (to_mask if name == "mask" else to_rgb)(name, value)
+            value = {"mask": to_mask, "depth_map": open_image}.get(name, to_rgb)(name, value)  # depth: 16 bit kept
         elif text:
             value = from_text(fields[name], value)
         kwargs[name] = value
