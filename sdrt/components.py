@@ -121,6 +121,9 @@ class ModelDims:
 
 
 BATCH = (1, 2, 8)  # min/opt/max batch: opt 2 is one prompt with classifier-free guidance
+# min/opt/max 77-token chunks of the UNet's text conditioning (A1111's long prompts, BREAK; 8 chunks
+# hold 600 prompt tokens)
+CHUNKS = (1, 1, 8)
 IMAGE_PX = (64, 512, 2048)  # min/opt/max image side in pixels
 
 
@@ -142,9 +145,9 @@ def component_specs(m: ModelDims) -> dict[str, ComponentSpec]:
             "unet",
             (TensorSpec("sample", "float32", (B, m.unet_in_channels, h, w)),
              TensorSpec("timestep", "float32", (B,)),
-             TensorSpec("encoder_hidden_states", "float32", (B, m.text_length, m.text_hidden))),
+             TensorSpec("encoder_hidden_states", "float32", (B, Dim("c", m.text_length), m.text_hidden))),
             (TensorSpec("out_sample", "float32", latent),),
-            latent_dims),
+            latent_dims | {"c": CHUNKS}),
         "vae_decoder": ComponentSpec(
             "vae_decoder",
             (TensorSpec("latent", "float32", latent),),

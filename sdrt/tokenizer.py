@@ -128,6 +128,12 @@ class ClipTokenizer:
         if pad_id is None:
             raise InputError(f"tokenizer: pad token {pad_token!r} is not in the vocabulary")
         self.pad_id = pad_id
+        self.bos_id, self.eos_id = backend.token_to_id(BOS), backend.token_to_id(EOS)
+        self.comma_id = backend.token_to_id(",</w>")  # A1111 moves text after a comma to the next chunk
+
+    def encode_plain(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids without BOS / EOS, untruncated (sdrt.runtime.prompts cuts the chunks)."""
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> ClipTokenizer:

@@ -216,3 +216,59 @@ def depth2img(path: Path, *, image, prompt, negative_prompt, strength, steps, sa
     return pipe(prompt, image=image, negative_prompt=negative_prompt, strength=strength, num_inference_steps=steps,
                 guidance_scale=guidance_scale, num_images_per_prompt=num_images, generator=generators(seeds),
                 depth_map=None if depth_map is None else torch.from_numpy(depth_map), output_type="np").images
+
+
+class _HfTokenizer:
+    """transformers' CLIPTokenizer with the interface sdrt.runtime.prompts.chunks reads."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.bos_id, self.eos_id, self.pad_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+        self.comma_id = tok.get_vocab()[",</w>"]
+
+    def encode_plain(self, texts):
+        return self.tok(texts, truncation=False, add_special_tokens=False)["input_ids"]
+
+
+def a1111_embeddings(path: Path, texts: list[str], clip_skip: int, emphasis: str) -> list[np.ndarray]:
+    """A1111's conditioning with the PyTorch text encoder: the prompt's 77-token chunks (sdrt's parse and
+    chunks, checked on their own in test_prompts, over transformers' tokenizer), CLIP per chunk (layer
+    -clip_skip, then the final LayerNorm), the weights applied in torch as A1111's emphasis mode does,
+    the chunks concatenated, and the shorter texts padded with the empty prompt's chunk."""
+    import torch
+
+    from sdrt.runtime import prompts
+
+    pipe, _, _ = _pipelines(str(path))
+    te, tok = pipe.text_encoder, _HfTokenizer(pipe.tokenizer)
+    norm = getattr(te, "final_layer_norm", None) or te.text_model.final_layer_norm
+
+    def encode(text):
+        c = prompts.chunks(tok, text, emphasis)
+        zs = []
+        with torch.no_grad():
+            for ids, weights in zip(c.ids, c.weights):
+                out = te(torch.from_numpy(ids[None]), output_hidden_states=True)
+                z = (out.last_hidden_state if clip_skip == 1 else norm(out.hidden_states[-clip_skip]))[0]
+                if emphasis in ("Original", "No norm"):
+                    mean = z.mean()
+                    z = z * torch.tensor(weights, dtype=torch.float32)[:, None]
+                    z = z * (mean / z.mean()) if emphasis == "Original" else z
+                zs.append(z)
+        return torch.cat(zs)
+
+    embs = [encode(t) for t in texts]
+    longest, empty = max(len(e) for e in embs), encode("")
+    return [torch.cat([e, *[empty] * ((longest - len(e)) // len(empty))]).numpy() for e in embs]
+
+
+def txt2img_embeds(path: Path, cond: np.ndarray, uncond: np.ndarray, *, steps, sampler, guidance_scale, width,
+                   height, seeds: list[int]) -> np.ndarray:
+    """diffusers' StableDiffusionPipeline given prompt_embeds and negative_prompt_embeds (T, D)."""
+    import torch
+
+    pipe, _, config = _pipelines(str(path))
+    pipe.scheduler = scheduler_for(config, sampler)
+    return pipe(prompt_embeds=torch.from_numpy(cond[None]), negative_prompt_embeds=torch.from_numpy(uncond[None]),
+                num_inference_steps=steps, guidance_scale=guidance_scale, width=width, height=height,
+                generator=generators(seeds), output_type="np").images

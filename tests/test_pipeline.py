@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -126,7 +124,7 @@ def test_memory_is_released_between_phases_not_between_steps(pipe, monkeypatch, 
     pipe._embeddings.clear()  # earlier tests' prompts
     image = Image.new("RGB", (64, 48), "blue") if img2img else None
     pipe("a dog", steps=4, width=64, height=48, image=image, strength=1.0)
-    phases = ["text_encoder", "text_encoder", "release"] + (["vae_encoder", "release"] if img2img else [])
+    phases = ["text_encoder", "release"] + (["vae_encoder", "release"] if img2img else [])  # one call: both prompts
     assert events == phases + ["unet"] * 4 + ["release", "vae_decoder", "release"]
 
 
@@ -180,13 +178,27 @@ def test_init_image_is_resized_to_requested_size(pipe):
     assert r.pixels.shape == (1, 48, 64, 3)  # rounded down to multiples of 8
 
 
-def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
+def test_long_prompt_is_read_in_chunks(pipe, engines, tmp_path):
+    """Past 75 tokens a prompt goes on in another 77-token chunk (A1111), not truncated; an engine dir
+    whose UNet takes one chunk (exported before long prompts) says so and how to fix it."""
+    import json
+    import shutil
+
     long = "a very detailed painting of " + "a red apple and " * 30
-    with caplog.at_level(logging.WARNING, logger="sdrt"):
-        r = pipe(long, seed=1, **ARGS)
-    assert "longer than 77 tokens" in caplog.text and "apple" in caplog.text
-    short = pipe(long, seed=1, **ARGS)
-    np.testing.assert_array_equal(r.pixels, short.pixels)
+    r = pipe(long, seed=1, **ARGS)
+    cut = pipe(pipe.tokenizer._tok.decode(pipe.tokenizer([long]).ids[0][1:76].tolist()), seed=1, **ARGS)
+    assert np.abs(r.pixels - cut.pixels).max() > 1e-3  # the words past token 75 count
+    old = tmp_path / "old"
+    shutil.copytree(engines["eps"], old)
+    m = json.loads((old / "manifest.json").read_text())
+    unet = m["components"]["unet"]
+    unet["inputs"][2]["shape"][1] = 77
+    unet["dims"].pop("c")
+    (old / "manifest.json").write_text(json.dumps(m))
+    with sdrt.Pipeline.load(old) as p:
+        assert np.array_equal(p("a red apple", seed=1, **ARGS).pixels, pipe("a red apple", seed=1, **ARGS).pixels)
+        with pytest.raises(InputError, match=r"2 chunks of 75 tokens .* takes at most 1 \(exported before"):
+            p(long, seed=1, **ARGS)
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -107,6 +107,8 @@ def parity_sizes(spec: ComponentSpec) -> dict[str, int]:
         sizes["B"] = max(2, sizes["B"])
     if "w" in sizes:
         sizes["w"] = min(2 * sizes["w"], spec.dims["w"][2])
+    if "c" in sizes:  # two prompt chunks: a rewrite that assumed 77 tokens fails here
+        sizes["c"] = min(2, spec.dims["c"][2])
     return sizes
 
 
@@ -166,7 +168,9 @@ def _export(name: str, spec: ComponentSpec, pipe, out_dir: Path, opset: int) -> 
     import torch
 
     module = wrap(name, pipe)
-    feeds = spec.sample_inputs(spec.sizes("opt"))
+    # torch.export fixes a dimension whose example is 1: trace dynamic ones at 2 at least (prompt chunks)
+    sizes = {k: max(v, 2) if spec.dims[k][2] > 1 else v for k, v in spec.sizes("opt").items()}
+    feeds = spec.sample_inputs(sizes)
     args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
     target = out_dir / name / "model.onnx"
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ WORKSPACE_BYTES = 8 * 2**30
 class Profile:
     batch: tuple[int, int, int] = (1, 1, 4)  # min, opt, max images per call (the UNet sees 2x with CFG)
     pixels: tuple[int, int, int] = (256, 512, 1024)  # min, opt, max image side
+    chunks: tuple[int, int, int] = (1, 1, 3)  # min, opt, max 77-token prompt chunks (225 prompt tokens)
 
 
 def cache_dir() -> Path:
@@ -50,8 +51,8 @@ def shapes(spec: ComponentSpec, profile: Profile, scale_factor: int) -> dict[str
     lo, opt, hi = profile.batch
     batch = {"unet": (lo, 2 * opt, 2 * hi), "text_encoder": (1, 1, hi), "vae_decoder": (1, 1, hi)}.get(
         spec.name, profile.batch)
-    sizes = [{"B": batch[i], "h": profile.pixels[i] // scale_factor, "w": profile.pixels[i] // scale_factor}
-             for i in range(3)]
+    sizes = [{"B": batch[i], "h": profile.pixels[i] // scale_factor, "w": profile.pixels[i] // scale_factor,
+              "c": profile.chunks[i]} for i in range(3)]
     return {t.name: tuple(t.resolve(s) for s in sizes) for t in spec.inputs}
 
 

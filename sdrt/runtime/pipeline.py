@@ -26,7 +26,7 @@ import numpy as np
 from sdrt.components import DEPTH_ESTIMATOR
 from sdrt.errors import InputError, Interrupted, NonFiniteOutput
 from sdrt.manifest import Manifest
-from sdrt.runtime import cycle, depth, images, noise, samplers
+from sdrt.runtime import cycle, depth, images, noise, prompts, samplers
 from sdrt.runtime.backends import PROVIDER_TARGETS, check_provider, load_backend, release_free_memory
 from sdrt.runtime.denoiser import Denoiser
 from sdrt.runtime.request import GenerateRequest
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 FP32_FALLBACK = "fp32"  # the target name of the fp32 VAE decoder an fp16 export keeps
 FP32_DECODER = "vae_decoder:fp32"  # its engine's key in Pipeline.engines
-EMBEDDING_CACHE = 64  # prompts whose text embeddings a pipeline keeps (servers see the same ones often)
+EMBEDDING_CACHE = 64  # 77-token chunks whose CLIP outputs a pipeline keeps (servers see the same prompts often)
 
 # callback(step, total, latents, denoised): after every step; latents is the sampler state, denoised
 # the step's data estimate x0 (previews decode it); both (N, C, h, w) float64
@@ -96,7 +96,7 @@ class Pipeline:
         # run the provider's rewritten graphs (sdrt.kernels) where the export made them
         self.targets = PROVIDER_TARGETS.get(provider, ()) if optimized else ()
         self.engines = {}  # component name -> Backend, filled by engine()
-        # (token ids, clip skip) -> (77, D) embedding, the most recent EMBEDDING_CACHE prompts
+        # (a chunk's token ids, clip skip) -> its (77, D) CLIP output, the most recent EMBEDDING_CACHE chunks
         self._embeddings: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._embedding_lock = threading.Lock()
         self._stop = threading.Event()
@@ -163,6 +163,12 @@ class Pipeline:
             e.interrupt()
 
     @property
+    def max_chunks(self) -> int:
+        """The 77-token prompt chunks the UNet takes (1 in engine dirs exported before long prompts)."""
+        d = self.manifest.components["unet"].spec.inputs[2].shape[1]
+        return 1 if isinstance(d, int) else self.manifest.components["unet"].spec.dims[d.name][2]
+
+    @property
     def scale_factor(self) -> int:
         return self.manifest.dims.vae_scale_factor
 
@@ -204,7 +210,7 @@ class Pipeline:
             return None
         size = self.manifest.default_image_size
         return (req.width or size, req.height or size, req.steps, samplers.get_sampler(req.sampler).name,
-                req.schedule_type, req.eta, req.guidance_scale, req.noise)
+                req.schedule_type, req.eta, req.guidance_scale, req.noise, self._chunk_count(req))
 
     def generate_batch(self, requests: list[GenerateRequest], callback: Callback | None = None) -> list[Result]:
         """Several text-to-image requests with one batch_key as one sampling run: every UNet call takes
@@ -238,6 +244,8 @@ class Pipeline:
         """Validate REQ against this engine dir and resolve what it leaves open; no engine runs."""
         req.validate(self.manifest)
         smp = samplers.get_sampler(req.sampler)
+        if req.emphasis not in prompts.EMPHASIS:
+            raise InputError(f"emphasis {req.emphasis!r}: choose one of {', '.join(prompts.EMPHASIS)}")
         kind = self.manifest.pipeline
         if req.mask is not None and req.image is None:
             raise InputError("a mask needs an init image (--init-image) to inpaint")
@@ -290,19 +298,45 @@ class Pipeline:
         return (len(plan.seeds), self.manifest.dims.latent_channels, plan.height // f, plan.width // f)
 
     # -- phases -------------------------------------------------------------------------------
-    def encode_prompts(self, prompts: list[str], clip_skip: int) -> np.ndarray:
-        """(len(prompts), 77, D) embeddings from CLIP layer -clip_skip (after the final LayerNorm)."""
-        tok = self.tokenizer(prompts)
-        for dropped in tok.truncated:
-            if dropped:
-                log.warning("prompt is longer than %d tokens; this part was dropped: %r%s",
-                            self.tokenizer.max_length, dropped[:200], "..." if len(dropped) > 200 else "")
-        keys = [(tuple(ids), clip_skip) for ids in tok.ids.tolist()]
+    def encode_prompt(self, text: str, clip_skip: int, emphasis: str = prompts.DEFAULT_EMPHASIS) -> np.ndarray:
+        """(77 * chunks, D): TEXT in A1111's syntax (sdrt.runtime.prompts), each chunk from CLIP layer
+        -clip_skip (after the final LayerNorm), weighted as EMPHASIS says."""
+        return self._encode_texts([text], clip_skip, emphasis)[0]
+
+    def encode_prompts(self, texts: list[str], clip_skip: int, emphasis: str = prompts.DEFAULT_EMPHASIS) -> np.ndarray:
+        """(len(texts), 77 * chunks, D): encode_prompt of each, padded to the longest (pad_chunks)."""
+        return np.stack(self.pad_chunks(self._encode_texts(texts, clip_skip, emphasis), clip_skip))
+
+    def _encode_texts(self, texts: list[str], clip_skip: int, emphasis: str) -> list[np.ndarray]:
+        """Each text's (77 * chunks, D) embedding; the chunks not in the cache in one text-encoder call."""
+        chunked = [prompts.chunks(self.tokenizer, t, emphasis) for t in texts]
+        for text, c in zip(texts, chunked):
+            self._check_chunks(len(c), text)
+        raw = self._encode_chunks(np.concatenate([c.ids for c in chunked]), clip_skip)
+        out, at = [], 0
+        for c in chunked:
+            out.append(np.concatenate([prompts.emphasize(z, w, emphasis)
+                                       for z, w in zip(raw[at : at + len(c)], c.weights)]))
+            at += len(c)
+        return out
+
+    def pad_chunks(self, embeddings: list[np.ndarray], clip_skip: int) -> list[np.ndarray]:
+        """Prompts of fewer chunks than the longest get the empty prompt's chunk appended until they
+        match (A1111's "pad prompt/negative prompt"): the UNet runs them in one batch."""
+        longest = max(len(e) for e in embeddings)
+        if all(len(e) == longest for e in embeddings):
+            return embeddings
+        empty = self.encode_prompt("", clip_skip)
+        return [np.concatenate([e, *[empty] * ((longest - len(e)) // len(empty))]) for e in embeddings]
+
+    def _encode_chunks(self, ids: np.ndarray, clip_skip: int) -> np.ndarray:
+        """(n, 77) token ids -> (n, 77, D) CLIP outputs, through the cache of recent chunks."""
+        keys = [(tuple(row), clip_skip) for row in ids.tolist()]
         with self._embedding_lock:
             cached = {k: self._embeddings[k] for k in keys if k in self._embeddings}
         todo = sorted({k for k in keys if k not in cached}, key=keys.index)
         if todo:
-            hidden = self.engine("text_encoder")(np.array([k[0] for k in todo], np.int64))  # (layers, N, 77, D)
+            hidden = self.engine("text_encoder")(np.array([k[0] for k in todo], np.int64))  # (layers, n, 77, D)
             with self._embedding_lock:
                 for k, row in zip(todo, hidden[-clip_skip]):
                     cached[k] = self._embeddings[k] = row
@@ -311,16 +345,30 @@ class Pipeline:
                     self._embeddings.popitem(last=False)
         return np.stack([cached[k] for k in keys])
 
+    def _check_chunks(self, n: int, text: str) -> None:
+        if n > self.max_chunks:
+            why = " (exported before sdrt read long prompts: re-export it)" if self.max_chunks == 1 else ""
+            raise InputError(f"prompt: {n} chunks of 75 tokens ({text[:40]!r}...); the UNet of {self.engine_dir} "
+                             f"takes at most {self.max_chunks}{why}")
+
+    def _chunk_count(self, req: GenerateRequest) -> int:
+        texts = [req.prompt] + ([req.negative_prompt or ""] if req.guidance_scale > 1 else [])
+        return max(len(prompts.chunks(self.tokenizer, t, req.emphasis)) for t in texts)
+
     def _conditioning(self, plan: Plan) -> tuple[np.ndarray, np.ndarray | None]:
-        """(N, 77, D) prompt embeddings, and the negative prompt's when guidance is on."""
+        """(N, 77 * chunks, D) prompt embeddings, and the negative prompt's when guidance is on; all
+        padded to one chunk count (pad_chunks)."""
         req, n = plan.req, len(plan.seeds)
-        cond = np.repeat(self.encode_prompts([req.prompt], req.clip_skip), n, axis=0)
-        uncond = None
+        texts = [req.prompt]
         if req.guidance_scale > 1:  # diffusers: guidance <= 1 runs the conditional pass only
-            uncond = np.repeat(self.encode_prompts([req.negative_prompt or ""], req.clip_skip), n, axis=0)
+            texts.append(req.negative_prompt or "")
         if req.source_prompt is not None:  # CycleDiffusion: [source; target] rows (sdrt.runtime.cycle)
-            source = np.repeat(self.encode_prompts([req.source_prompt], req.clip_skip), n, axis=0)
-            cond = np.concatenate([source, cond])
+            texts.append(req.source_prompt)
+        embs = self.pad_chunks(self._encode_texts(texts, req.clip_skip, req.emphasis), req.clip_skip)
+        cond = np.repeat(embs[0][None], n, axis=0)
+        uncond = np.repeat(embs[1][None], n, axis=0) if req.guidance_scale > 1 else None
+        if req.source_prompt is not None:
+            cond = np.concatenate([np.repeat(embs[-1][None], n, axis=0), cond])
             uncond = None if uncond is None else np.concatenate([uncond, uncond])
         release_free_memory()  # each phase starts from a small arena
         return cond, uncond
@@ -454,6 +502,9 @@ class Pipeline:
                 "Clip skip": req.clip_skip if req.clip_skip != 1 else None,
                 "Denoising strength": req.strength if plan.image is not None else None, "Eta": req.eta,
                 "RNG": noise.RNG_FIELD[req.noise],
+                # A1111 names a mode other than its default when the prompts have brackets to weigh
+                "Emphasis": req.emphasis if req.emphasis != prompts.DEFAULT_EMPHASIS and any(
+                    c in f"{req.prompt}{req.negative_prompt or ''}" for c in "([") else None,
             }
 
         return [images.a1111_parameters(req.prompt, req.negative_prompt or "", settings(s)) for s in plan.seeds]

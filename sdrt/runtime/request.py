@@ -15,7 +15,7 @@ from typing import Any
 
 from sdrt.errors import InputError
 from sdrt.runtime import noise as noise_sources
-from sdrt.runtime import samplers
+from sdrt.runtime import prompts, samplers
 
 MAX_STEPS = 500  # A1111's UI stops at 150; a 500-step run is already minutes of UNet calls
 MAX_IMAGES = 8  # images per call; the UNet runs them in one batch (twice that with guidance)
@@ -60,6 +60,9 @@ class GenerateRequest:
     height: int | None = arg(None, kind="int", help="pixels (as width)")
     num_images: int = arg(1, kind="int", lo=1, hi=MAX_IMAGES, cli="--batch", help="number of images")
     clip_skip: int = arg(1, kind="int", lo=1, help="1 = last CLIP layer, 2 = penultimate (A1111)")
+    emphasis: str = arg(prompts.DEFAULT_EMPHASIS, kind="choice", choices=prompts.EMPHASIS,
+                        help="A1111's prompt weights, (word:1.2): Original (rescaled to the mean), No norm, "
+                             "Ignore (parsed, not applied), None (brackets are text)")
     image: Any = arg(None, kind="image", cli="--init-image", help="img2img / inpainting: start from this image")
     strength: float = arg(0.8, kind="number", lo=0, hi=1, help="img2img: how much to change the image")
     mask: Any = arg(None, kind="image", help="inpainting mask (white: repaint, black: keep); needs an init image")
