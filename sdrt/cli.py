@@ -45,10 +45,27 @@ def cmd_export(args) -> int:
 
 
 def _request(args):
-    """The GenerateRequest the generate flags describe (the flags are derived from it: _add_request_flags)."""
-    from sdrt.runtime.request import GenerateRequest
+    """The GenerateRequest the generate flags describe (the flags are derived from it: _add_request_flags);
+    with --from-png, the PNG's parameters, with the flags given (those not at their defaults) on top."""
+    from sdrt.runtime.request import GenerateRequest, from_parameters
 
-    return GenerateRequest.make(**{f.name: getattr(args, f.name) for f in GenerateRequest.fields(python_only=False)})
+    fields = GenerateRequest.fields(python_only=False)
+    given = {f.name: getattr(args, f.name) for f in fields}
+    if args.from_png is None:
+        if args.prompt is None:
+            raise InputError("a prompt is needed (or --from-png FILE to take it and the settings from a PNG)")
+        return GenerateRequest.make(**given)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(args.from_png) as im:
+            text = im.info.get("parameters")
+    except (OSError, UnidentifiedImageError) as e:
+        raise InputError(f"--from-png {args.from_png}: {e}") from None
+    if not text:
+        raise InputError(f"--from-png {args.from_png}: the image has no A1111 `parameters` text")
+    changed = {f.name: given[f.name] for f in fields if given[f.name] != f.default and given[f.name] is not None}
+    return GenerateRequest.make(**(from_parameters(text) | changed))
 
 
 def _interruptible(pipe, fn):
@@ -334,7 +351,7 @@ def add_request_flags(parser) -> None:
         m = f.metadata
         default = "" if f.default is None else f" (default {f.default})"
         if f.name == "prompt":
-            parser.add_argument("prompt", help=m["help"])
+            parser.add_argument("prompt", nargs="?", help=m["help"])
             continue
         flag = m["cli"] or "--" + f.name.replace("_", "-")
         parser.add_argument(flag, dest=f.name, type=_FLAG_TYPES[m["kind"]], default=f.default,
@@ -350,6 +367,8 @@ def _add_generate(sub, parents) -> None:
     g = sub.add_parser("generate", parents=parents, help="prompt -> PNG (A1111 'parameters' metadata included)")
     add_request_flags(g)
     g.add_argument("--engines", required=True, help="engine dir written by `sdrt export`")
+    g.add_argument("--from-png", metavar="FILE", help="take the prompt, settings, seed and noise source from the "
+                   "A1111 `parameters` of FILE (an sdrt or A1111 PNG); flags given as well override them")
     g.add_argument("-o", "--output", default="sdrt.png", help="PNG path; with --batch N: NAME-0.png ...")
     g.add_argument("--provider", default="cpu", choices=list(PROVIDERS),
                    help="cpu (ONNX Runtime), cuda / tensorrt (ONNX Runtime GPU), openvino (bf16 on CPUs "

@@ -201,3 +201,30 @@ def test_emphasis_changes_the_image_and_is_recorded(biased):
         assert "Emphasis: Ignore" in ignored.parameters[0] and "Emphasis" not in weighted.parameters[0]
         with pytest.raises(InputError, match="emphasis 'loud': choose one of Original, No norm, Ignore, None"):
             pipe("x", emphasis="loud", **args)
+
+
+def test_from_png_reproduces_the_image(engines, tmp_path, capsys):
+    """`sdrt generate --from-png` reads prompt, settings, seed and noise source back from an image's
+    parameters and makes the same image; flags given with it override the PNG's."""
+    from PIL import Image
+
+    from sdrt.cli import main
+
+    first, again, other = tmp_path / "first.png", tmp_path / "again.png", tmp_path / "other.png"
+    engine = ["--engines", str(engines["eps"]), "-q"]
+    assert main(["generate", "a (red:1.3) apple BREAK on a [table]", *engine, "--negative-prompt", "(blurry)",
+                 "--steps", "3", "--sampler", "DPM++ 2M", "--schedule-type", "karras", "--guidance-scale", "6",
+                 "--seed", "77", "--width", "64", "--height", "48", "--clip-skip", "2", "--noise", "a1111-cpu",
+                 "--emphasis", "No norm", "-o", str(first)]) == 0
+    assert main(["generate", "--from-png", str(first), *engine, "-o", str(again)]) == 0
+    a, b = Image.open(first), Image.open(again)
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and a.text["parameters"] == b.text["parameters"]
+    assert main(["generate", "--from-png", str(first), *engine, "--seed", "78", "-o", str(other)]) == 0
+    assert "Seed: 78," in Image.open(other).text["parameters"]
+    assert not np.array_equal(np.asarray(a), np.asarray(Image.open(other)))
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    capsys.readouterr()
+    assert main(["generate", "--from-png", str(tmp_path / "plain.png"), *engine]) == 2
+    assert main(["generate", *engine]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "no A1111 `parameters` text" in err[0] and "a prompt is needed" in err[1]

@@ -183,3 +183,36 @@ def _kind_words(kind: str) -> str:
 def _short(value) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+# A1111 `parameters` keys -> request fields and how each value is read (from_parameters)
+_A1111_KEYS = {"Prompt": ("prompt", str), "Negative prompt": ("negative_prompt", str), "Steps": ("steps", int),
+               "Sampler": ("sampler", str), "CFG scale": ("guidance_scale", float), "Seed": ("seed", int),
+               "Size-1": ("width", int), "Size-2": ("height", int), "Clip skip": ("clip_skip", int),
+               "Eta": ("eta", float), "Denoising strength": ("strength", float), "Emphasis": ("emphasis", str)}
+
+
+def from_parameters(text: str) -> dict:
+    """The request fields an A1111 `parameters` text states (sdrt's PNGs and A1111's): prompt, negative
+    prompt, steps, sampler, schedule type, CFG scale, seed, size, clip skip, eta, denoising strength,
+    emphasis, and the noise source from its RNG field (absent: A1111's GPU source)."""
+    from sdrt.runtime.images import parse_a1111_parameters
+
+    params = parse_a1111_parameters(text)
+    if "Steps" not in params or "Seed" not in params:
+        raise InputError("the PNG's parameters have no settings line (Steps, Seed, ...): not an A1111 / sdrt image")
+    out = {}
+    for key, (name, kind) in _A1111_KEYS.items():
+        if params.get(key) not in (None, ""):
+            try:
+                out[name] = kind(params[key])
+            except ValueError:
+                raise InputError(f"the PNG's parameters: {key} {params[key]!r} is not {kind.__name__}") from None
+    schedule = params.get("Schedule type", "")
+    if schedule and schedule.lower() != "automatic":
+        out["schedule_type"] = schedule.lower().replace(" ", "_")
+    try:
+        out["noise"] = noise_sources.source_from_rng_field(params.get("RNG"))
+    except ValueError as e:
+        raise InputError(f"the PNG's parameters: {e}") from None
+    return out

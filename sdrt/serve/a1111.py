@@ -4,7 +4,8 @@ clients send. A1111's field names map to sdrt's request (sdrt.runtime.request):
     prompt, negative_prompt, steps, seed (-1: random), width, height -> the same
     cfg_scale -> guidance_scale; sampler_name (or sampler_index) -> sampler, A1111's names;
     scheduler -> schedule_type ("automatic": the sampler's own); batch_size x n_iter -> num_images;
-    eta -> DDIM's eta; override_settings.CLIP_stop_at_last_layers -> clip_skip
+    eta -> DDIM's eta; override_settings.CLIP_stop_at_last_layers -> clip_skip, .emphasis -> emphasis
+    prompts in A1111's syntax (weights, BREAK, any length; sdrt.runtime.prompts)
     noise: A1111's own (`a1111-gpu`, its default GPU source, reproduced on any device), or
     override_settings.randn_source (GPU, NV -> a1111-gpu; CPU -> a1111-cpu), so a seed gives A1111's image
     img2img: init_images[0] -> image, denoising_strength -> strength, mask (blurred by mask_blur px,
@@ -47,7 +48,7 @@ NO_EFFECT = {"hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "
              "mask_blur", "mask_blur_x", "mask_blur_y", "inpainting_mask_invert"}
 DIRECT = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps", "seed": "seed",
           "width": "width", "height": "height", "cfg_scale": "guidance_scale"}
-OVERRIDES = {"CLIP_stop_at_last_layers": "clip_skip", "randn_source": "noise"}
+OVERRIDES = {"CLIP_stop_at_last_layers": "clip_skip", "randn_source": "noise", "emphasis": "emphasis"}
 OVERRIDES_NO_EFFECT = {"sd_model_checkpoint", "sd_vae", "samples_format", "eta_ddim", "eta_ancestral"}
 
 
@@ -219,7 +220,7 @@ def sd_models(request: Request):
 def options(request: Request):
     s = request.app.state.service
     return {"sd_model_checkpoint": s.model_name, "CLIP_stop_at_last_layers": 1, "eta_ddim": 0.0,
-            "randn_source": "GPU",
+            "randn_source": "GPU", "emphasis": "Original",
             "eta_ancestral": 1.0, "samples_format": "png", "live_previews_enable": True,
             "show_progress_type": "Approx cheap"}
 
