@@ -62,7 +62,9 @@ class ComponentSpec:
         return {name: r[k] for name, r in self.dims.items()}
 
     def sample_inputs(self, sizes: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
-        """Deterministic inputs of the declared shapes (token ids within `vocab`)."""
+        """Deterministic inputs of the declared shapes (token ids within `vocab`); symbols SIZES leaves
+        out take their opt value."""
+        sizes = self.sizes("opt") | sizes
         rng = np.random.default_rng(seed)
         feeds = {}
         for spec in self.inputs:
@@ -121,9 +123,10 @@ class ModelDims:
 
 
 BATCH = (1, 2, 8)  # min/opt/max batch: opt 2 is one prompt with classifier-free guidance
-# min/opt/max 77-token chunks of the UNet's text conditioning (A1111's long prompts, BREAK; 8 chunks
-# hold 600 prompt tokens)
-CHUNKS = (1, 1, 8)
+# min/opt/max 77-token chunks of the UNet's text conditioning (A1111's long prompts, BREAK): 64 hold
+# 4,800 prompt tokens. ONNX graphs take any count (the bound is torch.export's); TensorRT engines take
+# their profile's (sdrt.export.tensorrt.Profile.chunks)
+CHUNKS = (1, 1, 64)
 IMAGE_PX = (64, 512, 2048)  # min/opt/max image side in pixels
 
 

@@ -143,6 +143,11 @@ def test_webuiapi_txt2img_img2img_and_png_info(live, pipe):
     cpu = api.txt2img(prompt="a castle", seed=21, width=W, height=H, override_settings={"randn_source": "CPU"})
     assert _same(cpu.images[0], pipe("a castle", seed=21, width=W, height=H, steps=3, sampler="dpmpp_2m",
                                      schedule_type="karras", guidance_scale=7.0, noise="a1111-cpu").images[0])
+    weighted = "a (castle:1.3) on a hill BREAK [rain]"  # A1111's prompt syntax, its emphasis setting
+    out_w = api.txt2img(prompt=weighted, seed=21, width=W, height=H, override_settings={"emphasis": "No norm"})
+    assert _same(out_w.images[0], pipe(weighted, seed=21, width=W, height=H, steps=3, sampler="dpmpp_2m",
+                                       schedule_type="karras", guidance_scale=7.0, noise="a1111-gpu",
+                                       emphasis="No norm").images[0])
     assert out.info["all_seeds"] == [21, 22] and out.info["infotexts"] == want.parameters
     assert out.parameters["prompt"] == "a castle"  # the request, echoed as A1111 does
 

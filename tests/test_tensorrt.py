@@ -21,7 +21,7 @@ def test_profile_shapes_follow_the_component_specs():
     # CFG doubles the UNet's batch; guidance off (scale <= 1) runs one image at batch 1
     assert unet["sample"] == ((1, 4, 32, 32), (2, 4, 64, 64), (8, 4, 128, 128))
     assert unet["timestep"] == ((1,), (2,), (8,))
-    assert unet["encoder_hidden_states"] == ((1, 77, 768), (2, 77, 768), (8, 77, 768))
+    assert unet["encoder_hidden_states"] == ((1, 77, 768), (2, 77, 768), (8, 3 * 77, 768))  # 1 to 3 chunks
     assert shapes(specs["text_encoder"], p, 8)["input_ids"] == ((1, 77), (1, 77), (4, 77))  # a prompt per call
     assert shapes(specs["vae_decoder"], p, 8)["latent"] == ((1, 4, 32, 32), (1, 4, 64, 64), (4, 4, 128, 128))
     wide = Profile(batch=(2, 2, 4), pixels=(256, 512, 1024))  # the decoder still gets one image per call
@@ -89,11 +89,11 @@ def test_tensorrt_export_and_runtime_with_stand_ins(checkpoints, engines, tmp_pa
         got = pipe(**args).pixels
         unet = pipe.engines["unet"]
         # UNet call 1 runs, call 2 is captured and launched, calls 3 and 4 replay the graph; the text
-        # encoder's second call (the negative prompt) is captured and launched
-        assert (unet.context.runs, cuda.instantiated, cuda.launches) == (4, 2, 1 + 3)
+        # encoder runs once (prompt and negative prompt in one call)
+        assert (unet.context.runs, cuda.instantiated, cuda.launches) == (4, 1, 3)
         again = pipe(**args).pixels  # same prompts: cached embeddings, no text encoder call; the UNet
         # replays; the decoder captures
-        assert (unet.context.runs, cuda.instantiated, cuda.launches) == (8, 3, 4 + 4 + 1)
+        assert (unet.context.runs, cuda.instantiated, cuda.launches) == (8, 2, 3 + 4 + 1)
         smaller = pipe(**(args | dict(width=w - 16, height=h - 16))).pixels  # smaller: no new buffers
         assert unet.context.runs == 12 and smaller.shape == (1, h - 16, w - 16, 3)
         assert pipe(**(args | dict(guidance_scale=1.0))).pixels.shape == got.shape  # UNet batch 1

@@ -249,8 +249,11 @@ def tensorrt_stage(entries: dict[str, ComponentEntry], staging: Path, profile, v
         t0 = time.perf_counter()
         hit = tensorrt.build_engine(onnx_file, weights, plan, c.spec, profile, vae_scale_factor)
         log.info("%s: TensorRT engine %s in %.1f s", name, "from cache" if hit else "built", time.perf_counter() - t0)
+        spec = c.spec  # the UNet's prompt chunks: what its profile takes
+        if "c" in spec.dims:
+            spec = dataclasses.replace(spec, dims=spec.dims | {"c": profile.chunks})
         out[name] = dataclasses.replace(
-            c, backend="tensorrt", files=[str(plan.relative_to(staging)), *c.files],
+            c, spec=spec, backend="tensorrt", files=[str(plan.relative_to(staging)), *c.files],
             optimizations=[*c.optimizations, f"TensorRT engine: batch {profile.batch}, {profile.pixels} px "
                                              "(min, opt, max)"])
     return out
