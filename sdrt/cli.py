@@ -110,6 +110,8 @@ def cmd_generate(args) -> int:
         raise InputError(f"-o {args.output}: directory {out.parent} does not exist")
     req = _request(args)
     pipe = Pipeline.load(args.engines, provider=args.provider, verify=args.verify)
+    if args.embeddings_dir:
+        pipe.load_embeddings(args.embeddings_dir)
     bars = []
 
     def progress(step, total, latents, denoised):  # the bar starts with the first step, after validation
@@ -367,6 +369,8 @@ def _add_generate(sub, parents) -> None:
     g = sub.add_parser("generate", parents=parents, help="prompt -> PNG (A1111 'parameters' metadata included)")
     add_request_flags(g)
     g.add_argument("--engines", required=True, help="engine dir written by `sdrt export`")
+    g.add_argument("--embeddings-dir", metavar="DIR", help="textual-inversion embeddings (.safetensors, .pt, "
+                   ".bin) prompts may name by file stem, as A1111's embeddings folder")
     g.add_argument("--from-png", metavar="FILE", help="take the prompt, settings, seed and noise source from the "
                    "A1111 `parameters` of FILE (an sdrt or A1111 PNG); flags given as well override them")
     g.add_argument("-o", "--output", default="sdrt.png", help="PNG path; with --batch N: NAME-0.png ...")

@@ -84,6 +84,10 @@ class Manifest:
     # depth2img: the depth estimator's image-processor settings (sdrt.runtime.depth.Processor); None
     # where the export had no estimator (single-file depth checkpoints: users give depth maps)
     depth_processor: object = None
+    # where the text encoder's token table is, for its `embeds` graph (textual inversion): {"file"
+    # (relative to the engine dir), "offset" (bytes), "shape" [vocab, width], "dtype"}; None in engine
+    # dirs exported before it
+    token_table: dict | None = None
 
     def to_json(self) -> dict:
         return {
@@ -96,7 +100,8 @@ class Manifest:
             "exporter": self.exporter,
             "components": {k: v.to_json() for k, v in self.components.items()},
             "files": self.files,
-        } | ({"depth_processor": self.depth_processor.to_json()} if self.depth_processor else {})
+        } | ({"depth_processor": self.depth_processor.to_json()} if self.depth_processor else {}) | (
+            {"token_table": self.token_table} if self.token_table else {})
 
     def write(self, directory: Path) -> None:
         (Path(directory) / MANIFEST).write_text(json.dumps(self.to_json(), indent=2) + "\n")
@@ -148,7 +153,8 @@ class Manifest:
                 components={k: ComponentEntry.from_json(k, v) for k, v in raw["components"].items()},
                 default_image_size=_positive_int("default_image_size", raw.get("default_image_size", 512)),
                 tokenizer_dir=raw.get("tokenizer_dir", TOKENIZER_DIR), exporter=raw.get("exporter", {}),
-                files=raw.get("files", {}), depth_processor=_depth_processor(raw.get("depth_processor")))
+                files=raw.get("files", {}), depth_processor=_depth_processor(raw.get("depth_processor")),
+                token_table=_token_table(raw.get("token_table")))
         if m.default_image_size % dims.vae_scale_factor:
             raise FieldError(f"default_image_size {m.default_image_size} is not a multiple of "
                              f"vae_scale_factor {dims.vae_scale_factor}")
@@ -215,6 +221,17 @@ def _choice(name: str, v, choices) -> str:
     if v not in choices:
         raise FieldError(f"{name} must be one of {', '.join(choices)}, got {v!r}")
     return v
+
+
+def _token_table(d):
+    if d is None:
+        return None
+    ok = (isinstance(d, dict) and isinstance(d.get("file"), str) and isinstance(d.get("offset"), int)
+          and d.get("dtype") in ("float32", "float16") and isinstance(d.get("shape"), list) and len(d["shape"]) == 2
+          and all(isinstance(x, int) and x > 0 for x in d["shape"]))
+    if not ok:
+        raise FieldError(f"token_table: expected file, offset, shape [vocab, width], dtype; got {d!r}")
+    return d
 
 
 def _depth_processor(d):

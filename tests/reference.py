@@ -272,3 +272,18 @@ def txt2img_embeds(path: Path, cond: np.ndarray, uncond: np.ndarray, *, steps, s
     return pipe(prompt_embeds=torch.from_numpy(cond[None]), negative_prompt_embeds=torch.from_numpy(uncond[None]),
                 num_inference_steps=steps, guidance_scale=guidance_scale, width=width, height=height,
                 generator=generators(seeds), output_type="np").images
+
+
+def txt2img_with_embeddings(path: Path, *, prompt, negative_prompt, files: dict, steps, seed, width, height,
+                            sampler) -> np.ndarray:
+    """diffusers' StableDiffusionPipeline with textual-inversion FILES ({token: file}) loaded by
+    load_textual_inversion (a fresh pipeline: the loaded tokens stay in its tokenizer)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    for token, f in files.items():
+        pipe.load_textual_inversion(str(f), token=token)
+    pipe.scheduler = scheduler_for(dict(pipe.scheduler.config), sampler)
+    return pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, width=width, height=height,
+                generator=generators([seed]), output_type="np").images

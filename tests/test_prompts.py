@@ -228,3 +228,70 @@ def test_from_png_reproduces_the_image(engines, tmp_path, capsys):
     assert main(["generate", *engine]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "no A1111 `parameters` text" in err[0] and "a prompt is needed" in err[1]
+
+
+def _embedding_files(tmp_path, width: int):
+    """An A1111 .pt (two vectors, `string_to_param`) and a diffusers .safetensors ({token: vectors})."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(9)
+    style = torch.randn(2, width, generator=g) * 0.5
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.nn.Parameter(style)},
+                "name": "sdrtstyle", "step": 100}, tmp_path / "sdrtstyle.pt")
+    save_file({"<sdrtdog>": torch.randn(1, width, generator=g) * 0.5}, tmp_path / "sdrtdog.safetensors")
+    return tmp_path / "sdrtstyle.pt", tmp_path / "sdrtdog.safetensors"
+
+
+def test_textual_inversion_equals_diffusers(checkpoints, engines, tmp_path, monkeypatch):
+    """Embeddings named in a prompt replace exactly their tokens' rows (no re-export: the text encoder's
+    embeds graph), and the image equals diffusers with the same files loaded by load_textual_inversion."""
+    w, h = SIZES["eps"]
+    style, dog = _embedding_files(tmp_path, 32)
+    prompt, negative = "a photo of sdrtstyle, a sdrtdog on a hill", "blurry sdrtstyle"  # diffusers: no weights
+    with sdrt.Pipeline.load(engines["eps"]) as pipe:
+        assert pipe.load_embeddings(tmp_path) == ["sdrtdog", "sdrtstyle"]
+        plain = pipe.encode_prompt("a photo of sdrtstyle", 1)
+        _, table = pipe._embeds_engine()
+        seen = []
+        engine = pipe.engines["text_encoder:embeds"]
+        real = engine._run
+        monkeypatch.setattr(engine, "_run", lambda feeds: seen.append(feeds["inputs_embeds"]) or real(feeds))
+        pipe._embeddings.clear()
+        result = pipe(prompt, negative_prompt=negative, steps=4, seed=3, width=w, height=h, sampler="euler_a")
+    chunks = prompts.chunks(pipe.tokenizer, prompt, library=pipe.library)
+    x, looked_up = seen[0][0], table[chunks.ids[0]]
+    changed = np.flatnonzero(np.any(x != looked_up, axis=1)).tolist()
+    (offset_style, e_style), (offset_dog, e_dog) = chunks.fixes[0]
+    assert changed == [offset_style + 1, offset_style + 2, offset_dog + 1]  # after BOS: 2 rows, then 1
+    assert np.array_equal(x[offset_style + 1 : offset_style + 3], e_style.vectors)
+    assert plain.shape == (77, 32) and "TI hashes: \"sdrtstyle: " in result.parameters[0]
+    want = reference.txt2img_with_embeddings(checkpoints["eps"], prompt=prompt, negative_prompt=negative,
+                                             files={"sdrtstyle": style, "sdrtdog": dog}, steps=4, seed=3,
+                                             width=w, height=h, sampler="euler_a")
+    assert np.abs(result.pixels - want).max() < 2e-3
+
+
+def test_embedding_files_are_checked(engines, tmp_path):
+    import os
+
+    import torch
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, ("echo pwned",)
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    torch.save({"a": torch.zeros(2, 32), "b": torch.zeros(1, 32)}, tmp_path / "two.bin")
+    torch.save({"a": torch.zeros(2, 16)}, tmp_path / "narrow.bin")
+    (tmp_path / "text.pt").write_text("no")
+    with sdrt.Pipeline.load(engines["eps"]) as pipe:
+        with pytest.raises(InputError, match="os.system|posix.system"):
+            pipe.add_embedding(tmp_path / "evil.pt")
+        with pytest.raises(InputError, match="expected one tensor"):
+            pipe.add_embedding(tmp_path / "two.bin")
+        with pytest.raises(InputError, match="cannot read it"):
+            pipe.add_embedding(tmp_path / "text.pt")
+        pipe.add_embedding(tmp_path / "narrow.bin")
+        with pytest.raises(InputError, match="embedding 'narrow': vectors of width 16, .* takes 32"):
+            pipe("a narrow dog", steps=1, width=64, height=48)

@@ -184,6 +184,40 @@ def targets_stage(entry: ComponentEntry, pipe, staging: Path, latent_side: int, 
     return dataclasses.replace(entry, targets={**entry.targets, **out}, optimizations=notes)
 
 
+def embeds_stage(entry: ComponentEntry, staging: Path) -> tuple[ComponentEntry, dict | None]:
+    """The text encoder's `embeds` graph (sdrt.kernels.embeds: token embeddings in, for textual
+    inversion), checked to give the standard graph's output for the same tokens; and where its token
+    table is (relative to the engine dir). A graph it can't cut keeps no embeds graph (logged)."""
+    import numpy as np
+
+    from sdrt.kernels import embeds, target_file
+    from sdrt.kernels.graph import externalize
+    from sdrt.runtime.backends.onnxruntime import session
+
+    src = staging / entry.files[0]
+    if externalize(src):  # the table must sit in a weights file the runtime can map
+        from sdrt.export.onnx_export import component_files
+
+        entry = dataclasses.replace(entry, files=component_files(staging, entry.spec.name))
+    dst = src.with_name(target_file(src.name, embeds.TARGET))
+    try:
+        record = embeds.build(src, dst)
+    except SdrtError as e:
+        log.warning("text_encoder: no embeds graph, so no textual inversion: %s", e)
+        return entry, None
+    record["file"] = str((src.parent / record["file"]).relative_to(staging))
+    ids = entry.spec.sample_inputs(entry.spec.sizes("opt"), seed=1)["input_ids"]
+    table = np.memmap(staging / record["file"], dtype=record["dtype"], mode="r", offset=record["offset"],
+                      shape=tuple(record["shape"]))
+    want = session(src).run(None, {"input_ids": ids})[0]
+    got = session(dst).run(None, {embeds.EMBEDS: np.asarray(table[ids])})[0]
+    err = float(np.max(np.abs(want.astype(np.float64) - got)))
+    if err > 1e-4 * max(1.0, float(np.max(np.abs(want)))):
+        raise SdrtError(f"export of text_encoder: the embeds graph differs from the standard one by {err:.3g}")
+    graph = TargetGraph(str(dst.relative_to(staging)), {}, err)
+    return dataclasses.replace(entry, targets={**entry.targets, embeds.TARGET: graph}), record
+
+
 def cuda_stage(entry: ComponentEntry, pipe, staging: Path, fp16: bool = True) -> TargetGraph:
     """The onnxruntime-cuda graph (sdrt.kernels.cuda), fused from the fp32 graph ENTRY and then made
     fp16 (fp16 False: a decoder that stays fp32), parity-checked like the other graphs (on ONNX
@@ -273,14 +307,15 @@ def _precision_stages(fp32: ComponentEntry, pipe, staging: Path, optimize: bool)
     return entry, gpu
 
 
-def _components(pipe, dims: ModelDims, staging: Path, opts: Options) -> dict[str, ComponentEntry]:
+def _components(pipe, dims: ModelDims, staging: Path, opts: Options) -> tuple[dict[str, ComponentEntry], dict | None]:
+    """Every component's entry, and the token table's record (embeds_stage)."""
     from tqdm.auto import tqdm
 
     from sdrt.export import depth
 
     specs = component_specs(dims)
     latent_side = _latent_side(opts.cpu_size, dims.vae_scale_factor)
-    entries = {}
+    entries, token_table = {}, None
     if depth.estimator(pipe) is not None:
         specs[DEPTH_ESTIMATOR] = depth.spec(pipe, depth.processor(pipe))
     with tqdm(total=len(specs), desc="export", unit="component", disable=not opts.progress) as bar:
@@ -297,13 +332,15 @@ def _components(pipe, dims: ModelDims, staging: Path, opts: Options) -> dict[str
                 entry = targets_stage(entry, pipe, staging, latent_side, dims.vae_scale_factor)
             if gpu is not None:
                 entry = dataclasses.replace(entry, targets={**entry.targets, "onnxruntime-cuda": gpu})
+            if name == "text_encoder":
+                entry, token_table = embeds_stage(entry, staging)
             entries[name] = entry
             bar.update(1)
             fault("component")
-    return entries
+    return entries, token_table
 
 
-def _manifest(loaded, pipe, dims, entries, lora_records, opts: Options) -> Manifest:
+def _manifest(loaded, pipe, dims, entries, lora_records, opts: Options, token_table: dict | None) -> Manifest:
     from sdrt.export import depth, onnx_export, sources
 
     return Manifest(
@@ -316,7 +353,8 @@ def _manifest(loaded, pipe, dims, entries, lora_records, opts: Options) -> Manif
         scheduler_config=loaded.scheduler_config, components=entries,
         default_image_size=int(pipe.unet.config.sample_size) * dims.vae_scale_factor,
         exporter=_versions() | {"opset": opts.opset or onnx_export.DEFAULT_OPSET},
-        depth_processor=depth.processor(pipe) if depth.estimator(pipe) is not None else None)
+        depth_processor=depth.processor(pipe) if depth.estimator(pipe) is not None else None,
+        token_table=token_table)
 
 
 def _build(source: str, staging: Path, opts: Options) -> Manifest:
@@ -334,10 +372,10 @@ def _build(source: str, staging: Path, opts: Options) -> Manifest:
     log.info("loaded %s in %.1f s", source, time.perf_counter() - t0)
     dims = model_dims(pipe)
     _check_kind(pipe, dims, opts)
-    entries = _components(pipe, dims, staging, opts)
+    entries, token_table = _components(pipe, dims, staging, opts)
     pipe.tokenizer.save_pretrained(staging / TOKENIZER_DIR)
     shutil.rmtree(scratch)
-    manifest = _manifest(loaded, pipe, dims, entries, lora_records, opts)  # hashes the weights once
+    manifest = _manifest(loaded, pipe, dims, entries, lora_records, opts, token_table)  # hashes the weights once
     if opts.precision == "int8":  # calibration runs the staged fp32 engines, which need a manifest to load
         manifest.write(staging)
         spec = entries["unet"].spec

@@ -96,8 +96,13 @@ def a1111_parameters(prompt: str, negative: str, settings: dict) -> str:
     lines = [prompt]
     if negative:
         lines.append(f"Negative prompt: {negative}")
-    lines.append(", ".join(f"{k}: {v}" for k, v in settings.items() if v is not None))
+    lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in settings.items() if v is not None))
     return "\n".join(lines)
+
+
+def _quote(text: str) -> str:
+    """A settings value as A1111 writes it: JSON-quoted when it holds a comma, colon or newline."""
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
 
 # one `Key: value` of the settings line; a value is a quoted JSON string or runs to the next comma

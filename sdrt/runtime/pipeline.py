@@ -26,7 +26,7 @@ import numpy as np
 from sdrt.components import DEPTH_ESTIMATOR
 from sdrt.errors import InputError, Interrupted, NonFiniteOutput
 from sdrt.manifest import Manifest
-from sdrt.runtime import cycle, depth, images, noise, prompts, samplers
+from sdrt.runtime import cycle, depth, embeddings, images, noise, prompts, samplers
 from sdrt.runtime.backends import PROVIDER_TARGETS, check_provider, load_backend, release_free_memory
 from sdrt.runtime.denoiser import Denoiser
 from sdrt.runtime.request import GenerateRequest
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 FP32_FALLBACK = "fp32"  # the target name of the fp32 VAE decoder an fp16 export keeps
 FP32_DECODER = "vae_decoder:fp32"  # its engine's key in Pipeline.engines
+EMBEDS = "text_encoder:embeds"  # the text encoder taking token embeddings (textual inversion)
 EMBEDDING_CACHE = 64  # 77-token chunks whose CLIP outputs a pipeline keeps (servers see the same prompts often)
 
 # callback(step, total, latents, denoised): after every step; latents is the sampler state, denoised
@@ -99,6 +100,8 @@ class Pipeline:
         # (a chunk's token ids, clip skip) -> its (77, D) CLIP output, the most recent EMBEDDING_CACHE chunks
         self._embeddings: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._embedding_lock = threading.Lock()
+        self.library = embeddings.Library(tokenizer)  # textual-inversion embeddings prompts may name
+        self._token_table = None
         self._stop = threading.Event()
         # unet -> context manager yielding the UNet callable the sampler loop uses; None: the UNet itself.
         # A server's step batcher (sdrt.serve.continuous) merges concurrent generations' calls through it.
@@ -143,6 +146,24 @@ class Pipeline:
         import onnxruntime as ort
 
         return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+
+    def load_embeddings(self, directory: str | Path) -> list[str]:
+        """Every textual-inversion file in DIRECTORY (A1111's embeddings folder), named by its stem;
+        returns the names."""
+        found = embeddings.Library.from_dir(self.tokenizer, directory)
+        names = []
+        for entries in found.by_first.values():
+            for _, e in entries:
+                self.library.add(e)
+                names.append(e.name)
+        return sorted(names)
+
+    def add_embedding(self, source, name: str | None = None) -> str:
+        """A textual-inversion embedding (a .safetensors / .pt / .bin file, or an Embedding) that
+        prompts then name; returns its name."""
+        e = source if isinstance(source, embeddings.Embedding) else embeddings.load(source, name)
+        self.library.add(e)
+        return e.name
 
     def warmup(self) -> None:
         """Create every session now (servers, benchmarks) instead of on first use."""
@@ -309,10 +330,18 @@ class Pipeline:
 
     def _encode_texts(self, texts: list[str], clip_skip: int, emphasis: str) -> list[np.ndarray]:
         """Each text's (77 * chunks, D) embedding; the chunks not in the cache in one text-encoder call."""
-        chunked = [prompts.chunks(self.tokenizer, t, emphasis) for t in texts]
+        chunked = [self._chunks(t, emphasis) for t in texts]
         for text, c in zip(texts, chunked):
             self._check_chunks(len(c), text)
-        raw = self._encode_chunks(np.concatenate([c.ids for c in chunked]), clip_skip)
+        ids = np.concatenate([c.ids for c in chunked])
+        fixes = [f for c in chunked for f in c.fixes]
+        plain = [i for i, f in enumerate(fixes) if not f]
+        raw = np.empty((len(ids), *self._chunk_shape()), np.float32)
+        if plain:
+            raw[plain] = self._encode_chunks(ids[plain], clip_skip)
+        if len(plain) < len(ids):
+            rest = [i for i, f in enumerate(fixes) if f]
+            raw[rest] = self._encode_with_vectors(ids[rest], [fixes[i] for i in rest], clip_skip)
         out, at = [], 0
         for c in chunked:
             out.append(np.concatenate([prompts.emphasize(z, w, emphasis)
@@ -328,6 +357,44 @@ class Pipeline:
             return embeddings
         empty = self.encode_prompt("", clip_skip)
         return [np.concatenate([e, *[empty] * ((longest - len(e)) // len(empty))]) for e in embeddings]
+
+    def _chunks(self, text: str, emphasis: str) -> prompts.Chunks:
+        return prompts.chunks(self.tokenizer, text, emphasis, self.library if len(self.library) else None)
+
+    def _chunk_shape(self) -> tuple[int, int]:
+        return self.manifest.dims.text_length, self.manifest.dims.text_hidden
+
+    def _encode_with_vectors(self, ids: np.ndarray, fixes: list, clip_skip: int) -> np.ndarray:
+        """Chunks holding textual-inversion embeddings: their token embeddings looked up in the token
+        table, the embeddings' vectors put in after BOS + offset, through the text encoder's embeds graph."""
+        engine, table = self._embeds_engine()
+        x = np.asarray(table[ids], np.float32)
+        for row, chunk_fixes in zip(x, fixes):
+            for offset, e in chunk_fixes:
+                if e.vectors.shape[1] != x.shape[2]:
+                    raise InputError(f"embedding {e.name!r}: vectors of width {e.vectors.shape[1]}, this model's "
+                                     f"text encoder takes {x.shape[2]} (an embedding for another model?)")
+                n = min(len(row) - offset - 1, len(e.vectors))
+                row[offset + 1 : offset + 1 + n] = e.vectors[:n]
+        return engine.run({"inputs_embeds": x.astype(table.dtype)})[0][-clip_skip]
+
+    def _embeds_engine(self):
+        """The embeds graph's backend and the token table (memory-mapped, read-only)."""
+        from sdrt.components import ComponentSpec, TensorSpec
+
+        c, rec = self.manifest.components["text_encoder"], self.manifest.token_table
+        if rec is None or "embeds" not in c.targets:
+            raise InputError(f"{self.engine_dir} was exported before textual inversion (no embeds graph): "
+                             "re-export it to use embeddings")
+        if EMBEDS not in self.engines:
+            ids = c.spec.inputs[0]
+            inputs = (TensorSpec("inputs_embeds", rec["dtype"], (*ids.shape, rec["shape"][1])),)
+            spec = ComponentSpec(c.spec.name, inputs, c.spec.outputs, c.spec.dims)
+            path = self.engine_dir / c.targets["embeds"].file
+            self.engines[EMBEDS] = load_backend(path, spec, "onnx", self._provider_for("onnx"))
+            self._token_table = np.memmap(self.engine_dir / rec["file"], dtype=rec["dtype"], mode="r",
+                                          offset=rec["offset"], shape=tuple(rec["shape"]))
+        return self.engines[EMBEDS], self._token_table
 
     def _encode_chunks(self, ids: np.ndarray, clip_skip: int) -> np.ndarray:
         """(n, 77) token ids -> (n, 77, D) CLIP outputs, through the cache of recent chunks."""
@@ -353,7 +420,7 @@ class Pipeline:
 
     def _chunk_count(self, req: GenerateRequest) -> int:
         texts = [req.prompt] + ([req.negative_prompt or ""] if req.guidance_scale > 1 else [])
-        return max(len(prompts.chunks(self.tokenizer, t, req.emphasis)) for t in texts)
+        return max(len(self._chunks(t, req.emphasis)) for t in texts)
 
     def _conditioning(self, plan: Plan) -> tuple[np.ndarray, np.ndarray | None]:
         """(N, 77 * chunks, D) prompt embeddings, and the negative prompt's when guidance is on; all
@@ -505,7 +572,12 @@ class Pipeline:
                 # A1111 names a mode other than its default when the prompts have brackets to weigh
                 "Emphasis": req.emphasis if req.emphasis != prompts.DEFAULT_EMPHASIS and any(
                     c in f"{req.prompt}{req.negative_prompt or ''}" for c in "([") else None,
+                "TI hashes": ti_hashes,
             }
+
+        used = {e.name: e for t in (req.prompt, req.negative_prompt or "")
+                for e in self._chunks(t, req.emphasis).embeddings}  # A1111's "TI hashes"
+        ti_hashes = ", ".join(f"{n.replace(':', '').replace(',', '')}: {e.shorthash}" for n, e in used.items()) or None
 
         return [images.a1111_parameters(req.prompt, req.negative_prompt or "", settings(s)) for s in plan.seeds]
 

@@ -90,54 +90,82 @@ def _number(text: str) -> float:
 
 @dataclass
 class Chunks:
-    """A prompt as CLIP inputs: (n, 77) token ids and their (n, 77) weights."""
+    """A prompt as CLIP inputs: (n, 77) token ids and their (n, 77) weights; per chunk, the
+    textual-inversion embeddings it holds as (offset after BOS, sdrt.runtime.embeddings.Embedding)."""
 
     ids: np.ndarray
     weights: np.ndarray
+    fixes: list = None
+
+    @property
+    def embeddings(self) -> list:
+        """Every embedding the prompt uses (in order, once each)."""
+        seen = {}
+        for fixes in self.fixes or ():
+            for _, e in fixes:
+                seen.setdefault(e.name, e)
+        return list(seen.values())
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
-def chunks(tokenizer, text: str, emphasis: str = DEFAULT_EMPHASIS) -> Chunks:
-    """TEXT cut into 77-token chunks as A1111's tokenize_line does (sdrt.tokenizer.ClipTokenizer)."""
+def chunks(tokenizer, text: str, emphasis: str = DEFAULT_EMPHASIS, library=None) -> Chunks:
+    """TEXT cut into 77-token chunks as A1111's tokenize_line does (sdrt.tokenizer.ClipTokenizer);
+    LIBRARY (sdrt.runtime.embeddings.Library): the textual-inversion names to find in it. An
+    embedding's vectors take one token each (id 0 as a placeholder) and never straddle two chunks."""
     parsed = [(text, 1.0)] if emphasis == "None" else parse(text)
     tokenized = tokenizer.encode_plain([t for t, _ in parsed])
-    done: list[tuple[list[int], list[float]]] = []
+    done: list[tuple[list[int], list[float], list]] = []
     ids: list[int] = []
     weights: list[float] = []
+    fixes: list = []
     comma = -1
 
     def close() -> None:
-        nonlocal ids, weights, comma
+        nonlocal ids, weights, fixes, comma
         pad = CHUNK - len(ids)
         done.append(([tokenizer.bos_id, *ids, *[tokenizer.eos_id] * pad, tokenizer.eos_id],
-                     [1.0, *weights, *[1.0] * pad, 1.0]))
-        ids, weights, comma = [], [], -1
+                     [1.0, *weights, *[1.0] * pad, 1.0], fixes))
+        ids, weights, fixes, comma = [], [], [], -1
 
     for tokens, (fragment, weight) in zip(tokenized, parsed):
         if (fragment, weight) == BREAK:
             close()
             continue
-        for token in tokens:
+        at = 0
+        while at < len(tokens):
+            token = tokens[at]
             if token == tokenizer.comma_id:
                 comma = len(ids)
             elif len(ids) == CHUNK and comma != -1 and len(ids) - comma <= COMMA_BACKTRACK:
+                # the words after the comma move on; an embedding among them keeps its place in the
+                # closed chunk's fixes, as in A1111
                 moved_ids, moved_weights = ids[comma + 1:], weights[comma + 1:]
                 ids, weights = ids[: comma + 1], weights[: comma + 1]
                 close()
                 ids, weights = moved_ids, moved_weights
             if len(ids) == CHUNK:
                 close()
-            ids.append(token)
-            weights.append(weight)
+            found, length = library.find(tokens, at) if library else (None, 0)
+            if found is None:
+                ids.append(token)
+                weights.append(weight)
+                at += 1
+                continue
+            if len(ids) + len(found.vectors) > CHUNK:
+                close()
+            fixes.append((len(ids), found))
+            ids += [0] * len(found.vectors)
+            weights += [weight] * len(found.vectors)
+            at += length
     if ids or not done:
         close()
     arr = np.array([d[0] for d in done], np.int64)
     if tokenizer.pad_id != tokenizer.eos_id:  # SD 2: the pad token after each chunk's first EOS
         for row in arr:
             row[int(np.argmax(row == tokenizer.eos_id)) + 1:] = tokenizer.pad_id
-    return Chunks(arr, np.array([d[1] for d in done], np.float64))
+    return Chunks(arr, np.array([d[1] for d in done], np.float64), [d[2] for d in done])
 
 
 def emphasize(z: np.ndarray, weights: np.ndarray, emphasis: str = DEFAULT_EMPHASIS) -> np.ndarray:
