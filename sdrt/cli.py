@@ -220,7 +220,8 @@ def cmd_serve(args) -> int:
                          max_queue=args.max_queue, max_batch=args.max_batch, batching=args.batching,
                          timeout=args.timeout,
                          api_key=args.api_key or os.environ.get("SDRT_API_KEY") or None,
-                         cors=tuple(args.cors), warmup=not args.no_warmup)
+                         cors=tuple(args.cors), warmup=not args.no_warmup,
+                         embeddings_dir=Path(args.embeddings_dir) if args.embeddings_dir else None)
     if args.ray:
         from sdrt.serve.ray_app import serve_on_ray
 
@@ -439,6 +440,8 @@ def _add_serve(sub, parents) -> None:
     v.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages from ORIGIN (repeatable; default: none)")
     v.add_argument("--no-warmup", action="store_true", help="create the sessions on the first request")
+    v.add_argument("--embeddings-dir", metavar="DIR", help="textual-inversion embeddings prompts may name (by "
+                   "file stem, as A1111's embeddings folder)")
     v.add_argument("--ray", action="store_true", help="run on Ray Serve (pip install 'sdrt[ray]')")
     v.add_argument("--replicas", type=int, default=1, help="--ray: replicas, each with its own pipeline")
     v.add_argument("--ray-address", help="--ray: a running cluster ('auto', or ray://HOST:10001); "

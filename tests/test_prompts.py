@@ -295,3 +295,32 @@ def test_embedding_files_are_checked(engines, tmp_path):
         pipe.add_embedding(tmp_path / "narrow.bin")
         with pytest.raises(InputError, match="embedding 'narrow': vectors of width 16, .* takes 32"):
             pipe("a narrow dog", steps=1, width=64, height=48)
+
+
+def test_server_reads_weights_breaks_and_embeddings(engines, tmp_path):
+    """`sdrt serve --embeddings-dir`: the native API's image for an A1111-syntax prompt naming an
+    embedding is the Python API's."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from sdrt.serve import ServeConfig
+    from tests.serving import LiveServer, call
+
+    _embedding_files(tmp_path, 32)
+    w, h = SIZES["eps"]
+    args = dict(prompt="a (sdrtstyle:1.2) castle BREAK [fog]", negative_prompt="sdrtdog", steps=2, seed=4, width=w,
+                height=h)
+    server = LiveServer(ServeConfig(engines["eps"], max_images=1, max_queue=2, embeddings_dir=tmp_path))
+    try:
+        status, out, _ = call(server.url, "/generate", args)
+    finally:
+        server.stop()
+    assert status == 200, out
+    with sdrt.Pipeline.load(engines["eps"]) as pipe:
+        pipe.load_embeddings(tmp_path)
+        want = pipe(**args)
+    got = Image.open(io.BytesIO(base64.b64decode(out["images"][0])))
+    assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(want.images[0]))
+    assert out["parameters"] == want.parameters and "TI hashes" in want.parameters[0]

@@ -46,6 +46,7 @@ class ServeConfig:
     body_timeout: float = 30.0
     warmup: bool = True
     model_name: str = field(default="")  # as /v1/models and /sdapi/v1/sd-models list it; default: the dir's name
+    embeddings_dir: Path | None = None  # textual-inversion files prompts may name (A1111's embeddings folder)
 
 
 class ClientGone(Exception):
@@ -67,6 +68,8 @@ class Service:
         self.config = config
         self.model_name = config.model_name or Path(config.engines).resolve().name
         self.pipe = Pipeline.load(config.engines, provider=config.provider)
+        if config.embeddings_dir is not None:
+            self.pipe.load_embeddings(config.embeddings_dir)
         self.metrics = Metrics()
         if config.batching not in BATCHING:
             raise InputError(f"--batching must be one of {', '.join(BATCHING)}, got {config.batching!r}")
