@@ -90,6 +90,25 @@ def make_checkpoint(kind: str, path: Path) -> Path:
     return path
 
 
+def tiny_variant(root: Path, pipeline_cls, in_channels: int, seed: int, **extra) -> tuple[Path, Path]:
+    """(checkpoint dir, engine dir): the built-in tiny model with a UNet of IN_CHANNELS inputs (seeded
+    SEED) as PIPELINE_CLS with EXTRA components, saved with save_pretrained and exported (standard
+    graphs only: test_kernels covers the targets)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from sdrt.export import architectures, export, sources
+
+    base = sources.build_builtin("tiny", root / "scratch")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**(dict(architectures.TINY["unet"]) | {"in_channels": in_channels}))
+    parts = {k: v for k, v in base.components.items() if k in ("vae", "text_encoder", "tokenizer", "scheduler")}
+    pipeline_cls(**parts, unet=unet, **extra).save_pretrained(root / "ckpt")
+    m = export(str(root / "ckpt"), root / "engines", progress=False, optimize=False)
+    assert m.dims.unet_in_channels == in_channels
+    return root / "ckpt", root / "engines"
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")

@@ -41,22 +41,13 @@ def tiny_dpt():
 @pytest.fixture(scope="module")
 def depth2img(tmp_path_factory):
     """(checkpoint dir, engine dir) of the tiny model with a depth UNet (in_channels 5) and a tiny DPT."""
-    import torch
-    from diffusers import StableDiffusionDepth2ImgPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionDepth2ImgPipeline
 
-    from sdrt.export import architectures, export, sources
+    from tests.conftest import tiny_variant
 
-    root = tmp_path_factory.mktemp("depth")
-    base = sources.build_builtin("tiny", root / "scratch")
-    torch.manual_seed(5)
-    unet = UNet2DConditionModel(**(dict(architectures.TINY["unet"]) | {"in_channels": 5}))
     estimator, processor = tiny_dpt()
-    parts = {k: v for k, v in base.components.items() if k in ("vae", "text_encoder", "tokenizer", "scheduler")}
-    StableDiffusionDepth2ImgPipeline(**parts, unet=unet, depth_estimator=estimator,
-                                     feature_extractor=processor).save_pretrained(root / "ckpt")
-    m = export(str(root / "ckpt"), root / "engines", progress=False, optimize=False)  # the targets: test_kernels
-    assert m.pipeline == "depth2img" and m.dims.unet_in_channels == 5
-    return root / "ckpt", root / "engines"
+    return tiny_variant(tmp_path_factory.mktemp("depth"), StableDiffusionDepth2ImgPipeline, 5, 5,
+                        depth_estimator=estimator, feature_extractor=processor)
 
 
 def _depth_map(w, h):

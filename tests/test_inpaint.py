@@ -20,22 +20,12 @@ W, H = SIZES["eps"]
 @pytest.fixture(scope="module")
 def inpaint(tmp_path_factory):
     """(checkpoint dir, engine dir) of the tiny model with an inpainting UNet (in_channels 9)."""
-    import torch
-    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionInpaintPipeline
 
-    from sdrt.export import architectures, export, sources
+    from tests.conftest import tiny_variant
 
-    root = tmp_path_factory.mktemp("inpaint")
-    base = sources.build_builtin("tiny", root / "scratch")
-    torch.manual_seed(3)
-    unet = UNet2DConditionModel(**(dict(architectures.TINY["unet"]) | {"in_channels": 9}))
-    parts = {k: v for k, v in base.components.items() if k in ("vae", "text_encoder", "tokenizer", "scheduler")}
-    pipe = StableDiffusionInpaintPipeline(**parts, unet=unet, safety_checker=None, feature_extractor=None,
-                                          requires_safety_checker=False)
-    pipe.save_pretrained(root / "ckpt")
-    m = export(str(root / "ckpt"), root / "engines", progress=False, optimize=False)  # the targets: test_kernels
-    assert m.pipeline == "inpaint" and m.dims.unet_in_channels == 9
-    return root / "ckpt", root / "engines"
+    return tiny_variant(tmp_path_factory.mktemp("inpaint"), StableDiffusionInpaintPipeline, 9, 3,
+                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def _mask(w, h):
