@@ -540,7 +540,8 @@ def test_a1111_parameters_read_back_leniently():
     from sdrt.runtime.images import a1111_parameters, parse_a1111_parameters
 
     text = a1111_parameters("a cat\nsecond line", "blurry", {"Steps": 20, "Sampler": "Euler a", "Size": "72x48",
-                                                              "Lora hashes": '"detail: 3f2a, x: 1"'})
+                                                              "Lora hashes": "detail: 3f2a, x: 1"})
+    assert 'Lora hashes: "detail: 3f2a, x: 1"' in text  # quoted as A1111 quotes a value with commas
     out = parse_a1111_parameters(text)
     assert out["Prompt"] == "a cat\nsecond line" and out["Negative prompt"] == "blurry"
     assert out["Steps"] == "20" and out["Size-1"] == "72" and out["Lora hashes"] == "detail: 3f2a, x: 1"
