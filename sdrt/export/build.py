@@ -206,7 +206,7 @@ def embeds_stage(entry: ComponentEntry, staging: Path) -> tuple[ComponentEntry, 
         log.warning("text_encoder: no embeds graph, so no textual inversion: %s", e)
         return entry, None
     record["file"] = str((src.parent / record["file"]).relative_to(staging))
-    ids = entry.spec.sample_inputs(entry.spec.sizes("opt"), seed=1)["input_ids"]
+    ids = entry.spec.sample_inputs({}, seed=1)["input_ids"]
     table = np.memmap(staging / record["file"], dtype=record["dtype"], mode="r", offset=record["offset"],
                       shape=tuple(record["shape"]))
     want = session(src).run(None, {"input_ids": ids})[0]

@@ -54,9 +54,10 @@ class Processor:
         makes them (PIL resize of the uint8 image; rescale in float64, then float32; normalize)."""
         from PIL import Image
 
+        image = image.convert("RGB")
         if self.do_resize:
-            image = image.convert("RGB").resize((self.width, self.height), Image.Resampling(self.resample))
-        x = np.asarray(image.convert("RGB")).transpose(2, 0, 1)
+            image = image.resize((self.width, self.height), Image.Resampling(self.resample))
+        x = np.asarray(image).transpose(2, 0, 1)
         if x.shape[1:] != (self.height, self.width):
             raise InputError(f"depth estimator: a {x.shape[2]}x{x.shape[1]} image, it takes "
                              f"{self.width}x{self.height} (its processor does not resize)")

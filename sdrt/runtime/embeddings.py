@@ -53,6 +53,14 @@ def load(path: str | Path, name: str | None = None) -> Embedding:
     return Embedding(name or path.stem, vectors, digest[:12])
 
 
+def load_dir(directory: str | Path) -> list[Embedding]:
+    """Every embedding file under DIRECTORY (A1111's embeddings folder), each named by its stem."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise InputError(f"--embeddings-dir {d}: not a directory")
+    return [load(p) for p in sorted(d.rglob("*")) if p.suffix.lower() in SUFFIXES]
+
+
 def _vectors(path: Path, data) -> np.ndarray:
     if isinstance(data, dict) and isinstance(data.get("string_to_param"), dict):  # A1111 .pt
         data = data["string_to_param"]
@@ -122,19 +130,10 @@ def _torch_file(path: Path):
 class Library:
     """Embeddings by name, as a prompt refers to them; find() matches them in a prompt's tokens."""
 
-    def __init__(self, tokenizer, embeddings: list[Embedding] = ()):
+    def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        # first token of a name -> (the name's tokens, its embedding), longest name first
         self.by_first: dict[int, list[tuple[tuple[int, ...], Embedding]]] = {}
-        for e in embeddings:
-            self.add(e)
-
-    @classmethod
-    def from_dir(cls, tokenizer, directory: str | Path) -> Library:
-        d = Path(directory)
-        if not d.is_dir():
-            raise InputError(f"--embeddings-dir {d}: not a directory")
-        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in SUFFIXES)
-        return cls(tokenizer, [load(p) for p in files])
 
     def add(self, e: Embedding) -> None:
         ids = tuple(self.tokenizer.encode_plain([e.name])[0])

@@ -71,8 +71,7 @@ class Plan:
     width: int
     height: int
     image: object = None  # the init image, loaded
-    inpaint_unet: bool = False  # a 9-channel inpainting UNet
-    depth_unet: bool = False  # a 5-channel depth2img UNet
+    kind: str = "txt2img"  # the model's (manifest.pipeline): "inpaint" a 9-channel UNet, "depth2img" a 5-channel one
 
 
 @dataclass
@@ -150,13 +149,10 @@ class Pipeline:
     def load_embeddings(self, directory: str | Path) -> list[str]:
         """Every textual-inversion file in DIRECTORY (A1111's embeddings folder), named by its stem;
         returns the names."""
-        found = embeddings.Library.from_dir(self.tokenizer, directory)
-        names = []
-        for entries in found.by_first.values():
-            for _, e in entries:
-                self.library.add(e)
-                names.append(e.name)
-        return sorted(names)
+        found = embeddings.load_dir(directory)
+        for e in found:
+            self.library.add(e)
+        return sorted(e.name for e in found)
 
     def add_embedding(self, source, name: str | None = None) -> str:
         """A textual-inversion embedding (a .safetensors / .pt / .bin file, or an Embedding) that
@@ -293,7 +289,7 @@ class Pipeline:
         seed = noise.new_seed() if req.seed is None or req.seed == -1 else req.seed
         seeds = [int(seed) + i for i in range(req.num_images)]
         options = smp.options_for(req.eta if req.source_prompt is None or req.eta is not None else cycle.DEFAULT_ETA)
-        plan = Plan(req, smp, schedule, options, seeds, width, height, image, kind == "inpaint", kind == "depth2img")
+        plan = Plan(req, smp, schedule, options, seeds, width, height, image, kind)
         if req.latents is not None and np.shape(req.latents) != self._noise_shape(plan):
             raise InputError(f"latents: shape {np.shape(req.latents)}, expected {self._noise_shape(plan)}")
         return plan
@@ -448,7 +444,7 @@ class Pipeline:
         draws = noise.Noise(req.noise, plan.seeds)
         mask = None if req.mask is None else images.to_mask(req.mask, plan.width, plan.height)  # 1: repaint
         x0 = None
-        if plan.image is not None and not (plan.inpaint_unet and req.strength >= 1):
+        if plan.image is not None and not (plan.kind == "inpaint" and req.strength >= 1):
             x0 = self.encode_image(plan.image, plan.width, plan.height, draws, shared=mask is not None)
             release_free_memory()
         latents = req.latents if req.latents is not None else draws.draw(noise.INITIAL, self._noise_shape(plan))
@@ -456,9 +452,9 @@ class Pipeline:
         if plan.image is None:
             return StartState(samplers.initial_state(smp, schedule, noise0), draws=draws)
         extra = None
-        if plan.inpaint_unet:
+        if plan.kind == "inpaint":
             extra = self._inpaint_channels(plan, mask, draws)
-        elif plan.depth_unet:
+        elif plan.kind == "depth2img":
             extra = self._depth_channel(plan)
         elif mask is not None:  # diffusers encodes the masked image for any UNet (a 4-channel one ignores it)
             draws.skip(noise.MASKED_POSTERIOR, self._noise_shape(plan), shared=True)
@@ -467,7 +463,7 @@ class Pipeline:
         else:
             x = x0 + noise0 * schedule.sigmas[0] if len(schedule) else x0
         hook = None
-        if mask is not None and not plan.inpaint_unet:  # an ordinary model: keep the image outside the mask
+        if mask is not None and plan.kind != "inpaint":  # an ordinary model: keep the image outside the mask
             hook = inpaint_blend(self._latent_mask(mask), x0, noise0, schedule, smp.space)
         return StartState(x, extra, hook, draws, x0)
 

@@ -95,13 +95,13 @@ class Chunks:
 
     ids: np.ndarray
     weights: np.ndarray
-    fixes: list = None
+    fixes: list
 
     @property
     def embeddings(self) -> list:
         """Every embedding the prompt uses (in order, once each)."""
         seen = {}
-        for fixes in self.fixes or ():
+        for fixes in self.fixes:
             for _, e in fixes:
                 seen.setdefault(e.name, e)
         return list(seen.values())
