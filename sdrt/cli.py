@@ -112,6 +112,7 @@ def cmd_generate(args) -> int:
     pipe = Pipeline.load(args.engines, provider=args.provider, verify=args.verify)
     if args.embeddings_dir:
         pipe.load_embeddings(args.embeddings_dir)
+    pipe.set_lora_dir(args.lora_dir)
     bars = []
 
     def progress(step, total, latents, denoised):  # the bar starts with the first step, after validation
@@ -221,7 +222,8 @@ def cmd_serve(args) -> int:
                          timeout=args.timeout,
                          api_key=args.api_key or os.environ.get("SDRT_API_KEY") or None,
                          cors=tuple(args.cors), warmup=not args.no_warmup,
-                         embeddings_dir=Path(args.embeddings_dir) if args.embeddings_dir else None)
+                         embeddings_dir=Path(args.embeddings_dir) if args.embeddings_dir else None,
+                         lora_dir=Path(args.lora_dir) if args.lora_dir else None)
     if args.ray:
         from sdrt.serve.ray_app import serve_on_ray
 
@@ -343,6 +345,15 @@ def _add_export(sub, parents) -> None:
 
 
 _FLAG_TYPES = {"text": str, "int": int, "number": float, "choice": str, "image": str}
+LORA_DIR_HELP = ("LoRA files (.safetensors, .pt) that <lora:NAME:WEIGHT> in prompts names by file stem, as A1111's "
+                 "Lora folder; applied per request, no re-export")
+
+
+def lora_flag(text: str) -> tuple[str, float]:
+    """--lora FILE[:WEIGHT] on generate (sdrt.runtime.lora.parse_flag)."""
+    from sdrt.runtime.lora import parse_flag
+
+    return parse_flag(text)
 
 
 def add_request_flags(parser) -> None:
@@ -357,6 +368,10 @@ def add_request_flags(parser) -> None:
             parser.add_argument("prompt", nargs="?", help=m["help"])
             continue
         flag = m["cli"] or "--" + f.name.replace("_", "-")
+        if m["kind"] == "loras":
+            parser.add_argument(flag, dest=f.name, type=lora_flag, action="append", metavar="FILE[:WEIGHT]",
+                                help=m["help"] + " (repeatable)")
+            continue
         parser.add_argument(flag, dest=f.name, type=_FLAG_TYPES[m["kind"]], default=f.default,
                             choices=m["choices"] if f.name == "schedule_type" else None,
                             metavar="PATH" if m["kind"] == "image" else flag[2:].replace("-", "_").upper(),
@@ -372,6 +387,7 @@ def _add_generate(sub, parents) -> None:
     g.add_argument("--engines", required=True, help="engine dir written by `sdrt export`")
     g.add_argument("--embeddings-dir", metavar="DIR", help="textual-inversion embeddings (.safetensors, .pt, "
                    ".bin) prompts may name by file stem, as A1111's embeddings folder")
+    g.add_argument("--lora-dir", metavar="DIR", help=LORA_DIR_HELP)
     g.add_argument("--from-png", metavar="FILE", help="take the prompt, settings, seed and noise source from the "
                    "A1111 `parameters` of FILE (an sdrt or A1111 PNG); flags given as well override them")
     g.add_argument("-o", "--output", default="sdrt.png", help="PNG path; with --batch N: NAME-0.png ...")
@@ -442,6 +458,7 @@ def _add_serve(sub, parents) -> None:
     v.add_argument("--no-warmup", action="store_true", help="create the sessions on the first request")
     v.add_argument("--embeddings-dir", metavar="DIR", help="textual-inversion embeddings prompts may name (by "
                    "file stem, as A1111's embeddings folder)")
+    v.add_argument("--lora-dir", metavar="DIR", help=LORA_DIR_HELP + "; clients name them in prompts or in `loras`")
     v.add_argument("--ray", action="store_true", help="run on Ray Serve (pip install 'sdrt[ray]')")
     v.add_argument("--replicas", type=int, default=1, help="--ray: replicas, each with its own pipeline")
     v.add_argument("--ray-address", help="--ray: a running cluster ('auto', or ray://HOST:10001); "

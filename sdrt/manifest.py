@@ -40,6 +40,9 @@ class ComponentEntry:
     parity_max_abs: float | None = None  # vs the PyTorch module on sample inputs, at export
     parity_tolerance: float | None = None
     targets: dict[str, TargetGraph] = field(default_factory=dict)  # target -> its rewritten graph
+    # where each adaptable layer's weight is in the graphs (sdrt.export.weight_map), for LoRAs per
+    # request; relative to the engine dir. None: not recorded (older exports, int8, TensorRT engines)
+    weight_map: str | None = None
 
     def file_for(self, targets: str | tuple[str, ...] | None) -> str:
         """The graph to run for TARGETS (a target, or targets in order of preference): the first
@@ -54,6 +57,8 @@ class ComponentEntry:
              "optimizations": self.optimizations,
              "parity": {"max_abs_error": self.parity_max_abs, "tolerance": self.parity_tolerance},
              "targets": {k: v.to_json() for k, v in self.targets.items()}}
+        if self.weight_map:
+            d["weight_map"] = self.weight_map
         d.update(self.spec.to_json())
         return d
 
@@ -62,7 +67,8 @@ class ComponentEntry:
         parity = d.get("parity", {})
         return cls(ComponentSpec.from_json(name, d), list(d["files"]), d["backend"], d["precision"],
                    list(d.get("optimizations", [])), parity.get("max_abs_error"), parity.get("tolerance"),
-                   {str(k): TargetGraph.from_json(v) for k, v in d.get("targets", {}).items()})
+                   {str(k): TargetGraph.from_json(v) for k, v in d.get("targets", {}).items()},
+                   d.get("weight_map"))
 
 
 @dataclass

@@ -218,6 +218,24 @@ def embeds_stage(entry: ComponentEntry, staging: Path) -> tuple[ComponentEntry, 
     return dataclasses.replace(entry, targets={**entry.targets, embeds.TARGET: graph}), record
 
 
+LORA_COMPONENTS = ("unet", "text_encoder")  # the components LoRAs adapt
+
+
+def weight_map_stage(entry: ComponentEntry, pipe, staging: Path) -> ComponentEntry:
+    """Where the component's layer weights are in its graph (sdrt.export.weight_map), for LoRAs per
+    request: the standard graph's initializers, which the graph-only targets share by name."""
+    from sdrt.export import weight_map
+    from sdrt.kernels.graph import externalize
+
+    name = entry.spec.name
+    if externalize(staging / entry.files[0]):  # the runtime reads base weights from the weights file
+        from sdrt.export.onnx_export import component_files
+
+        entry = dataclasses.replace(entry, files=component_files(staging, name))
+    path = weight_map.write(name, getattr(pipe, name), staging, entry.files[0])
+    return dataclasses.replace(entry, weight_map=path)
+
+
 def cuda_stage(entry: ComponentEntry, pipe, staging: Path, fp16: bool = True) -> TargetGraph:
     """The onnxruntime-cuda graph (sdrt.kernels.cuda), fused from the fp32 graph ENTRY and then made
     fp16 (fp16 False: a decoder that stays fp32), parity-checked like the other graphs (on ONNX
@@ -249,8 +267,8 @@ def int8_stage(entries: dict[str, ComponentEntry], pipe, staging: Path, image_px
     src = staging / fp32.files[0]
     dst = src.with_name("model.int8.onnx")
     layers = quantize.quantize_unet(src, dst, feeds)
-    for f in fp32.files + [t.file for t in fp32.targets.values()]:
-        (staging / f).unlink()
+    for f in fp32.files + [t.file for t in fp32.targets.values()] + [fp32.weight_map] * bool(fp32.weight_map):
+        (staging / f).unlink()  # the int8 UNet has no weight map: LoRAs per request need float weights
     files = onnx_export.component_files(staging, "unet")  # model.int8.onnx, model.int8.onnx.data
     err, tol = onnx_export.check_parity("unet", spec, pipe, dst, "int8")
     targets = {}
@@ -334,6 +352,8 @@ def _components(pipe, dims: ModelDims, staging: Path, opts: Options) -> tuple[di
                 entry = dataclasses.replace(entry, targets={**entry.targets, "onnxruntime-cuda": gpu})
             if name == "text_encoder":
                 entry, token_table = embeds_stage(entry, staging)
+            if name in LORA_COMPONENTS and opts.backend == "onnx":
+                entry = weight_map_stage(entry, pipe, staging)
             entries[name] = entry
             bar.update(1)
             fault("component")

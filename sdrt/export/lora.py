@@ -23,14 +23,11 @@ class Lora:
 
     @classmethod
     def parse(cls, text: str) -> Lora:
-        """FILE or FILE:SCALE (a colon followed by something that is not a number is part of FILE)."""
-        path, sep, scale = text.rpartition(":")
-        if sep and path:
-            try:
-                return cls(Path(path), float(scale))
-            except ValueError:
-                pass
-        return cls(Path(text))
+        """FILE or FILE:SCALE (sdrt.runtime.lora.parse_flag)."""
+        from sdrt.runtime.lora import parse_flag
+
+        path, scale = parse_flag(text)
+        return cls(Path(path), scale)
 
     def to_json(self) -> dict:
         return {"file": str(self.path.resolve()), "sha256": sha256_file(self.path), "scale": self.scale}

@@ -26,7 +26,7 @@ import numpy as np
 from sdrt.components import DEPTH_ESTIMATOR
 from sdrt.errors import InputError, Interrupted, NonFiniteOutput
 from sdrt.manifest import Manifest
-from sdrt.runtime import cycle, depth, embeddings, images, noise, prompts, samplers
+from sdrt.runtime import cycle, depth, embeddings, images, lora, noise, prompts, samplers
 from sdrt.runtime.backends import PROVIDER_TARGETS, check_provider, load_backend, release_free_memory
 from sdrt.runtime.denoiser import Denoiser
 from sdrt.runtime.request import GenerateRequest
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 FP32_FALLBACK = "fp32"  # the target name of the fp32 VAE decoder an fp16 export keeps
 FP32_DECODER = "vae_decoder:fp32"  # its engine's key in Pipeline.engines
 EMBEDS = "text_encoder:embeds"  # the text encoder taking token embeddings (textual inversion)
+OWN_WEIGHTS = ("onnxruntime-cuda",)  # target graphs with weights of their own, which weight maps don't cover
 EMBEDDING_CACHE = 64  # 77-token chunks whose CLIP outputs a pipeline keeps (servers see the same prompts often)
 
 # callback(step, total, latents, denoised): after every step; latents is the sampler state, denoised
@@ -72,6 +73,7 @@ class Plan:
     height: int
     image: object = None  # the init image, loaded
     kind: str = "txt2img"  # the model's (manifest.pipeline): "inpaint" a 9-channel UNet, "depth2img" a 5-channel one
+    loras: list = field(default_factory=list)  # sdrt.runtime.lora.Use: the request's and its prompt's
 
 
 @dataclass
@@ -101,6 +103,9 @@ class Pipeline:
         self._embedding_lock = threading.Lock()
         self.library = embeddings.Library(tokenizer)  # textual-inversion embeddings prompts may name
         self._token_table = None
+        self.lora_dir: Path | None = None  # where <lora:NAME:W> prompts find NAME (set_lora_dir)
+        self.loras = lora.Weights(engine_dir, manifest)  # the LoRA set the sessions run with
+        self._lora_lock = threading.Lock()
         self._stop = threading.Event()
         # unet -> context manager yielding the UNet callable the sampler loop uses; None: the UNet itself.
         # A server's step batcher (sdrt.serve.continuous) merges concurrent generations' calls through it.
@@ -132,8 +137,10 @@ class Pipeline:
                 log.warning("%s: the engines are fp16, made for GPUs; ONNX Runtime's CPU provider runs them no "
                             "faster than fp32 and with more memory: export with --precision fp32 for CPUs",
                             self.engine_dir)
-            path = self.engine_dir / (c.files[0] if c.backend == "tensorrt" else c.file_for(self.targets))
-            self.engines[name] = load_backend(path, c.spec, c.backend, self._provider_for(c.backend))
+            weights = self.loras.arrays.get(name)
+            targets = tuple(t for t in self.targets if t not in OWN_WEIGHTS) if weights else self.targets
+            path = self.engine_dir / (c.files[0] if c.backend == "tensorrt" else c.file_for(targets))
+            self.engines[name] = load_backend(path, c.spec, c.backend, self._provider_for(c.backend), weights)
         return self.engines[name]
 
     def _provider_for(self, backend: str) -> str:
@@ -160,6 +167,34 @@ class Pipeline:
         e = source if isinstance(source, embeddings.Embedding) else embeddings.load(source, name)
         self.library.add(e)
         return e.name
+
+    def set_lora_dir(self, directory: str | Path | None) -> None:
+        """The folder `<lora:NAME:WEIGHT>` in prompts finds NAME in (A1111's Lora folder)."""
+        if directory is not None and not Path(directory).is_dir():
+            raise InputError(f"--lora-dir {directory}: not a directory")
+        self.lora_dir = None if directory is None else Path(directory)
+
+    def lora_uses(self, req: GenerateRequest) -> list:
+        """REQ's LoRAs (sdrt.runtime.lora.Use): its `loras`, then those its prompt names."""
+        return lora.uses_from(req.loras, self.lora_dir) + lora.split_prompt(req.prompt, self.lora_dir)[1]
+
+    def lora_key(self, req: GenerateRequest) -> tuple:
+        """What identifies REQ's LoRA set: requests with equal keys run on the same sessions."""
+        return tuple(u.key for u in self.lora_uses(req))
+
+    def _apply_loras(self, uses: list) -> None:
+        """Make the UNet's and text encoder's sessions run with USES' weights (the base weights for
+        none): a component whose set changes gets a new session over its merged initializers."""
+        with self._lora_lock:
+            changed = self.loras.changes(uses)
+            if not changed:
+                return
+            self.loras.check(uses)
+            for name in changed:
+                for engine in [name] + ([EMBEDS] if name == "text_encoder" else []):
+                    self.unload(engine)
+                self.loras.switch(uses, name)
+                self.engine(name)
 
     def warmup(self) -> None:
         """Create every session now (servers, benchmarks) instead of on first use."""
@@ -211,7 +246,7 @@ class Pipeline:
         else:
             req = GenerateRequest.make(**({"prompt": prompt} if prompt is not None else {}), **kwargs)
         plan = self.plan(req)
-        self._begin()
+        self._begin(plan.loras)
         cond, uncond = self._conditioning(plan)
         start = self._start_state(plan)
         x = self._sample(plan, cond, uncond, start, callback)
@@ -227,7 +262,7 @@ class Pipeline:
             return None
         size = self.manifest.default_image_size
         return (req.width or size, req.height or size, req.steps, samplers.get_sampler(req.sampler).name,
-                req.schedule_type, req.eta, req.guidance_scale, req.noise, self._chunk_count(req))
+                req.schedule_type, req.eta, req.guidance_scale, req.noise, self._chunk_count(req), self.lora_key(req))
 
     def generate_batch(self, requests: list[GenerateRequest], callback: Callback | None = None) -> list[Result]:
         """Several text-to-image requests with one batch_key as one sampling run: every UNet call takes
@@ -236,7 +271,7 @@ class Pipeline:
         if len({self.batch_key(r) for r in requests} | {None}) != 2:
             raise InputError("generate_batch: the requests must be text-to-image with one batch_key")
         plans = [self.plan(r) for r in requests]
-        self._begin()
+        self._begin(plans[0].loras)
         conds = [self._conditioning(p) for p in plans]
         cond = np.concatenate([c for c, _ in conds])
         uncond = None if conds[0][1] is None else np.concatenate([u for _, u in conds])
@@ -251,11 +286,12 @@ class Pipeline:
             results.append(Result(images.to_pil(own), own, p.seeds, self._metadata(p)))
         return results
 
-    def _begin(self) -> None:
-        """A new generation: a past interrupt() no longer applies."""
+    def _begin(self, loras: list) -> None:
+        """A new generation: a past interrupt() no longer applies; the sessions run with LORAS."""
         self._stop.clear()
         for e in self.engines.values():
             e.resume()
+        self._apply_loras(loras)
 
     def plan(self, req: GenerateRequest) -> Plan:
         """Validate REQ against this engine dir and resolve what it leaves open; no engine runs."""
@@ -289,7 +325,7 @@ class Pipeline:
         seed = noise.new_seed() if req.seed is None or req.seed == -1 else req.seed
         seeds = [int(seed) + i for i in range(req.num_images)]
         options = smp.options_for(req.eta if req.source_prompt is None or req.eta is not None else cycle.DEFAULT_ETA)
-        plan = Plan(req, smp, schedule, options, seeds, width, height, image, kind)
+        plan = Plan(req, smp, schedule, options, seeds, width, height, image, kind, self.lora_uses(req))
         if req.latents is not None and np.shape(req.latents) != self._noise_shape(plan):
             raise InputError(f"latents: shape {np.shape(req.latents)}, expected {self._noise_shape(plan)}")
         return plan
@@ -387,14 +423,15 @@ class Pipeline:
             inputs = (TensorSpec("inputs_embeds", rec["dtype"], (*ids.shape, rec["shape"][1])),)
             spec = ComponentSpec(c.spec.name, inputs, c.spec.outputs, c.spec.dims)
             path = self.engine_dir / c.targets["embeds"].file
-            self.engines[EMBEDS] = load_backend(path, spec, "onnx", self._provider_for("onnx"))
+            self.engines[EMBEDS] = load_backend(path, spec, "onnx", self._provider_for("onnx"),
+                                                self.loras.arrays.get("text_encoder"))
             self._token_table = np.memmap(self.engine_dir / rec["file"], dtype=rec["dtype"], mode="r",
                                           offset=rec["offset"], shape=tuple(rec["shape"]))
         return self.engines[EMBEDS], self._token_table
 
     def _encode_chunks(self, ids: np.ndarray, clip_skip: int) -> np.ndarray:
         """(n, 77) token ids -> (n, 77, D) CLIP outputs, through the cache of recent chunks."""
-        keys = [(tuple(row), clip_skip) for row in ids.tolist()]
+        keys = [(tuple(row), clip_skip, self.loras.keys["text_encoder"]) for row in ids.tolist()]
         with self._embedding_lock:
             cached = {k: self._embeddings[k] for k in keys if k in self._embeddings}
         todo = sorted({k for k in keys if k not in cached}, key=keys.index)
@@ -415,14 +452,14 @@ class Pipeline:
                              f"takes at most {self.max_chunks}{why}")
 
     def _chunk_count(self, req: GenerateRequest) -> int:
-        texts = [req.prompt] + ([req.negative_prompt or ""] if req.guidance_scale > 1 else [])
+        texts = [lora.strip_tags(req.prompt)] + ([req.negative_prompt or ""] if req.guidance_scale > 1 else [])
         return max(len(self._chunks(t, req.emphasis)) for t in texts)
 
     def _conditioning(self, plan: Plan) -> tuple[np.ndarray, np.ndarray | None]:
         """(N, 77 * chunks, D) prompt embeddings, and the negative prompt's when guidance is on; all
         padded to one chunk count (pad_chunks)."""
         req, n = plan.req, len(plan.seeds)
-        texts = [req.prompt]
+        texts = [lora.strip_tags(req.prompt)]  # A1111 takes <lora:...> out of the prompt (not the negative one)
         if req.guidance_scale > 1:  # diffusers: guidance <= 1 runs the conditional pass only
             texts.append(req.negative_prompt or "")
         if req.source_prompt is not None:  # CycleDiffusion: [source; target] rows (sdrt.runtime.cycle)
@@ -568,14 +605,25 @@ class Pipeline:
                 # A1111 names a mode other than its default when the prompts have brackets to weigh
                 "Emphasis": req.emphasis if req.emphasis != prompts.DEFAULT_EMPHASIS and any(
                     c in f"{req.prompt}{req.negative_prompt or ''}" for c in "([") else None,
-                "TI hashes": ti_hashes,
+                "Lora hashes": lora_hashes, "TI hashes": ti_hashes,
             }
 
-        used = {e.name: e for t in (req.prompt, req.negative_prompt or "")
+        used = {e.name: e for t in (lora.strip_tags(req.prompt), req.negative_prompt or "")
                 for e in self._chunks(t, req.emphasis).embeddings}  # A1111's "TI hashes"
-        ti_hashes = ", ".join(f"{n.replace(':', '').replace(',', '')}: {e.shorthash}" for n, e in used.items()) or None
+        ti_hashes = _hashes((n, e.shorthash) for n, e in used.items())
+        lora_hashes = _hashes((u.name, self.loras.file(u).shorthash) for u in plan.loras)
+        # the request's own LoRAs (not named in the prompt) are written as A1111 tags: the PNG reproduces
+        prompt = req.prompt + "".join(f" <lora:{u.name}:{_weights(u)}>" for u in plan.loras[:len(req.loras or ())])
+        return [images.a1111_parameters(prompt, req.negative_prompt or "", settings(s)) for s in plan.seeds]
 
-        return [images.a1111_parameters(req.prompt, req.negative_prompt or "", settings(s)) for s in plan.seeds]
+
+def _hashes(pairs) -> str | None:
+    """A1111's `TI hashes` / `Lora hashes` value: "name: hash, ..." (names without its separators)."""
+    return ", ".join(f"{n.replace(':', '').replace(',', '')}: {h}" for n, h in pairs) or None
+
+
+def _weights(use) -> str:
+    return f"{use.te:g}" if use.te == use.unet else f"{use.te:g}:{use.unet:g}"
 
 
 def _guidance(plan: Plan):

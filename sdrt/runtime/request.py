@@ -25,13 +25,14 @@ MAX_SEED = 2**64 - 1  # torch's generators take 64-bit seeds; -1 means a random 
 
 # what a value may be, per kind: the JSON types the server accepts and the CLI's converter
 KINDS = {"text": (str,), "int": (int,), "number": (int, float), "choice": (str,), "image": (str,),
-         "array": ()}
+         "array": (), "loras": (list, tuple)}
 
 
 def arg(default: Any = None, *, kind: str, help: str, lo: float | None = None, hi: float | None = None,
         choices: tuple = (), cli: str | None = None, optional: bool = False, python_only: bool = False):
     """A request field. kind: see KINDS ("image": a path or PIL image or array in Python, a path on the
-    CLI, base64 on the server; "array": Python only). lo / hi: inclusive limits. optional: None is a
+    CLI, base64 on the server; "array": Python only; "loras": (file or name, weight) pairs, read by
+    sdrt.runtime.lora.uses_from). lo / hi: inclusive limits. optional: None is a
     value (meaning "the default the engine dir or sampler implies"). cli: the flag, if not --NAME."""
     meta = {"kind": kind, "help": help, "lo": lo, "hi": hi, "choices": choices, "cli": cli,
             "optional": optional or default is None, "python_only": python_only}
@@ -73,6 +74,9 @@ class GenerateRequest:
                                          "--sampler ddim and --eta, default 0.1); the prompt says what to make of it")
     source_guidance_scale: float = arg(1.0, kind="number", lo=0, hi=MAX_GUIDANCE,
                                        help="CycleDiffusion: guidance of the source prompt")
+    loras: Any = arg(None, kind="loras", cli="--lora",
+                     help="LoRAs for this request only, no re-export: FILE[:WEIGHT] (a name: from --lora-dir); "
+                          "<lora:NAME:WEIGHT> in the prompt does the same")
     latents: Any = arg(None, kind="array", python_only=True,
                        help="initial noise (N, C, H/f, W/f), as diffusers' `latents`")
 
@@ -125,8 +129,8 @@ def check_value(f: dataclasses.Field, value) -> None:
             raise InputError(f"{f.name}: a value is required")
         return
     kind = m["kind"]
-    if kind in ("image", "array"):
-        return  # read and checked where it is used (sdrt.runtime.images)
+    if kind in ("image", "array", "loras"):
+        return  # read and checked where it is used (sdrt.runtime.images, sdrt.runtime.lora)
     if isinstance(value, bool) or not isinstance(value, KINDS[kind]) and not _numpy_number(value, kind):
         raise InputError(f"{f.name}: expected {_kind_words(kind)}, got {_short(value)}")
     if kind == "number" and not math.isfinite(value):

@@ -47,6 +47,7 @@ class ServeConfig:
     warmup: bool = True
     model_name: str = field(default="")  # as /v1/models and /sdapi/v1/sd-models list it; default: the dir's name
     embeddings_dir: Path | None = None  # textual-inversion files prompts may name (A1111's embeddings folder)
+    lora_dir: Path | None = None  # LoRA files prompts and `loras` may name (A1111's Lora folder)
 
 
 class ClientGone(Exception):
@@ -70,6 +71,7 @@ class Service:
         self.pipe = Pipeline.load(config.engines, provider=config.provider)
         if config.embeddings_dir is not None:
             self.pipe.load_embeddings(config.embeddings_dir)
+        self.pipe.set_lora_dir(config.lora_dir)
         self.metrics = Metrics()
         if config.batching not in BATCHING:
             raise InputError(f"--batching must be one of {', '.join(BATCHING)}, got {config.batching!r}")
@@ -95,6 +97,8 @@ class Service:
     async def generate(self, req, http_request: Request, route: str):
         """Run REQ (a GenerateRequest) through the queue; returns (Result, Job). A random seed (-1, none)
         is picked by the pipeline's plan and named in Result.seeds."""
+        if req.loras and self.config.lora_dir is None:
+            raise InputError("loras: this server has no LoRA folder (sdrt serve --lora-dir DIR)")
         await asyncio.to_thread(self.pipe.plan, req)  # every check against the engine dir, before it queues
         timeout = _header_timeout(http_request)
         job = self.scheduler.submit(req, timeout)

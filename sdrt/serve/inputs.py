@@ -85,6 +85,8 @@ def make_request(values: dict, max_images: int, *, text: bool = False):
             if not isinstance(value, (str, bytes)):
                 raise InputError(f"{name}: expected base64 of a PNG or JPEG file")
             value = {"mask": to_mask, "depth_map": open_image}.get(name, to_rgb)(name, value)  # depth: 16 bit kept
+        elif kind == "loras" and value is not None:
+            value = lora_names(value)
         elif text:
             value = from_text(fields[name], value)
         kwargs[name] = value
@@ -92,6 +94,23 @@ def make_request(values: dict, max_images: int, *, text: bool = False):
     if request.num_images > max_images:
         raise InputError(f"num_images: at most {max_images} per request (sdrt serve --max-images)")
     return request
+
+
+def lora_names(value) -> list[tuple]:
+    """`loras` from a client: [[NAME, WEIGHT], ...] or [{"name": NAME, "weight": WEIGHT}, ...], each NAME a
+    file of the server's --lora-dir (a client names no path on the server)."""
+    if not isinstance(value, list):
+        raise InputError("loras: expected a list of [name, weight] pairs")
+    out = []
+    for item in value:
+        if isinstance(item, dict):
+            item = [item.get("name"), item.get("weight", 1.0)]
+        if not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str):
+            raise InputError(f"loras: expected [name, weight] pairs, got {item!r:.60}")
+        if not item[0] or "/" in item[0] or "\\" in item[0] or item[0].startswith("."):
+            raise InputError(f"loras: {item[0]!r}: a LoRA name from the server's --lora-dir, not a path")
+        out.append(tuple(item))
+    return out
 
 
 def parse_request(body: bytes, max_images: int):
@@ -106,7 +125,7 @@ def request_schema() -> dict:
     """POST /generate's JSON schema for the OpenAPI docs, from the same declaration as the CLI's flags."""
     from pydantic import Field, create_model
 
-    types = {"text": str, "int": int, "number": float, "image": str}
+    types = {"text": str, "int": int, "number": float, "image": str, "loras": list}
     model_fields = {}
     for name, f in request_fields().items():
         m = f.metadata

@@ -58,6 +58,7 @@ class Job:
     enqueued: float = field(default_factory=time.monotonic)
     started: float = 0.0  # when its batch began
     cancelled: str | None = None  # a Cancelled reason
+    loras: tuple = ()  # Pipeline.lora_key: the LoRA set its sessions need
 
     @property
     def images(self) -> int:
@@ -101,7 +102,8 @@ class Scheduler:
     def submit(self, request, timeout: float | None = None) -> Job:
         """Queue REQUEST (already checked against the engine dir); QueueFull when there's no room."""
         limit = self.timeout if timeout is None else min(timeout, self.timeout)
-        job = Job(request, self.pipe.batch_key(request), time.monotonic() + limit)
+        job = Job(request, self.pipe.batch_key(request), time.monotonic() + limit,
+                  loras=self.pipe.lora_key(request) if hasattr(self.pipe, "lora_key") else ())
         with self._cond:
             if self._closing:
                 raise Cancelled("shutdown")
@@ -184,9 +186,13 @@ class Scheduler:
             t.join()
 
     def _room(self) -> bool:
-        """Queue mode: nothing runs. Continuous mode: the next request's images fit beside the running ones."""
-        running = sum(j.images for r in self._runs for j in r.jobs)
-        return not running if not self.continuous else running + self._queue[0].images <= self.max_batch
+        """Queue mode: nothing runs. Continuous mode: the next request's images fit beside the running ones,
+        which run with its LoRA set (the sessions hold one set at a time)."""
+        jobs = [j for r in self._runs for j in r.jobs]
+        if not self.continuous or not jobs:
+            return not jobs
+        return sum(j.images for j in jobs) + self._queue[0].images <= self.max_batch and all(
+            j.loras == self._queue[0].loras for j in jobs)
 
     @property
     def progress(self) -> Progress:

@@ -41,13 +41,18 @@ def check_provider(provider: str) -> None:
         onnxruntime.check_ort_provider(provider)
 
 
-def load_backend(path: Path, spec: ComponentSpec, backend: str, provider: str) -> Backend:
+def load_backend(path: Path, spec: ComponentSpec, backend: str, provider: str, weights: dict | None = None) -> Backend:
+    """WEIGHTS: initializers replacing the graph's (LoRAs per request), which only ONNX Runtime takes."""
     from sdrt.runtime.backends import onnxruntime, openvino, tensorrt
 
+    if weights and (backend != "onnx" or provider in openvino.OPENVINO_PRECISION):
+        raise InputError(f"LoRAs per request run on ONNX Runtime's providers (cpu, cuda); {path} runs on "
+                         f"{'TensorRT' if backend == 'tensorrt' else 'OpenVINO'}: fuse them at export instead "
+                         "(sdrt export --lora FILE:WEIGHT)")
     if backend == "onnx" and provider in openvino.OPENVINO_PRECISION:
         return openvino.OpenVinoBackend(path, spec, provider)
     if backend == "onnx":
-        return onnxruntime.OrtBackend(path, spec, provider)
+        return onnxruntime.OrtBackend(path, spec, provider, weights)
     if backend == "tensorrt":
         if provider != "tensorrt":
             raise InputError(f"{path} is a TensorRT engine: run it with --provider tensorrt")

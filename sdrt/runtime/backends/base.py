@@ -20,10 +20,11 @@ from sdrt.errors import InputError, Interrupted, NonFiniteOutput
 
 
 class Backend:
-    def __init__(self, path: Path, spec: ComponentSpec, provider: str = "cpu"):
+    def __init__(self, path: Path, spec: ComponentSpec, provider: str = "cpu", weights: dict | None = None):
         self.path = Path(path)
         self.spec = spec
         self.provider = provider  # an sdrt provider name (sdrt.runtime.backends.PROVIDERS)
+        self.weights = weights or {}  # initializer name -> array replacing the graph's (LoRAs; ONNX Runtime only)
         self.seconds = 0.0  # time spent in run()
         self.calls = 0
         self.observers: list[Callable[[dict[str, np.ndarray]], None]] = []  # called with each call's feeds

@@ -105,7 +105,7 @@ def preload_cuda_libraries(ort) -> None:
 
 def session(model: str | Path | bytes, provider: str = "cpu", *, component: str | None = None,
             shared_memory: bool = False, optimize: bool = True, config: dict | None = None,
-            providers: list | None = None, cuda_graph: bool = False):
+            providers: list | None = None, cuda_graph: bool = False, initializers: dict | None = None):
     """An ONNX Runtime InferenceSession of MODEL (a path or serialized bytes) on an sdrt provider.
 
     shared_memory: allocate from the process's shared arena (sdrt.runtime.backends.memory; the
@@ -125,9 +125,14 @@ def session(model: str | Path | bytes, provider: str = "cpu", *, component: str 
         MEMORY.configure(ort, opts, provider, component)
     for k, v in (config or {}).items():
         opts.add_session_config_entry(k, v)
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in (initializers or {}).values()]
+    if values:  # add_initializer would not do: constant folding would still see the file's values
+        opts.add_external_initializers(list(initializers), values)
     cache = Path(model).parent / "trt_cache" if isinstance(model, (str, Path)) else None
     source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, opts, providers=providers or ort_providers(provider, cache, cuda_graph))
+    sess = ort.InferenceSession(source, opts, providers=providers or ort_providers(provider, cache, cuda_graph))
+    sess.sdrt_initializers = values  # ONNX Runtime reads them in place
+    return sess
 
 
 # components whose calls run as CUDA graphs on the CUDA provider: the UNet, called every step with
@@ -166,7 +171,7 @@ class OrtBackend(Backend):
         import onnxruntime as ort
 
         self.session = session(self.path, self.provider, component=self.spec.name, shared_memory=True,
-                               cuda_graph=graphs)
+                               cuda_graph=graphs, initializers=self.weights)
         wanted = ort_provider_name(self.provider)
         if self.session.get_providers()[0] != wanted:  # ONNX Runtime falls back when a provider's libraries
             # are missing, with a line on stdout: a GPU run silently on the CPU would be worse than an error
