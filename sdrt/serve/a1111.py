@@ -216,6 +216,22 @@ def sd_models(request: Request):
              "hash": digest[:10] or None, "sha256": digest or None, "filename": s.model_name, "config": None}]
 
 
+@router.get("/loras")
+def loras_list(request: Request):
+    """The server's --lora-dir files, as A1111's Lora folder lists them (`<lora:NAME:W>` names them)."""
+    from sdrt.runtime.lora import SUFFIXES
+
+    d = request.app.state.service.pipe.lora_dir
+    files = sorted(p for p in d.rglob("*") if p.suffix.lower() in SUFFIXES) if d is not None else []
+    return [{"name": p.stem, "alias": p.stem, "path": str(p), "metadata": {}} for p in files]
+
+
+@router.post("/refresh-loras")
+def refresh_loras():
+    """Nothing to refresh: the folder is read at each request."""
+    return None
+
+
 @router.get("/options")
 def options(request: Request):
     s = request.app.state.service
