@@ -287,6 +287,9 @@ def cmd_info(args) -> int:
             fused = ", ".join(f"{k} x{v}" for k, v in g.fused.items()) or "nothing"
             err = "n/a" if g.parity_max_abs is None else f"{g.parity_max_abs:.2g}"
             print(f"  {target} graph: {g.file} ({fused}; parity max abs error {err})")
+        if c.weight_map:
+            layers = len(json.loads((d / c.weight_map).read_text())["layers"])
+            print(f"  weight map: {c.weight_map} ({layers} layers LoRAs may adapt per request)")
         for kind, tensors in (("in ", c.spec.inputs), ("out", c.spec.outputs)):
             for t in tensors:
                 print(f"  {kind} {t.name:<22} {t.dtype:<8} [{', '.join(str(x) for x in t.shape)}]")

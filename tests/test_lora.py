@@ -168,7 +168,8 @@ def lora_pipe(engines, lora_dir):
 
 def test_weight_map_holds_every_layers_weight(checkpoints, engines):
     """Each mapped initializer's bytes in the weights file are the layer's PyTorch weight (transposed where
-    the graph's MatMul takes it so); every layer the test LoRAs adapt is in the map."""
+    the graph's MatMul takes it so); every Linear and Conv2d layer is in the map."""
+    import torch
     from diffusers import StableDiffusionPipeline
 
     from sdrt.runtime.lora import canonical
@@ -181,6 +182,7 @@ def test_weight_map_holds_every_layers_weight(checkpoints, engines):
         wanted = [p for p in modules if p.rsplit(".", 1)[-1] in {a.rsplit(".", 1)[-1] for a in adapted}
                   and any(p.endswith(a) for a in adapted)]
         assert wanted and all(canonical(component, p) in layers for p in wanted)
+        assert len(layers) == sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in modules.values())
         by_name = {canonical(component, p): m for p, m in modules.items()}
         for name, e in layers.items():
             got = np.memmap(engines["eps"] / e["file"], dtype=e["dtype"], mode="r", offset=e["offset"],
@@ -389,3 +391,75 @@ def test_server_loras_by_name_tag_and_batching(engines, lora_dir, lora_pipe):
         assert status == 400 and "this server has no LoRA folder" in out["error"]
     finally:
         bare.stop()
+
+
+def test_locon_convolutions_match_diffusers(checkpoints, lora_pipe, tmp_path):
+    """kohya's LoCon: a k x k down and a 1 x 1 up on the UNet's convolutions (3x3 ones the CPU graph runs
+    as Winograd, whose transform ONNX Runtime folds from the new weights), beside a Linear layer."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    ref = StableDiffusionPipeline.from_pretrained(checkpoints["eps"], safety_checker=None)
+    torch.manual_seed(5)
+    tensors = {}
+    for path in ("down_blocks.0.resnets.0.conv1", "up_blocks.1.resnets.0.conv2",
+                 "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"):
+        w = dict(ref.unet.named_modules())[path].weight
+        stem = "lora_unet_" + path.replace(".", "_")
+        tensors[f"{stem}.lora_down.weight"] = torch.randn(2, *w.shape[1:]) * 0.3
+        tensors[f"{stem}.lora_up.weight"] = torch.randn(w.shape[0], 2, *[1] * (w.dim() - 2)) * 0.3
+        tensors[f"{stem}.alpha"] = torch.tensor(1.0)
+    save_file(tensors, tmp_path / "locon.safetensors")
+    lat = _latents()
+    w, h = SIZES["eps"]
+    ours = lora_pipe(**ARGS, width=w, height=h, latents=lat, loras=[(str(tmp_path / "locon.safetensors"), 0.7)])
+    want = _diffusers_with_loras(checkpoints["eps"], [tmp_path / "locon.safetensors"], [0.7], lat, **ARGS, width=w,
+                                 height=h, fuse=True)
+    base = lora_pipe(**ARGS, width=w, height=h, latents=lat).pixels
+    assert np.abs(ours.pixels - want).max() < 2e-3 and np.abs(ours.pixels - base).max() > 0.02
+
+
+def test_continuous_batching_admits_only_the_running_lora_set():
+    """Continuous mode runs generations side by side on one pipeline's sessions: a request with another
+    LoRA set waits until the running ones are done; one with the same set joins them."""
+    import threading
+
+    from sdrt.serve.scheduler import Scheduler
+
+    class Fake:
+        unet_gate = None
+
+        def __init__(self):
+            self.running, self.seen, self.release = set(), [], threading.Event()
+
+        def batch_key(self, req):
+            return None
+
+        def lora_key(self, req):
+            return req["loras"]
+
+        def __call__(self, req, callback=None):
+            self.running.add(req["name"])
+            self.seen.append(sorted(self.running))
+            self.release.wait(30)
+            self.running.discard(req["name"])
+            return req["name"]
+
+    class Req(dict):
+        num_images = 1
+
+    pipe = Fake()
+    sched = Scheduler(pipe, max_queue=8, max_batch=4, continuous=True)
+    try:
+        jobs = [sched.submit(Req(name=n, loras=k)) for n, k in (("a1", ("A",)), ("a2", ("A",)), ("b", ("B",)))]
+        deadline = time.monotonic() + 30
+        while len(pipe.seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)
+        assert pipe.seen == [["a1"], ["a1", "a2"]]  # a2 joined a1 (same set); b waits (another set)
+        pipe.release.set()
+        assert [j.future.result(30) for j in jobs] == ["a1", "a2", "b"]
+        assert pipe.seen[2] == ["b"]  # b ran alone, once the others were done
+    finally:
+        sched.close()

@@ -182,9 +182,11 @@ class Pipeline:
         """What identifies REQ's LoRA set: requests with equal keys run on the same sessions."""
         return tuple(u.key for u in self.lora_uses(req))
 
-    def _apply_loras(self, uses: list) -> None:
-        """Make the UNet's and text encoder's sessions run with USES' weights (the base weights for
-        none): a component whose set changes gets a new session over its merged initializers."""
+    def use_loras(self, loras=None) -> None:
+        """Make the UNet's and text encoder's sessions run with LORAS (a request's `loras`; none: the
+        base weights) now: a component whose set changes gets a new session over its merged weights.
+        Generations do this themselves; a server or benchmark may do it ahead."""
+        uses = lora.uses_from(loras, self.lora_dir)
         with self._lora_lock:
             changed = self.loras.changes(uses)
             if not changed:
@@ -291,7 +293,7 @@ class Pipeline:
         self._stop.clear()
         for e in self.engines.values():
             e.resume()
-        self._apply_loras(loras)
+        self.use_loras(loras)
 
     def plan(self, req: GenerateRequest) -> Plan:
         """Validate REQ against this engine dir and resolve what it leaves open; no engine runs."""
