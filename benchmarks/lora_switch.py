@@ -128,7 +128,10 @@ def main() -> None:
              "B": make_lora(work / "B.safetensors", layers, args.rank, 2)}
     pipe = sdrt.Pipeline.load(args.engines)
     small = dict(prompt="a castle on a hill", steps=2, width=args.small_size, height=args.small_size, seed=3)
-    pipe.warmup()
+    empty = rss_mb()
+    with PeakRss() as warm:  # the base sessions' creation: its own transient, for comparison
+        pipe.warmup()
+    warm_rss = rss_mb()
     base_small = pipe(**small).pixels
     rss_base = rss_mb()
     t0 = time.perf_counter()
@@ -145,7 +148,8 @@ def main() -> None:
     write(args, {"machine": platform.processor() or platform.machine(), "cpu": cpu_name(),
                  "generation_s": generation, "rss_base_mb": rss_base, "switches": runs, "rank": args.rank,
                  "layers": len(layers), "a_then_a_bit_identical": same_a, "base_then_base_bit_identical": same_base,
-                 "reexport_s": export_s, "steps": args.steps, "size": args.size})
+                 "reexport_s": export_s, "steps": args.steps, "size": args.size,
+                 "warmup": {"rss_before_mb": empty, "peak_rss_mb": warm.peak, "rss_after_mb": warm_rss}})
 
 
 def cpu_name() -> str:
@@ -161,7 +165,9 @@ def write(args, r: dict) -> None:
     g = r["generation_s"]
     lines = [f"# LoRA switches on {args.engines.name} ({r['cpu']}, {r['layers']} layers, rank {r['rank']})", "",
              f"Base generation ({r['steps']} steps, {r['size']} px, guidance 7.5): {g:.1f} s; RSS with the sessions "
-             f"loaded {r['rss_base_mb']:,.0f} MB.", "",
+             f"loaded {r['rss_base_mb']:,.0f} MB. Creating the base sessions (warm-up) took RSS from "
+             f"{r['warmup']['rss_before_mb']:,.0f} to {r['warmup']['rss_after_mb']:,.0f} MB, peaking at "
+             f"{r['warmup']['peak_rss_mb']:,.0f} MB.", "",
              "| switch to | seconds | share of the generation | RSS after - base MB | peak - base MB "
              "| changed weights MB |", "|---|---|---|---|---|---|"]
     for s in r["switches"]:

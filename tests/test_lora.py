@@ -463,3 +463,19 @@ def test_continuous_batching_admits_only_the_running_lora_set():
         assert pipe.seen[2] == ["b"]  # b ran alone, once the others were done
     finally:
         sched.close()
+
+
+def test_lora_switch_benchmark_runs(engines, tmp_path):
+    """benchmarks/lora_switch.py on the tiny engines: its four switches, and bit-identical sets."""
+    import subprocess
+    import sys
+
+    w, _ = SIZES["eps"]
+    subprocess.run([sys.executable, "benchmarks/lora_switch.py", "--engines", str(engines["eps"]), "--steps", "1",
+                    "--size", str(w), "--small-size", str(w), "--rank", "2", "--out", str(tmp_path)], check=True,
+                   capture_output=True, cwd=Path(__file__).parents[1])
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert [s["to"] for s in r["switches"]] == ["A", "B", "A", "base"]
+    assert r["a_then_a_bit_identical"] and r["base_then_base_bit_identical"]
+    assert r["switches"][0]["changed_weights_mb"] > 0 and r["switches"][3]["changed_weights_mb"] == 0
+    assert "| switch to | seconds |" in (tmp_path / "results.md").read_text()

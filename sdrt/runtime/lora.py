@@ -291,37 +291,34 @@ def _metadata_alphas(path: Path, meta: dict) -> dict[str, float]:
 # -- merging --------------------------------------------------------------------------------------
 
 def merged(files: list[tuple[LoraFile, float]], component: str, weight_map: dict, engine_dir: Path
-           ) -> tuple[dict[str, np.ndarray], int]:
+           ) -> dict[str, np.ndarray]:
     """The initializers COMPONENT's sessions get for FILES at their weights: {name: base + deltas} in
-    the graph's layout and dtype, and how many of the files' layers matched (the rest is an error)."""
-    deltas: dict[str, np.ndarray] = {}
-    layers = weight_map["layers"]
-    matched = 0
+    the graph's layout and dtype. One initializer at a time (base, then each delta added in FILES'
+    order), so the arrays being made take one copy of the changed weights plus one layer's."""
+    parts: dict[str, list] = {}  # initializer -> its (layer, weight, shape in torch's layout, transposed)
     for lora, weight in files:
         for (comp, name), layer in lora.layers.items():
-            if comp != component or weight == 0:
+            entry = weight_map["layers"].get(name)
+            if comp != component or weight == 0 or entry is None:
                 continue
-            entry = layers.get(name)
-            if entry is None:
-                continue
-            matched += 1
-            shape = tuple(entry["shape"][::-1] if entry["transposed"] else entry["shape"])  # torch's layout
-            d = layer.delta()
-            if d.size != int(np.prod(shape)):
+            shape = tuple(entry["shape"][::-1] if entry["transposed"] else entry["shape"])
+            if layer.up.shape[0] * int(np.prod(layer.down.shape[1:])) != int(np.prod(shape)):
                 raise InputError(f"LoRA {lora.path}: layer {name} is {layer.up.shape[0]} x {layer.down.shape[1:]}, "
                                  f"the model's weight {shape} (a LoRA for another model?)")
-            d = d.reshape(shape) * np.float32(weight)
-            d = d.T if entry["transposed"] else d
-            deltas[entry["name"]] = deltas[entry["name"]] + d if entry["name"] in deltas else d
+            parts.setdefault(entry["name"], []).append((layer, weight, shape, entry["transposed"]))
+    by_name = {e["name"]: e for e in weight_map["layers"].values()}
     out = {}
-    by_name = {e["name"]: e for e in layers.values()}
-    for init, d in deltas.items():
+    for init, contributions in parts.items():
         e = by_name[init]
         base = np.memmap(engine_dir / e["file"], dtype=e["dtype"], mode="r", offset=e["offset"],
                          shape=tuple(e["shape"]))
-        out[init] = (np.asarray(base, np.float32) + d).astype(e["dtype"])
+        acc = np.array(base, np.float32)
         del base
-    return out, matched
+        for layer, weight, shape, transposed in contributions:
+            d = layer.delta().reshape(shape) * np.float32(weight)
+            acc += d.T if transposed else d
+        out[init] = acc if e["dtype"] == "float32" else acc.astype(e["dtype"])
+    return out
 
 
 def unmatched(lora: LoraFile, maps: dict[str, dict]) -> tuple[int, list[str]]:
@@ -400,6 +397,6 @@ class Weights:
         arrays = {}
         if key:
             files = [(self.file(u), u.unet if component == "unet" else u.te) for u in uses]
-            arrays, _ = merged(files, component, self.weight_map(component), self.engine_dir)
+            arrays = merged(files, component, self.weight_map(component), self.engine_dir)
         self.keys[component], self.arrays[component] = key, arrays
         return arrays
