@@ -393,6 +393,7 @@ class Weights:
     def switch(self, uses: list[Use], component: str) -> dict[str, np.ndarray]:
         """COMPONENT's initializers for USES (empty: the base weights), now recorded as loaded."""
         self.arrays.pop(component, None)  # the old set's arrays go before the new ones are made
+        self.keys[component] = ()  # the base weights, until the new arrays exist (a failure leaves those)
         key = self.component_key(uses, component)
         arrays = {}
         if key:

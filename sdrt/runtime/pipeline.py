@@ -185,8 +185,12 @@ class Pipeline:
     def use_loras(self, loras=None) -> None:
         """Make the UNet's and text encoder's sessions run with LORAS (a request's `loras`; none: the
         base weights) now: a component whose set changes gets a new session over its merged weights.
-        Generations do this themselves; a server or benchmark may do it ahead."""
+        Generations do this themselves; a server or benchmark may do it ahead. Generations running at
+        once must share one set (the server's scheduler sees to it)."""
         uses = lora.uses_from(loras, self.lora_dir)
+        if uses and self.provider.startswith("openvino"):
+            raise InputError(f"LoRAs per request run on ONNX Runtime's providers (cpu, cuda), not {self.provider}: "
+                             "fuse them at export instead (sdrt export --lora FILE:WEIGHT)")
         with self._lora_lock:
             changed = self.loras.changes(uses)
             if not changed:
@@ -195,6 +199,7 @@ class Pipeline:
             for name in changed:
                 for engine in [name] + ([EMBEDS] if name == "text_encoder" else []):
                     self.unload(engine)
+                release_free_memory()  # the old session's memory goes back before the new arrays are made
                 self.loras.switch(uses, name)
                 self.engine(name)
 
