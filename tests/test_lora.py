@@ -278,13 +278,15 @@ def _loha(path: Path) -> Path:
     ("hypernet", r"<hypernet:\.\.\.> is not an extra network sdrt runs"),
     ("not-a-file", r"loras: .*nothing\.safetensors: no such file"),
     ("bad-pair", r"loras: expected \(file, weight\) pairs"),
-    ("bad-weight", r"<lora:detail:x>: the weights must be numbers"),
+    ("bad-weight", r"<lora:detail:x>: the weights must be finite numbers"),
+    ("nan-weight", r"<lora:detail:nan>: the weights must be finite numbers"),
+    ("escape", r"<lora:\.\./x>: a name in the LoRA folder, not a path out of it"),
 ])
 def test_bad_loras_are_refused_by_name(engines, lora_dir, tmp_path, case, message):
     from sdrt.errors import InputError
 
     prompts = {"missing-name": "a <lora:nope:1>", "no-dir": "a <lora:detail>", "hypernet": "a <hypernet:x:1>",
-               "bad-weight": "a <lora:detail:x>"}
+               "bad-weight": "a <lora:detail:x>", "nan-weight": "a <lora:detail:nan>", "escape": "a <lora:../x>"}
     files = {"foreign": _foreign, "loha": _loha}
     loras = {"not-a-file": [(str(tmp_path / "nothing.safetensors"), 1.0)], "bad-pair": [("a", "b", "c", "d")]}
     if case in files:

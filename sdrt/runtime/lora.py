@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,12 +95,17 @@ def _use_from_tag(items: list[str], lora_dir: Path | None) -> Use:
     name, positional, named = items[0].strip(), [], {}
     for item in items[1:]:
         k, eq, v = item.partition("=")
-        (named.__setitem__(k.strip(), v) if eq else positional.append(item))
+        if eq:
+            named[k.strip()] = v
+        else:
+            positional.append(item)
     try:
         te = float(named.get("te", positional[0] if positional else 1.0))
         unet = float(named.get("unet", positional[1] if len(positional) > 1 else te))
     except ValueError:
-        raise InputError(f"prompt: <lora:{':'.join(items)}>: the weights must be numbers") from None
+        te = unet = math.nan
+    if not (math.isfinite(te) and math.isfinite(unet)):
+        raise InputError(f"prompt: <lora:{':'.join(items)}>: the weights must be finite numbers")
     return Use(find(name, lora_dir), te, unet, name)
 
 
@@ -107,7 +113,9 @@ def find(name: str, lora_dir: Path | None) -> Path:
     """The file a prompt's NAME means: LORA_DIR/NAME.safetensors (or .pt, .ckpt), or a file below
     LORA_DIR with that stem (A1111 searches its Lora folder's subfolders too)."""
     if lora_dir is None:
-        raise InputError(f"prompt: <lora:{name}> needs a LoRA folder (--lora-dir DIR; Pipeline.lora_dir)")
+        raise InputError(f"prompt: <lora:{name}> needs a LoRA folder (--lora-dir DIR; Pipeline.set_lora_dir)")
+    if not (lora_dir / name).resolve().is_relative_to(lora_dir.resolve()):
+        raise InputError(f"prompt: <lora:{name}>: a name in the LoRA folder, not a path out of it")
     for suffix in ("", *SUFFIXES):
         p = lora_dir / (name + suffix)
         if p.is_file() and p.suffix.lower() in SUFFIXES:
@@ -139,7 +147,7 @@ def uses_from(loras, lora_dir: Path | None = None) -> list[Use]:
         if isinstance(item, (str, Path)):
             item = (item, 1.0)
         if not isinstance(item, (tuple, list)) or not 2 <= len(item) <= 3 or not all(
-                isinstance(w, (int, float)) and not isinstance(w, bool) for w in item[1:]):
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in item[1:]):
             raise InputError(f"loras: expected (file, weight) pairs, got {item!r:.60}")
         path = Path(item[0])
         if lora_dir is not None and len(path.parts) == 1:
