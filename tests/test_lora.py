@@ -481,3 +481,19 @@ def test_lora_switch_benchmark_runs(engines, tmp_path):
     assert r["a_then_a_bit_identical"] and r["base_then_base_bit_identical"]
     assert r["switches"][0]["changed_weights_mb"] > 0 and r["switches"][3]["changed_weights_mb"] == 0
     assert "| switch to | seconds |" in (tmp_path / "results.md").read_text()
+
+
+def test_a_lora_file_rewritten_in_place_is_read_again(lora_pipe, loras, tmp_path):
+    """The same path with new contents (a retrained LoRA saved over the old one) gives the new weights."""
+    import os
+    import shutil
+
+    w, h = SIZES["eps"]
+    path = tmp_path / "style.safetensors"
+    shutil.copy(loras[1], path)
+    first = lora_pipe(**ARGS, width=w, height=h, seed=3, loras=[(str(path), 1.0)]).pixels
+    shutil.copy(loras[0], path)
+    os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))  # a newer time even on coarse clocks
+    second = lora_pipe(**ARGS, width=w, height=h, seed=3, loras=[(str(path), 1.0)]).pixels
+    want = lora_pipe(**ARGS, width=w, height=h, seed=3, loras=[(str(loras[0]), 1.0)]).pixels
+    assert not np.array_equal(first, second) and np.array_equal(second, want)

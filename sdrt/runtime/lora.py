@@ -341,8 +341,9 @@ FILE_CACHE = 16  # parsed LoRA files a pipeline keeps (a server switching among 
 
 
 class Weights:
-    """The LoRA set a pipeline's sessions run with, per component, and its recent files. `switch`
-    checks a set, then says which components' sessions must be made again with which initializers."""
+    """The LoRA set a pipeline's sessions run with, per component, and its recent files: `changes`
+    names the components a set changes, `check` refuses a set that adapts nothing, and `switch`
+    makes a component's initializers for a set."""
 
     def __init__(self, engine_dir: Path, manifest):
         from collections import OrderedDict
@@ -355,8 +356,15 @@ class Weights:
 
     @staticmethod
     def component_key(uses: list[Use], component: str) -> tuple:
-        return tuple((u.key[0], u.unet if component == "unet" else u.te) for u in uses
-                     if (u.unet if component == "unet" else u.te) != 0)
+        """What COMPONENT's weights depend on: each file (its path, and its size and time, so that a
+        file rewritten in place counts as another) with a nonzero weight for COMPONENT, and that weight."""
+        out = []
+        for u in uses:
+            weight = u.unet if component == "unet" else u.te
+            if weight != 0:
+                st = u.path.stat()
+                out.append((u.key[0], st.st_mtime_ns, st.st_size, weight))
+        return tuple(out)
 
     def file(self, use: Use) -> LoraFile:
         st = use.path.stat()
