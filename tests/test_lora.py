@@ -497,3 +497,23 @@ def test_a_lora_file_rewritten_in_place_is_read_again(lora_pipe, loras, tmp_path
     second = lora_pipe(**ARGS, width=w, height=h, seed=3, loras=[(str(path), 1.0)]).pixels
     want = lora_pipe(**ARGS, width=w, height=h, seed=3, loras=[(str(loras[0]), 1.0)]).pixels
     assert not np.array_equal(first, second) and np.array_equal(second, want)
+
+
+def test_loras_need_onnx_runtime_sessions(engines, loras):
+    """OpenVINO and TensorRT engines take no replaced weights: refused with the fix, before a session closes."""
+    from sdrt.errors import InputError
+    from sdrt.runtime.backends import check_weights
+
+    for backend, provider, words in (("tensorrt", "tensorrt", "not on TensorRT engines"),
+                                     ("onnx", "openvino", "not on openvino")):
+        with pytest.raises(InputError, match=words + r": fuse them at export instead"):
+            check_weights(backend, provider)
+    check_weights("onnx", "cpu")
+    pytest.importorskip("openvino")
+    w, h = SIZES["eps"]
+    with sdrt.Pipeline.load(engines["eps"], provider="openvino") as pipe:
+        pipe("a castle", steps=1, width=w, height=h)
+        loaded = dict(pipe.engines)
+        with pytest.raises(InputError, match="not on openvino"):
+            pipe("a castle", steps=1, width=w, height=h, loras=[(str(loras[0]), 1.0)])
+        assert pipe.engines == loaded  # nothing was closed

@@ -27,7 +27,7 @@ from sdrt.components import DEPTH_ESTIMATOR
 from sdrt.errors import InputError, Interrupted, NonFiniteOutput
 from sdrt.manifest import Manifest
 from sdrt.runtime import cycle, depth, embeddings, images, lora, noise, prompts, samplers
-from sdrt.runtime.backends import PROVIDER_TARGETS, check_provider, load_backend, release_free_memory
+from sdrt.runtime.backends import PROVIDER_TARGETS, check_provider, check_weights, load_backend, release_free_memory
 from sdrt.runtime.denoiser import Denoiser
 from sdrt.runtime.request import GenerateRequest
 from sdrt.tokenizer import ClipTokenizer
@@ -188,9 +188,9 @@ class Pipeline:
         Generations do this themselves; a server or benchmark may do it ahead. Generations running at
         once must share one set (the server's scheduler sees to it)."""
         uses = lora.uses_from(loras, self.lora_dir)
-        if uses and self.provider.startswith("openvino"):
-            raise InputError(f"LoRAs per request run on ONNX Runtime's providers (cpu, cuda), not {self.provider}: "
-                             "fuse them at export instead (sdrt export --lora FILE:WEIGHT)")
+        for name in lora.COMPONENTS if uses else ():  # before any session is closed
+            backend = self.manifest.components[name].backend
+            check_weights(backend, self._provider_for(backend))
         with self._lora_lock:
             changed = self.loras.changes(uses)
             if not changed:

@@ -25,7 +25,7 @@ PROVIDERS = ("cpu", "cuda", "tensorrt", "openvino", "openvino-fp32")
 PROVIDER_TARGETS = {"cpu": ("onnxruntime-cpu", "onnxruntime"), "cuda": ("onnxruntime-cuda", "onnxruntime"),
                     "tensorrt": ("tensorrt",), "openvino": (), "openvino-fp32": ()}
 
-__all__ = ["MEMORY", "PROVIDERS", "PROVIDER_TARGETS", "Backend", "check_provider", "load_backend",
+__all__ = ["MEMORY", "PROVIDERS", "PROVIDER_TARGETS", "Backend", "check_provider", "check_weights", "load_backend",
            "release_free_memory"]
 
 
@@ -41,14 +41,22 @@ def check_provider(provider: str) -> None:
         onnxruntime.check_ort_provider(provider)
 
 
+def check_weights(backend: str, provider: str) -> None:
+    """Only ONNX Runtime's sessions take initializers replacing the graph's (LoRAs per request)."""
+    from sdrt.runtime.backends import openvino
+
+    if backend != "onnx" or provider in openvino.OPENVINO_PRECISION:
+        raise InputError(f"LoRAs per request run on ONNX Runtime's providers (cpu, cuda), not on "
+                         f"{'TensorRT engines' if backend == 'tensorrt' else provider}: fuse them at export instead "
+                         "(sdrt export --lora FILE:WEIGHT)")
+
+
 def load_backend(path: Path, spec: ComponentSpec, backend: str, provider: str, weights: dict | None = None) -> Backend:
-    """WEIGHTS: initializers replacing the graph's (LoRAs per request), which only ONNX Runtime takes."""
+    """WEIGHTS: initializers replacing the graph's (LoRAs per request; check_weights)."""
     from sdrt.runtime.backends import onnxruntime, openvino, tensorrt
 
-    if weights and (backend != "onnx" or provider in openvino.OPENVINO_PRECISION):
-        raise InputError(f"LoRAs per request run on ONNX Runtime's providers (cpu, cuda); {path} runs on "
-                         f"{'TensorRT' if backend == 'tensorrt' else 'OpenVINO'}: fuse them at export instead "
-                         "(sdrt export --lora FILE:WEIGHT)")
+    if weights:
+        check_weights(backend, provider)
     if backend == "onnx" and provider in openvino.OPENVINO_PRECISION:
         return openvino.OpenVinoBackend(path, spec, provider)
     if backend == "onnx":
