@@ -165,6 +165,13 @@ def component_specs(m: ModelDims) -> dict[str, ComponentSpec]:
     }
 
 
+def cache_specs(unet: ComponentSpec, feature: TensorSpec) -> tuple[ComponentSpec, ComponentSpec]:
+    """Feature caching's two UNet graphs (sdrt.kernels.deepcache): the full one outputs FEATURE beside
+    the UNet's output, the shallow one takes it beside the UNet's inputs."""
+    return (ComponentSpec(unet.name, unet.inputs, (*unet.outputs, feature), unet.dims),
+            ComponentSpec(unet.name, (*unet.inputs, feature), unet.outputs, unet.dims))
+
+
 def depth_spec(height: int, width: int, out_height: int, out_width: int) -> ComponentSpec:
     """The depth estimator: its image processor's fixed-size pixel values -> a depth map per image
     (sdrt.runtime.depth). DPT's position embeddings fix the input size, so only the batch varies."""

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sdrt.components import DEPTH_ESTIMATOR, ComponentSpec, ModelDims, component_specs, depth_spec
+from sdrt.components import DEPTH_ESTIMATOR, ComponentSpec, ModelDims, TensorSpec, component_specs, depth_spec
 from sdrt.errors import InputError
 
 FORMAT_VERSION = 1
@@ -31,6 +31,26 @@ class TargetGraph:
 
 
 @dataclass
+class FeatureCache:
+    """A UNet graph's feature-caching pair (sdrt.kernels.deepcache), sharing its weights file."""
+    full: str  # also outputs `feature`; relative to the engine dir
+    shallow: str  # takes `feature` in
+    feature: TensorSpec
+    # the initializers the shallow graph keeps (ONNX Runtime refuses replacements for others: LoRAs)
+    shallow_weights: list[str] = field(default_factory=list)
+    parity_max_abs: float | None = None  # shallow(full's feature) vs the graph itself, at export
+
+    def to_json(self) -> dict:
+        return {"full": self.full, "shallow": self.shallow, "feature": self.feature.to_json(),
+                "shallow_weights": self.shallow_weights, "parity": {"max_abs_error": self.parity_max_abs}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> FeatureCache:
+        return cls(str(d["full"]), str(d["shallow"]), TensorSpec.from_json(d["feature"]),
+                   [str(x) for x in d.get("shallow_weights", [])], d.get("parity", {}).get("max_abs_error"))
+
+
+@dataclass
 class ComponentEntry:
     spec: ComponentSpec
     files: list[str]  # relative to the engine dir; the first is the one to load
@@ -43,6 +63,13 @@ class ComponentEntry:
     # where each adaptable layer's weight is in the graphs (sdrt.export.weight_map), for LoRAs per
     # request; relative to the engine dir. None: not recorded (older exports, int8, TensorRT engines)
     weight_map: str | None = None
+    # the UNet's feature-caching graphs (cache_interval): graph file they derive from -> its pair
+    feature_cache: dict[str, FeatureCache] = field(default_factory=dict)
+
+    def graph_files(self) -> list[str]:
+        """Every file the entry names (graphs, weights, their maps)."""
+        return (self.files + [t.file for t in self.targets.values()]
+                + [f for c in self.feature_cache.values() for f in (c.full, c.shallow)])
 
     def file_for(self, targets: str | tuple[str, ...] | None) -> str:
         """The graph to run for TARGETS (a target, or targets in order of preference): the first
@@ -59,6 +86,8 @@ class ComponentEntry:
              "targets": {k: v.to_json() for k, v in self.targets.items()}}
         if self.weight_map:
             d["weight_map"] = self.weight_map
+        if self.feature_cache:
+            d["feature_cache"] = {k: v.to_json() for k, v in self.feature_cache.items()}
         d.update(self.spec.to_json())
         return d
 
@@ -68,7 +97,8 @@ class ComponentEntry:
         return cls(ComponentSpec.from_json(name, d), list(d["files"]), d["backend"], d["precision"],
                    list(d.get("optimizations", [])), parity.get("max_abs_error"), parity.get("tolerance"),
                    {str(k): TargetGraph.from_json(v) for k, v in d.get("targets", {}).items()},
-                   d.get("weight_map"))
+                   d.get("weight_map"),
+                   {str(k): FeatureCache.from_json(v) for k, v in d.get("feature_cache", {}).items()})
 
 
 @dataclass
@@ -173,7 +203,7 @@ class Manifest:
         from sdrt.checksums import sha256_file
 
         for name, c in self.components.items():
-            for f in c.files + [t.file for t in c.targets.values()]:
+            for f in c.graph_files():
                 if not (d / f).is_file():
                     raise InputError(f"{d}: {name} file {f} is missing")
         for f, rec in self.files.items():

@@ -16,7 +16,7 @@ from pathlib import Path
 from sdrt.components import DEPTH_ESTIMATOR, ComponentSpec, ModelDims, component_specs
 from sdrt.errors import InputError, SdrtError
 from sdrt.export.outdir import LOCK, OutDir, fault
-from sdrt.manifest import TOKENIZER_DIR, ComponentEntry, Manifest, TargetGraph, file_records
+from sdrt.manifest import TOKENIZER_DIR, ComponentEntry, FeatureCache, Manifest, TargetGraph, file_records
 from sdrt.runtime.denoiser import PREDICTION_TYPES
 
 log = logging.getLogger(__name__)
@@ -252,6 +252,52 @@ def cuda_stage(entry: ComponentEntry, pipe, staging: Path, fp16: bool = True) ->
     return TargetGraph(str(dst.relative_to(staging)), fused, err)
 
 
+def feature_cache_stage(entry: ComponentEntry, pipe, staging: Path, feature: str) -> ComponentEntry:
+    """Feature caching's full and shallow graphs (sdrt.kernels.deepcache) for each of the UNet's ONNX
+    graphs but TensorRT's, sharing its weights; each pair is checked against its graph."""
+    from sdrt.components import TensorSpec
+    from sdrt.kernels import deepcache
+
+    pairs = {}
+    sample = entry.spec.inputs[0].shape
+    for target, file in [(None, entry.files[0])] + [(t, g.file) for t, g in entry.targets.items() if t != "tensorrt"]:
+        full, shallow, weights, dtype = deepcache.write_pair(staging / file, feature)
+        # the last up block's width, at the latents' resolution
+        spec = TensorSpec(deepcache.FEATURE, dtype, (sample[0], pipe.unet.config.block_out_channels[0], *sample[2:]))
+        err = _check_feature_cache(entry, staging / file, full, shallow, spec)
+        log.info("unet (%s): feature caching's shallow graph keeps %d weights; max error %.2g",
+                 target or "standard", len(weights), err)
+        pairs[file] = FeatureCache(str(full.relative_to(staging)), str(shallow.relative_to(staging)), spec,
+                                   weights, err)
+    return dataclasses.replace(entry, feature_cache=pairs)
+
+
+def _check_feature_cache(entry: ComponentEntry, graph: Path, full: Path, shallow: Path, feature) -> float:
+    """The full graph's output equals GRAPH's and the shallow graph fed the full graph's feature gives
+    it again, within 1e-5 of its scale (fp16 graphs: 2e-3); returns the larger error. One session at
+    a time (a UNet's weights each)."""
+    import numpy as np
+
+    from sdrt.components import cache_specs
+    from sdrt.runtime.backends.onnxruntime import session
+
+    feeds = entry.spec.sample_inputs(entry.spec.sizes("min"), seed=3)
+    want = session(graph).run(None, feeds)[0].astype(np.float64)
+    out, feat = session(full).run(None, feeds)
+    full_spec, _ = cache_specs(entry.spec, feature)
+    bound = full_spec.check_feeds(feeds)
+    if feat.shape != feature.resolve(bound) or feat.dtype != np.dtype(feature.dtype):
+        raise SdrtError(f"export of unet: {full.name} gives a {feat.dtype}{list(feat.shape)} feature, "
+                        f"expected {feature.dtype}{list(feature.resolve(bound))}")
+    again = session(shallow).run(None, feeds | {feature.name: feat})[0]
+    err = max(float(np.max(np.abs(out - want))), float(np.max(np.abs(again - want))))
+    tol = (2e-3 if feature.dtype == "float16" else 1e-5) * max(1.0, float(np.max(np.abs(want))))
+    if err > tol:
+        raise SdrtError(f"export of unet: feature caching's graphs ({full.name}, {shallow.name}) differ from "
+                        f"{graph.name} by {err:.3g} (tolerance {tol:.3g})")
+    return err
+
+
 # -- engine-wide stages --------------------------------------------------------------------------
 
 def int8_stage(entries: dict[str, ComponentEntry], pipe, staging: Path, image_px: int,
@@ -396,11 +442,14 @@ def _build(source: str, staging: Path, opts: Options) -> Manifest:
     pipe.tokenizer.save_pretrained(staging / TOKENIZER_DIR)
     shutil.rmtree(scratch)
     manifest = _manifest(loaded, pipe, dims, entries, lora_records, opts, token_table)  # hashes the weights once
+    feature = _feature_name(staging / entries["unet"].files[0])  # before int8 replaces the graph
     if opts.precision == "int8":  # calibration runs the staged fp32 engines, which need a manifest to load
         manifest.write(staging)
         spec = entries["unet"].spec
         image_px = max(manifest.default_image_size // 2, spec.dims["h"][0] * dims.vae_scale_factor)
         entries["unet"] = int8_stage(entries, pipe, staging, image_px, opts.optimize)
+    if opts.backend == "onnx" and opts.optimize:
+        entries["unet"] = feature_cache_stage(entries["unet"], pipe, staging, feature)
     if opts.backend == "tensorrt":
         entries = tensorrt_stage(entries, staging, opts.trt_profile, dims.vae_scale_factor, opts.progress)
     _share_files(staging)
@@ -409,6 +458,13 @@ def _build(source: str, staging: Path, opts: Options) -> Manifest:
     log.info("recorded the size and sha256 of %d files in %.1f s", len(manifest.files), time.perf_counter() - t1)
     manifest.write(staging)
     return manifest
+
+
+def _feature_name(unet: Path) -> str:
+    from sdrt.kernels import deepcache
+    from sdrt.kernels.graph import load_graph_only
+
+    return deepcache.feature_name(load_graph_only(unet))
 
 
 def _check_kind(pipe, dims: ModelDims, opts: Options) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 from sdrt.components import DEPTH_ESTIMATOR
 from sdrt.errors import InputError, Interrupted, NonFiniteOutput
 from sdrt.manifest import Manifest
-from sdrt.runtime import cycle, depth, embeddings, images, lora, noise, prompts, samplers
+from sdrt.runtime import cycle, depth, embeddings, feature_cache, images, lora, noise, prompts, samplers
 from sdrt.runtime.backends import PROVIDER_TARGETS, check_provider, check_weights, load_backend, release_free_memory
 from sdrt.runtime.denoiser import Denoiser
 from sdrt.runtime.request import GenerateRequest
@@ -138,10 +138,29 @@ class Pipeline:
                             "faster than fp32 and with more memory: export with --precision fp32 for CPUs",
                             self.engine_dir)
             weights = self.loras.arrays.get(name)
-            targets = tuple(t for t in self.targets if t not in OWN_WEIGHTS) if weights else self.targets
-            path = self.engine_dir / (c.files[0] if c.backend == "tensorrt" else c.file_for(targets))
+            path = self.engine_dir / self._graph_for(c, weights)
             self.engines[name] = load_backend(path, c.spec, c.backend, self._provider_for(c.backend), weights)
         return self.engines[name]
+
+    def _graph_for(self, c, weights) -> str:
+        """The file component C runs from: its provider's graph (one that takes WEIGHTS, if any)."""
+        targets = tuple(t for t in self.targets if t not in OWN_WEIGHTS) if weights else self.targets
+        return c.files[0] if c.backend == "tensorrt" else c.file_for(targets)
+
+    def cached_unet(self, interval: int) -> feature_cache.CachedUNet:
+        """The UNet with feature caching every INTERVAL steps (its full and shallow graphs, loaded on
+        first use like the other engines, running the pipeline's LoRA set)."""
+        c = self.manifest.components["unet"]
+        weights = self.loras.arrays.get("unet")
+        pair, specs = feature_cache.pair_for(c, self._graph_for(c, weights), self.engine_dir)
+        for key, file, spec, kept in ((feature_cache.FULL, pair.full, specs[0], None),
+                                      (feature_cache.SHALLOW, pair.shallow, specs[1], set(pair.shallow_weights))):
+            if key not in self.engines:
+                own = weights if kept is None or not weights else {k: v for k, v in weights.items() if k in kept}
+                self.engines[key] = load_backend(self.engine_dir / file, spec, c.backend,
+                                                 self._provider_for(c.backend), own)
+        return feature_cache.CachedUNet(self.engines[feature_cache.FULL], self.engines[feature_cache.SHALLOW],
+                                        interval, pair.feature.name)
 
     def _provider_for(self, backend: str) -> str:
         """The provider for one component: the pipeline's, except for an ONNX graph beside TensorRT
@@ -198,7 +217,7 @@ class Pipeline:
             self.loras.check(uses)
             for name in changed:
                 for engine in [name] + ([EMBEDS] if name == "text_encoder" else []):
-                    self.unload(engine)
+                    self.unload(engine)  # the UNet's feature-caching pair goes with it
                 release_free_memory()  # the old session's memory goes back before the new arrays are made
                 self.loras.switch(uses, name)
                 self.engine(name)
@@ -209,10 +228,12 @@ class Pipeline:
             self.engine(name)
 
     def unload(self, name: str) -> None:
-        """Close one component's session (the next call that needs it loads it again)."""
-        engine = self.engines.pop(name, None)
-        if engine is not None:
-            engine.close()
+        """Close one component's sessions (the next call that needs them loads them again); the
+        UNet's include its feature-caching pair."""
+        for key in [name] + ([feature_cache.FULL, feature_cache.SHALLOW] if name == "unet" else []):
+            engine = self.engines.pop(key, None)
+            if engine is not None:
+                engine.close()
 
     def interrupt(self) -> None:
         """From any thread: the running generation stops within one engine call (ONNX Runtime stops
@@ -269,7 +290,8 @@ class Pipeline:
             return None
         size = self.manifest.default_image_size
         return (req.width or size, req.height or size, req.steps, samplers.get_sampler(req.sampler).name,
-                req.schedule_type, req.eta, req.guidance_scale, req.noise, self._chunk_count(req), self.lora_key(req))
+                req.schedule_type, req.eta, req.guidance_scale, req.noise, self._chunk_count(req), self.lora_key(req),
+                req.cache_interval)
 
     def generate_batch(self, requests: list[GenerateRequest], callback: Callback | None = None) -> list[Result]:
         """Several text-to-image requests with one batch_key as one sampling run: every UNet call takes
@@ -315,6 +337,9 @@ class Pipeline:
             raise InputError(f"{self.engine_dir} is an inpainting model: give it an init image and a mask "
                              "(--init-image, --mask)")
         self._check_depth(req)
+        if req.cache_interval > 1:  # the engine dir has the graphs, before any engine runs
+            c = self.manifest.components["unet"]
+            feature_cache.pair_for(c, self._graph_for(c, self.loras.arrays.get("unet")), self.engine_dir)
         image, width, height = None, req.width, req.height
         if req.image is not None:
             if "vae_encoder" not in self.manifest.components:
@@ -536,7 +561,10 @@ class Pipeline:
         return np.repeat(depth.condition(d, plan.height // f, plan.width // f), len(plan.seeds), axis=0)
 
     def _sample(self, plan: Plan, cond, uncond, start: StartState, callback: Callback | None) -> np.ndarray:
-        """The sampler loop; returns the final latents (N, C, h, w) float64."""
+        """The sampler loop; returns the final latents (N, C, h, w) float64. With feature caching the
+        UNet calls bypass unet_gate: a server's merged calls can't mix full and shallow graphs."""
+        if plan.req.cache_interval > 1:
+            return self._sample_with(self.cached_unet(plan.req.cache_interval), plan, cond, uncond, start, callback)
         unet = self.engine("unet")
         with self.unet_gate(unet) if self.unet_gate else contextlib.nullcontext(unet) as unet:
             return self._sample_with(unet, plan, cond, uncond, start, callback)
@@ -548,6 +576,8 @@ class Pipeline:
         def step_end(i, x):
             if self._stop.is_set():
                 raise Interrupted("interrupted")
+            if isinstance(unet, feature_cache.CachedUNet):
+                unet.end_step(i)
             if start.hook is not None:
                 x = start.hook(i, x)  # the samplers go on from x, as diffusers' loop from its latents
             if callback is not None:
@@ -613,6 +643,7 @@ class Pipeline:
                 "Emphasis": req.emphasis if req.emphasis != prompts.DEFAULT_EMPHASIS and any(
                     c in f"{req.prompt}{req.negative_prompt or ''}" for c in "([") else None,
                 "Lora hashes": lora_hashes, "TI hashes": ti_hashes,
+                "Cache interval": req.cache_interval if req.cache_interval > 1 else None,
             }
 
         used = {e.name: e for t in (lora.strip_tags(req.prompt), req.negative_prompt or "")

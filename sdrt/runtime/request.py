@@ -77,6 +77,9 @@ class GenerateRequest:
     loras: Any = arg(None, kind="loras", cli="--lora",
                      help="LoRAs for this request only, no re-export: FILE[:WEIGHT] (a name: from --lora-dir); "
                           "<lora:NAME:WEIGHT> in the prompt does the same")
+    cache_interval: int = arg(1, kind="int", lo=1, hi=MAX_STEPS,
+                              help="feature caching (DeepCache): the full UNet every N steps, its shallow "
+                                   "layers on the cached deep feature between; 1 = off")
     latents: Any = arg(None, kind="array", python_only=True,
                        help="initial noise (N, C, H/f, W/f), as diffusers' `latents`")
 
@@ -193,13 +196,14 @@ def _short(value) -> str:
 _A1111_KEYS = {"Prompt": ("prompt", str), "Negative prompt": ("negative_prompt", str), "Steps": ("steps", int),
                "Sampler": ("sampler", str), "CFG scale": ("guidance_scale", float), "Seed": ("seed", int),
                "Size-1": ("width", int), "Size-2": ("height", int), "Clip skip": ("clip_skip", int),
-               "Eta": ("eta", float), "Denoising strength": ("strength", float), "Emphasis": ("emphasis", str)}
+               "Eta": ("eta", float), "Denoising strength": ("strength", float), "Emphasis": ("emphasis", str),
+               "Cache interval": ("cache_interval", int)}
 
 
 def from_parameters(text: str) -> dict:
     """The request fields an A1111 `parameters` text states (sdrt's PNGs and A1111's): prompt, negative
     prompt, steps, sampler, schedule type, CFG scale, seed, size, clip skip, eta, denoising strength,
-    emphasis, and the noise source from its RNG field (absent: A1111's GPU source)."""
+    emphasis, cache interval, and the noise source from its RNG field (absent: A1111's GPU source)."""
     from sdrt.runtime.images import parse_a1111_parameters
 
     params = parse_a1111_parameters(text)
