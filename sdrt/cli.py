@@ -192,7 +192,9 @@ def cmd_bench(args) -> int:
                               steps=args.steps[0], more_steps=args.steps[1:], batches=args.batches,
                               sampler=args.sampler, providers=args.providers, plain=args.plain, also=args.also,
                               eager=not args.no_eager, peer=not args.no_peer,
-                              cold=not args.no_cold, end_to_end=not args.no_end_to_end)
+                              cold=not args.no_cold, end_to_end=not args.no_end_to_end,
+                              cache_intervals=args.cache_intervals, optimum=[] if args.no_optimum else args.optimum,
+                              optimum_python=args.optimum_python)
     if args.repeats < 1 or args.warmup < 0 or min(args.steps) < 1 or min(args.batches) < 1:
         raise InputError("--repeats, --steps and --batches must be >= 1, --warmup >= 0")
     from sdrt.runtime.samplers import get_sampler
@@ -428,6 +430,14 @@ def _add_bench(sub, parents) -> None:
     b.add_argument("--no-eager", action="store_true", help="skip the eager PyTorch baseline")
     b.add_argument("--no-peer", action="store_true",
                    help="skip diffusers' OnnxStableDiffusionPipeline on the standard graphs (the peer ONNX path)")
+    b.add_argument("--cache-intervals", type=int, nargs="+", default=[], metavar="N",
+                   help="also each sdrt path's generations with feature caching every N steps (e.g. 3)")
+    b.add_argument("--optimum", nargs="+", default=["static", "dynamic"], choices=["static", "dynamic"],
+                   help="optimum-intel's OVStableDiffusionPipeline configurations to compare with (CPU runs)")
+    b.add_argument("--no-optimum", action="store_true", help="skip the optimum-intel peer")
+    b.add_argument("--optimum-python", default=None, metavar="PYTHON",
+                   help="the interpreter that has optimum-intel (its own venv; default $SDRT_OPTIMUM_PYTHON, "
+                        "else this one)")
     b.add_argument("--no-cold", action="store_true", help="skip the cold-start subprocesses")
     b.add_argument("--no-end-to-end", action="store_true", help="components only")
     b.add_argument("--out", default="bench-results", help="directory for results.json/.md/.png")

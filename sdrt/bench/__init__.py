@@ -34,6 +34,9 @@ class Settings:
     peer: bool = True  # diffusers' OnnxStableDiffusionPipeline on the standard graphs (cpu / cuda providers)
     cold: bool = True  # cold-start subprocesses: time to first image, peak RSS
     end_to_end: bool = True
+    cache_intervals: list[int] = field(default_factory=list)  # each sdrt path's generations with feature caching
+    optimum: list[str] = field(default_factory=lambda: ["static", "dynamic"])  # optimum-intel peers (CPU runs)
+    optimum_python: str | None = None  # the interpreter that has optimum-intel (sdrt.bench.optimum)
 
     @property
     def device(self) -> str:
@@ -66,6 +69,9 @@ def _paths(engine_dir: Path, manifest: Manifest, settings: Settings, skipped: li
             log.warning("skipping %s on %s: %s", label, provider, e)
     if not paths:
         raise InputError("no sdrt path could be loaded: " + "; ".join(skipped))
+    paths += [p.cached(n) for p in list(paths) for n in settings.cache_intervals if n > 1]
+    if settings.optimum and settings.device == "cpu" and settings.end_to_end:
+        paths += _optimum(engine_dir, manifest, settings, skipped)
     if settings.peer:
         paths += _peers(engine_dir, manifest, settings, skipped)
     if settings.eager:
@@ -75,6 +81,18 @@ def _paths(engine_dir: Path, manifest: Manifest, settings: Settings, skipped: li
             skipped.append(f"eager: {e}")
             log.warning("skipping the eager PyTorch path: %s", e)
     return paths
+
+
+def _optimum(engine_dir: Path, manifest: Manifest, settings: Settings, skipped: list[str]) -> list:
+    from sdrt.bench import optimum_peer as optimum
+
+    try:
+        python = optimum.find_python(settings.optimum_python)
+        return [optimum.OptimumPath(manifest, engine_dir, mode, python) for mode in settings.optimum]
+    except (InputError, RuntimeError) as e:
+        skipped.append(str(e))
+        log.warning("skipping %s", e)
+        return []
 
 
 def _peers(engine_dir: Path, manifest: Manifest, settings: Settings, skipped: list[str]) -> list:
@@ -104,7 +122,8 @@ def _components(paths, manifest, settings, gemm, progress, out: dict, saved) -> 
                 p.unload(current)
         current = wl.component
         flops = eager.count_flops(wl.component, wl.feeds) if eager else None
-        samples = measure.rounds(paths, lambda p, wl=wl: p.run(wl.component, wl.feeds),
+        measured = [p for p in paths if getattr(p, "components", True)]
+        samples = measure.rounds(measured, lambda p, wl=wl: p.run(wl.component, wl.feeds),
                                  settings.warmup, settings.repeats, progress)
         entry = {"component": wl.component, "size": wl.size, "batch": wl.batch, "flops": flops,
                  "paths": {k: measure.summary(v) for k, v in samples.items() if v},
@@ -123,16 +142,37 @@ def _end_to_end(paths, settings, progress, out: dict, saved) -> None:
     for size in settings.sizes:
         for batch in settings.batches:
             for steps in [settings.steps, *settings.more_steps]:
+                images = {}
                 samples = measure.rounds(
                     paths, lambda p, s=size, b=batch, n=steps: p.generate(PROMPT, n, s, b, settings.sampler, 0),
-                    settings.warmup, settings.repeats, progress)
+                    settings.warmup, settings.repeats, progress, kept=images)
                 summaries = {k: measure.summary(v) for k, v in samples.items() if v}
                 key = f"generate_b{batch}@{size}" + (f"x{steps}" if steps != settings.steps else "")
                 out[key] = {
                     "size": size, "batch": batch, "steps": steps, "sampler": settings.sampler,
                     "paths": summaries, "ratios": measure.pair_ratios(samples, BASELINE),
-                    "images_per_minute": {k: 60 * batch / s["median"] for k, s in summaries.items()}}
+                    "images_per_minute": {k: 60 * batch / s["median"] for k, s in summaries.items()},
+                    "psnr": _psnr(paths, images),
+                    # round by round against each optimum-intel configuration (the CPU peer)
+                    "ratios_vs_peer": {k: measure.pair_ratios(samples, k) for k in samples if k.startswith("optimum")}}
                 saved()
+
+
+def _psnr(paths, images: dict) -> dict:
+    """Each path's image (the same seed's) against eager fp32's, and a cached path's against its own
+    full-compute image, in dB."""
+    out = {}
+    for p in paths:
+        if p.name not in images:
+            continue
+        row = {}
+        if BASELINE in images and p.name != BASELINE:
+            row["vs_eager"] = measure.psnr(images[p.name], images[BASELINE])
+        base = getattr(p, "base", p.name)
+        if base != p.name and base in images:
+            row["vs_full_compute"] = measure.psnr(images[p.name], images[base])
+        out[p.name] = row
+    return out
 
 
 def run(engine_dir: str | Path, settings: Settings, progress=None, checkpoint=None) -> dict:
@@ -189,4 +229,7 @@ def total_rounds(manifest: Manifest, settings: Settings) -> int:
 
     peers = settings.peer * sum(p in ORT_PROVIDERS for p in settings.providers)
     paths = len(settings.providers) * (1 + len(settings.also)) + settings.plain + settings.eager + peers
-    return n * (settings.warmup + settings.repeats) * paths
+    generations = len(sizes) * len(settings.batches) * (1 + len(settings.more_steps)) * settings.end_to_end
+    cached = len(settings.providers) * (1 + len(settings.also)) * len([c for c in settings.cache_intervals if c > 1])
+    optimum = len(settings.optimum) * (settings.device == "cpu")  # an estimate: skipped when not installed
+    return (n * paths + generations * (cached + optimum)) * (settings.warmup + settings.repeats)

@@ -1,6 +1,8 @@
 """Time to first image from a cold start, and the process's peak RSS: run in a fresh process.
 
-    python -m sdrt.bench.cold {sdrt|eager|diffusers-onnx} ENGINE_DIR PROVIDER OPTIMIZED(1|0) SIZE STEPS SAMPLER
+    python -m sdrt.bench.cold {sdrt|eager|diffusers-onnx|optimum-intel} ENGINE_DIR PROVIDER OPTIMIZED(1|0)
+                              CACHE_INTERVAL SIZE STEPS SAMPLER
+    (optimum-intel: PROVIDER is its mode, static or dynamic)
     -> one JSON line (peak_gpu_mb too for the cuda / tensorrt providers where nvidia-smi exists)
 """
 
@@ -19,7 +21,8 @@ from pathlib import Path
 from sdrt.bench import GPU_PROVIDERS
 
 
-def main(kind: str, engine_dir: str, provider: str, optimized: str, size: str, steps: str, sampler: str) -> None:
+def main(kind: str, engine_dir: str, provider: str, optimized: str, interval: str, size: str, steps: str,
+         sampler: str) -> None:
     gpu = GpuMemory() if provider in GPU_PROVIDERS and shutil.which("nvidia-smi") else None
     t0 = time.perf_counter()
     from sdrt.manifest import Manifest
@@ -28,10 +31,16 @@ def main(kind: str, engine_dir: str, provider: str, optimized: str, size: str, s
         from sdrt.bench.paths import EnginePath
 
         path = EnginePath(Path(engine_dir), provider, optimized == "1")
+        if int(interval) > 1:
+            path = path.cached(int(interval))
     elif kind == "diffusers-onnx":
         from sdrt.bench.peer import DiffusersOnnxPath
 
         path = DiffusersOnnxPath(Path(engine_dir), Manifest.read(engine_dir), provider)
+    elif kind == "optimum-intel":  # the worker's own peak, not this process's
+        from sdrt.bench.optimum_peer import OptimumPath, find_python
+
+        path = OptimumPath(Manifest.read(engine_dir), Path(engine_dir), provider, find_python(None))
     else:
         from sdrt.bench.paths import EagerPath
 
@@ -39,8 +48,9 @@ def main(kind: str, engine_dir: str, provider: str, optimized: str, size: str, s
     loaded = time.perf_counter()
     path.generate("a photo of an astronaut riding a horse", int(steps), int(size), 1, sampler, 0)
     done = time.perf_counter()
-    out = {"load_s": loaded - t0, "first_image_s": done - t0, "generate_s": done - loaded,
-           "peak_rss_mb": peak_rss_kib() / 1024}
+    peak = path.peak_rss_mb() if hasattr(path, "peak_rss_mb") else peak_rss_kib() / 1024
+    path.close()
+    out = {"load_s": loaded - t0, "first_image_s": done - t0, "generate_s": done - loaded, "peak_rss_mb": peak}
     if gpu is not None:
         out["peak_gpu_mb"] = gpu.stop()
     print(json.dumps(out))
@@ -89,4 +99,4 @@ def peak_rss_kib() -> float:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:8])
+    main(*sys.argv[1:9])

@@ -49,9 +49,11 @@ def component_workloads(specs: dict[str, ComponentSpec], sizes: list[int], scale
     return out
 
 
-def rounds(paths: list, run, warmup: int, repeats: int, progress=None) -> dict[str, list[float]]:
+def rounds(paths: list, run, warmup: int, repeats: int, progress=None,
+           kept: dict | None = None) -> dict[str, list[float]]:
     """Seconds of run(path) for each path: `warmup` untimed rounds, then `repeats` timed ones with the
-    order rotated each round. A failing path is dropped from the remaining rounds (logged)."""
+    order rotated each round. A failing path is dropped from the remaining rounds (logged). KEPT, if
+    given, gets each path's last result."""
     samples = {p.name: [] for p in paths}
     alive = list(paths)
     for r in range(warmup + repeats):
@@ -59,7 +61,7 @@ def rounds(paths: list, run, warmup: int, repeats: int, progress=None) -> dict[s
         for p in order:
             t0 = time.perf_counter()
             try:
-                run(p)
+                result = run(p)
             except Exception as e:  # keep the other paths and what was measured
                 log.warning("%s failed and is skipped from here on: %s", p.name, e)
                 alive.remove(p)
@@ -67,9 +69,19 @@ def rounds(paths: list, run, warmup: int, repeats: int, progress=None) -> dict[s
                 continue
             if r >= warmup:
                 samples[p.name].append(time.perf_counter() - t0)
+            if kept is not None:
+                kept[p.name] = result
             if progress:
                 progress()
     return samples
+
+
+def psnr(image, reference) -> float:
+    """Peak signal-to-noise ratio in dB of pixels in [0, 1] (inf where equal)."""
+    import numpy as np
+
+    mse = float(np.mean((np.asarray(image, np.float64) - np.asarray(reference, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * float(np.log10(1 / mse))
 
 
 def summary(times: list[float]) -> dict:

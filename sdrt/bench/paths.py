@@ -20,7 +20,10 @@ log = logging.getLogger(__name__)
 
 
 class EnginePath:
-    """sdrt engines through ONNX Runtime (the runtime's own Backend objects and Pipeline)."""
+    """sdrt engines through ONNX Runtime (the runtime's own Backend objects and Pipeline).
+    cache_interval > 1: generations with feature caching (a variant of another path, `cached`)."""
+
+    components = True  # measures the component workloads too
 
     def __init__(self, engine_dir: Path, provider: str = "cpu", optimized: bool = True, label: str = "sdrt"):
         from sdrt.runtime.pipeline import Pipeline
@@ -28,17 +31,27 @@ class EnginePath:
         self.name = label if provider == "cpu" else f"{label}-{provider}"
         self.engine_dir, self.provider, self.optimized = Path(engine_dir), provider, optimized
         self.pipe = Pipeline.load(engine_dir, provider=provider, optimized=optimized)
+        self.cache_interval = 1
+        self.base = self.name  # the path whose full-compute image this one's is compared with
+
+    def cached(self, interval: int) -> EnginePath:
+        """This path's generations with cache_interval INTERVAL, on the same pipeline (its engines are
+        shared; the UNet's full and shallow graphs load beside them)."""
+        other = object.__new__(EnginePath)
+        other.__dict__.update(self.__dict__)
+        other.name, other.cache_interval, other.components = f"{self.name}+cache{interval}", interval, False
+        return other
 
     def cold_args(self) -> list[str]:
         """The arguments `python -m sdrt.bench.cold` rebuilds this path from."""
-        return ["sdrt", str(self.engine_dir), self.provider, "1" if self.optimized else "0"]
+        return ["sdrt", str(self.engine_dir), self.provider, "1" if self.optimized else "0", str(self.cache_interval)]
 
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> None:
         self.pipe.engine(component).run(feeds)
 
     def generate(self, prompt: str, steps: int, size: int, batch: int, sampler: str, seed: int) -> np.ndarray:
         return self.pipe(prompt, steps=steps, width=size, height=size, num_images=batch, sampler=sampler,
-                         seed=seed).pixels
+                         seed=seed, cache_interval=self.cache_interval).pixels
 
     def unload(self, component: str) -> None:
         self.pipe.unload(component)
@@ -47,15 +60,36 @@ class EnginePath:
         self.pipe.close()
 
 
+def rebuild_source(manifest: Manifest, scratch: Path, who: str):
+    """The diffusers pipeline the engines were exported from (what export did to it included: its
+    LoRAs, its prediction type), its weights checked against the manifest's sha256."""
+    from sdrt.export import lora, sources
+
+    try:
+        config = manifest.source.get("config")
+        loaded = sources.load_source(str(manifest.source["name"]), scratch, Path(config) if config else None)
+        lora.apply(loaded.pipe, [lora.Lora(Path(x["file"]), x["scale"]) for x in manifest.source.get("loras", [])])
+    except InputError as e:
+        raise InputError(f"{who}: cannot rebuild the engine's source: {e}") from None
+    pipe = loaded.pipe
+    pipe.scheduler.register_to_config(prediction_type=manifest.prediction_type)
+    digest = sources.content_hash(pipe)
+    if digest != manifest.source.get("sha256"):
+        raise InputError(f"{who}: the source's weights no longer match the engines "
+                         f"(sha256 {digest[:12]} != {str(manifest.source.get('sha256'))[:12]})")
+    return pipe
+
+
 class EagerPath:
     """diffusers' PyTorch modules and StableDiffusionPipeline, rebuilt from the engine's source: fp32
     on the CPU, fp16 on a CUDA GPU (device "cuda", what GPU users run). Needs the `export` extra. The
     weights must hash to the manifest's sha256."""
 
     name = "eager"
+    components = True
 
     def cold_args(self) -> list[str]:
-        return ["eager", str(self.engine_dir), self.device, "0"]
+        return ["eager", str(self.engine_dir), self.device, "0", "1"]
 
     def __init__(self, manifest: Manifest, engine_dir: Path, device: str = "cpu"):
         self.engine_dir, self.device = Path(engine_dir), device
@@ -65,25 +99,10 @@ class EagerPath:
             raise InputError(f"eager path on the GPU: torch {torch.__version__} has no CUDA device "
                              "(a CPU build?); install a CUDA build of torch for GPU ratios")
 
-        from sdrt.export import lora, sources
-
         self.torch = torch
         self._scratch = tempfile.TemporaryDirectory(prefix="sdrt-bench-")
-        try:
-            config = manifest.source.get("config")
-            loaded = sources.load_source(str(manifest.source["name"]), Path(self._scratch.name),
-                                         Path(config) if config else None)
-            # what the export did to the source: its LoRAs, its prediction type (--prediction-type)
-            lora.apply(loaded.pipe, [lora.Lora(Path(x["file"]), x["scale"]) for x in manifest.source.get("loras", [])])
-        except InputError as e:
-            raise InputError(f"eager path: cannot rebuild the engine's source: {e}") from None
-        self.pipe = loaded.pipe
-        self.pipe.scheduler.register_to_config(prediction_type=manifest.prediction_type)
+        self.pipe = rebuild_source(manifest, Path(self._scratch.name), "eager path")
         self.pipe.set_progress_bar_config(disable=True)
-        digest = sources.content_hash(self.pipe)
-        if digest != manifest.source.get("sha256"):
-            raise InputError("eager path: the source's weights no longer match the engines "
-                             f"(sha256 {digest[:12]} != {str(manifest.source.get('sha256'))[:12]})")
         self.scheduler_config = dict(self.pipe.scheduler.config)
         self.dtype = torch.float16 if device == "cuda" else torch.float32
         if device == "cuda":

@@ -154,7 +154,7 @@ class DiffusersOnnxPath:
         self._pipes: dict[str, object] = {}
 
     def cold_args(self) -> list[str]:
-        return [NAME, str(self.engine_dir), self.provider, "0"]
+        return [NAME, str(self.engine_dir), self.provider, "0", "1"]
 
     def _model(self, component: str):
         if component not in self.models:

@@ -50,6 +50,7 @@ def markdown(results: dict, command: str | None = None) -> str:
             lines.append(f"| {name}, {e['steps']} steps {e['sampler']} | "
                          + " | ".join(_seconds(e, p) for p in paths) + " | "
                          + " | ".join(_ratio(e, p) for p in others) + " | " + " | ".join(ipm) + " |")
+    lines += _quality_and_peer(results)
     if results.get("cold_start"):
         cold = results["cold_start"]
         gpu = any("peak_gpu_mb" in c for c in cold.values())
@@ -61,6 +62,24 @@ def markdown(results: dict, command: str | None = None) -> str:
     if results.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(results["skipped"])]
     return "\n".join(lines) + "\n"
+
+
+def _quality_and_peer(results: dict) -> list[str]:
+    """Per generation: each path's PSNR against eager fp32 (and a cached path's against its own full
+    compute) and its speed-up over each optimum-intel configuration, round by round."""
+    lines = []
+    for name, e in results.get("end_to_end", {}).items():
+        peers = list(e.get("ratios_vs_peer", {}))
+        if not e.get("psnr") and not peers:
+            continue
+        lines += ["", f"| {name}: path | PSNR vs eager dB | PSNR vs own full compute dB |"
+                  + "".join(f" speed-up vs {k} |" for k in peers), "|---|---|---|" + "---|" * len(peers)]
+        for p in e["paths"]:
+            q = e.get("psnr", {}).get(p, {})
+            cells = [f"{q[k]:.1f}" if k in q else "–" for k in ("vs_eager", "vs_full_compute")]
+            cells += [_ratio({"ratios": e["ratios_vs_peer"][k]}, p) for k in peers]
+            lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def chart(results: dict, path: Path) -> bool:
