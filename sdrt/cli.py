@@ -192,7 +192,8 @@ def cmd_bench(args) -> int:
                               steps=args.steps[0], more_steps=args.steps[1:], batches=args.batches,
                               sampler=args.sampler, providers=args.providers, plain=args.plain, also=args.also,
                               eager=not args.no_eager, peer=not args.no_peer,
-                              cold=not args.no_cold, end_to_end=not args.no_end_to_end,
+                              cold=not args.no_cold, cold_steps=args.cold_steps, components=not args.no_components,
+                              end_to_end=not args.no_end_to_end,
                               cache_intervals=args.cache_intervals, optimum=[] if args.no_optimum else args.optimum,
                               optimum_python=args.optimum_python)
     if args.repeats < 1 or args.warmup < 0 or min(args.steps) < 1 or min(args.batches) < 1:
@@ -238,7 +239,8 @@ def cmd_serve(args) -> int:
     app = create_app(config)  # loads the engine dir: bad arguments fail here, before the port is taken
     sock = listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
-    print(f"sdrt serve: {args.engines} ({app.state.service.pipe.manifest.pipeline}, provider {args.provider}) on "
+    pipe = app.state.service.pipe
+    print(f"sdrt serve: {args.engines} ({pipe.manifest.pipeline}, provider {pipe.provider}) on "
           f"http://{host}:{port}  (docs: /docs; Ctrl-C or SIGTERM drains and stops)", flush=True)
     run(app, sock, drain_timeout=config.timeout, access_log=not args.quiet)
     print("sdrt serve: stopped", file=sys.stderr)
@@ -384,7 +386,7 @@ def add_request_flags(parser) -> None:
 
 
 def _add_generate(sub, parents) -> None:
-    from sdrt.runtime.backends import PROVIDERS
+    from sdrt.runtime.backends import AUTO, PROVIDERS
     from sdrt.runtime.preview import PREVIEW_MODES
 
     g = sub.add_parser("generate", parents=parents, help="prompt -> PNG (A1111 'parameters' metadata included)")
@@ -396,9 +398,9 @@ def _add_generate(sub, parents) -> None:
     g.add_argument("--from-png", metavar="FILE", help="take the prompt, settings, seed and noise source from the "
                    "A1111 `parameters` of FILE (an sdrt or A1111 PNG); flags given as well override them")
     g.add_argument("-o", "--output", default="sdrt.png", help="PNG path; with --batch N: NAME-0.png ...")
-    g.add_argument("--provider", default="cpu", choices=list(PROVIDERS),
+    g.add_argument("--provider", default="cpu", choices=[AUTO, *PROVIDERS],
                    help="cpu (ONNX Runtime), cuda / tensorrt (ONNX Runtime GPU), openvino (bf16 on CPUs "
-                        "with bf16 units), openvino-fp32")
+                        "with bf16 units), openvino-fp32; auto: the fastest for these engines on this machine")
     g.add_argument("--verify", action="store_true", help="check every engine file's sha256 before loading")
     g.add_argument("--preview-every", type=int, default=None, metavar="N",
                    help="every N steps, write the step's denoised estimate beside -o (OUT-step0005.png)")
@@ -408,7 +410,7 @@ def _add_generate(sub, parents) -> None:
 
 
 def _add_bench(sub, parents) -> None:
-    from sdrt.runtime.backends import PROVIDERS
+    from sdrt.runtime.backends import AUTO, PROVIDERS
     from sdrt.runtime.samplers import DEFAULT_SAMPLER
 
     b = sub.add_parser("bench", parents=parents, help="sdrt engines vs eager PyTorch, side by side")
@@ -421,7 +423,7 @@ def _add_bench(sub, parents) -> None:
                    help="steps of the end-to-end generations, one or more counts (the first: cold starts too)")
     b.add_argument("--batches", type=int, nargs="+", default=[1], help="end-to-end batch sizes")
     b.add_argument("--sampler", default=DEFAULT_SAMPLER)
-    b.add_argument("--providers", nargs="+", default=["cpu"], choices=list(PROVIDERS),
+    b.add_argument("--providers", nargs="+", default=["cpu"], choices=[AUTO, *PROVIDERS],
                    help="one sdrt path per runtime provider (e.g. cpu openvino)")
     b.add_argument("--plain", action="store_true",
                    help="also the standard graphs without sdrt.kernels rewrites (first provider)")
@@ -439,20 +441,24 @@ def _add_bench(sub, parents) -> None:
                    help="the interpreter that has optimum-intel (its own venv; default $SDRT_OPTIMUM_PYTHON, "
                         "else this one)")
     b.add_argument("--no-cold", action="store_true", help="skip the cold-start subprocesses")
+    b.add_argument("--cold-steps", type=int, default=None, metavar="N",
+                   help="steps of the cold starts' generation (default: the first --steps)")
+    b.add_argument("--no-components", action="store_true", help="whole generations only")
     b.add_argument("--no-end-to-end", action="store_true", help="components only")
     b.add_argument("--out", default="bench-results", help="directory for results.json/.md/.png")
     b.set_defaults(fn=cmd_bench)
 
 
 def _add_serve(sub, parents) -> None:
-    from sdrt.runtime.backends import PROVIDERS
+    from sdrt.runtime.backends import AUTO, PROVIDERS
     from sdrt.runtime.request import MAX_IMAGES
 
     v = sub.add_parser("serve", parents=parents, help="an engine dir behind sdrt's, OpenAI's and A1111's HTTP APIs")
     v.add_argument("--engines", required=True, help="engine dir from `sdrt export`")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     v.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    v.add_argument("--provider", default="cpu", choices=list(PROVIDERS))
+    v.add_argument("--provider", default="cpu", choices=[AUTO, *PROVIDERS],
+                   help="auto: the fastest for these engines on this machine (see `sdrt generate --help`)")
     v.add_argument("--max-images", type=int, default=4,
                    help=f"most images one request may ask for (at most {MAX_IMAGES})")
     v.add_argument("--max-queue", type=int, default=16, help="requests waiting at most; more get 429 (default 16)")

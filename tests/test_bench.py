@@ -12,7 +12,8 @@ from sdrt.cli import main
 def results(engines, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     assert main(["-q", "bench", str(engines["eps"]), "--sizes", "64", "--repeats", "2", "--steps", "2",
-                 "--batches", "1", "2", "--providers", "cpu", "openvino", "--out", str(out)]) == 0
+                 "--batches", "1", "2", "--providers", "cpu", "openvino", "--cache-intervals", "2", "--no-optimum",
+                 "--out", str(out)]) == 0
     return json.loads((out / "results.json").read_text()), out
 
 
@@ -21,7 +22,8 @@ def test_outputs_written(results):
     assert (out / "results.md").read_text().startswith("# sdrt bench")
     assert (out / "results.png").stat().st_size > 1000
     assert not (out / "results.partial.json").exists()  # removed once the full results are written
-    assert data["paths"] == ["sdrt", "sdrt-openvino", "diffusers-onnx", "eager"] and data["skipped"] == []
+    assert data["paths"] == ["sdrt", "sdrt-openvino", "sdrt+cache2", "sdrt-openvino+cache2", "diffusers-onnx",
+                             "eager"] and data["skipped"] == []
     assert data["machine"]["cores"] >= 1 and data["gemm"]["gflops"] > 0
 
 
@@ -31,11 +33,13 @@ def test_every_figure_positive_and_ratios_consistent(results):
     assert set(data["components"]) == {"text_encoder", "unet_b1@64", "unet_b2@64", "vae_decode@64", "vae_encode@64"}
     assert set(data["end_to_end"]) == {"generate_b1@64", "generate_b2@64"}
     for name, e in entries.items():
-        for path in ("sdrt", "sdrt-openvino", "diffusers-onnx", "eager"):
+        cached = ("sdrt+cache2", "sdrt-openvino+cache2") if name in data["end_to_end"] else ()
+        assert not set(cached) ^ (set(e["paths"]) & {"sdrt+cache2", "sdrt-openvino+cache2"})  # generations only
+        for path in ("sdrt", "sdrt-openvino", "diffusers-onnx", "eager", *cached):
             s = e["paths"][path]
             assert len(s["samples"]) == 2 and all(t > 0 for t in s["samples"]), name
             assert s["min"] <= s["median"] <= s["max"]
-        for path in ("sdrt", "sdrt-openvino", "diffusers-onnx"):
+        for path in ("sdrt", "sdrt-openvino", "diffusers-onnx", *cached):
             ratio = e["ratios"][path]
             per_round = [a / b for a, b in zip(e["paths"]["eager"]["samples"], e["paths"][path]["samples"])]
             assert ratio["per_round"] == pytest.approx(per_round)
@@ -45,7 +49,13 @@ def test_every_figure_positive_and_ratios_consistent(results):
         assert e["gflops"]["sdrt"] == pytest.approx(e["flops"] / e["paths"]["sdrt"]["median"] / 1e9)
     for e in data["end_to_end"].values():
         assert e["images_per_minute"]["sdrt"] == pytest.approx(60 * e["batch"] / e["paths"]["sdrt"]["median"])
-    assert set(data["cold_start"]) == {"sdrt", "sdrt-openvino", "diffusers-onnx", "eager"}
+    for e in data["end_to_end"].values():  # every path against eager fp32; cached ones against their own full compute
+        psnr = e["psnr"]
+        assert psnr["sdrt"]["vs_eager"] > 40 and "vs_full_compute" not in psnr["sdrt"]
+        for path in ("sdrt+cache2", "sdrt-openvino+cache2"):
+            assert 10 < psnr[path]["vs_full_compute"] < float("inf") and psnr[path]["vs_eager"] > 0
+    assert set(data["cold_start"]) == {"sdrt", "sdrt-openvino", "diffusers-onnx", "eager", "sdrt+cache2",
+                                       "sdrt-openvino+cache2"}
     for c in data["cold_start"].values():
         assert 0 < c["load_s"] <= c["first_image_s"] and c["peak_rss_mb"] > 50
 
@@ -71,7 +81,7 @@ def test_eager_path_skipped_with_a_reason_when_source_is_gone(engines, tmp_path,
     assert main(["-q", "bench", str(moved), "--sizes", "64", "--repeats", "1", "--warmup", "0", "--no-cold",
                  "--no-end-to-end", "--out", str(out)]) == 0
     data = json.loads((out / "results.json").read_text())
-    assert data["paths"] == ["sdrt", "diffusers-onnx"] and "eager" in data["skipped"][0]
+    assert data["paths"] == ["sdrt", "diffusers-onnx"] and any(s.startswith("eager") for s in data["skipped"])
     assert data["components"]["unet_b2@64"]["paths"]["sdrt"]["median"] > 0
 
 
@@ -185,3 +195,60 @@ def test_several_step_counts_are_one_entry_each():
     assert {k: e["steps"] for k, e in out.items()} == {"generate_b1@64": 20, "generate_b1@64x50": 50,
                                                        "generate_b2@64": 20, "generate_b2@64x50": 50}
     assert paths[1].calls == [(20, 64, 1), (50, 64, 1), (20, 64, 2), (50, 64, 2)]
+
+
+STUB_WORKER = """
+import json, sys
+import numpy as np
+assert (__import__("pathlib").Path(sys.argv[1]) / "model_index.json").is_file()  # the source as a diffusers folder
+print("noise on stdout is ignored")
+print("SDRT " + json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    r = json.loads(line)
+    if r["op"] == "rss":
+        print("SDRT " + json.dumps({"peak_rss_mb": 123.0}), flush=True)
+        continue
+    assert r["scheduler"][0] == "DPMSolverMultistepScheduler" and sys.argv[3] in ("static", "dynamic")
+    np.save(r["out"], np.full((r["batch"], r["size"], r["size"], 3), 0.5, np.float32))
+    print("SDRT " + json.dumps({"ok": True, "seconds": 0.01}), flush=True)
+"""
+
+
+def test_optimum_intel_peer_protocol(engines, tmp_path, monkeypatch):
+    """The optimum-intel paths as the bench drives them, with a stand-in for the worker (optimum-intel
+    is not installed here): the source saved as a diffusers folder once, generations and ratios round
+    by round against each configuration, PSNR against eager."""
+    import sys
+
+    from sdrt import bench
+    from sdrt.bench import optimum_peer
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(STUB_WORKER)
+    monkeypatch.setattr(optimum_peer, "WORKER", worker)
+    monkeypatch.setattr(optimum_peer, "find_python", lambda given: sys.executable)
+    monkeypatch.setenv(optimum_peer.CACHE_ENV, str(tmp_path / "cache"))
+    settings = bench.Settings(sizes=[64], steps=2, repeats=2, warmup=0, peer=False, cold=False)
+    data = bench.run(engines["eps"], settings)
+    assert data["paths"] == ["sdrt", "optimum-intel-static", "optimum-intel-dynamic", "eager"]
+    e = data["end_to_end"]["generate_b1@64"]
+    assert set(e["ratios_vs_peer"]) == {"optimum-intel-static", "optimum-intel-dynamic"}
+    r = e["ratios_vs_peer"]["optimum-intel-static"]["sdrt"]
+    per_round = [a / b for a, b in zip(e["paths"]["optimum-intel-static"]["samples"], e["paths"]["sdrt"]["samples"])]
+    assert r["per_round"] == pytest.approx(per_round)
+    assert 0 < e["psnr"]["optimum-intel-static"]["vs_eager"] < 30  # a flat grey image
+    assert "optimum-intel-static" not in data["components"]["unet_b2@64"]["paths"]
+    saved = list((tmp_path / "cache").glob("*/diffusers/model_index.json"))
+    assert len(saved) == 1
+
+
+def test_optimum_intel_skipped_with_the_reason(engines):
+    import sys
+
+    from sdrt import bench
+
+    settings = bench.Settings(sizes=[64], steps=1, repeats=1, warmup=0, peer=False, cold=False, eager=False,
+                              optimum=["static"], optimum_python=sys.executable)
+    data = bench.run(engines["eps"], settings)
+    assert data["paths"] == ["sdrt"]
+    assert any("cannot import optimum.intel" in s and "--optimum-python" in s for s in data["skipped"])

@@ -16,13 +16,14 @@ log = logging.getLogger(__name__)
 BASELINE = "eager"
 GPU_PROVIDERS = ("cuda", "tensorrt")
 PROMPT = "a photo of an astronaut riding a horse on mars"
+WARMUP_STEPS = 2  # a warm-up generation: the same shapes (compilations, first calls), fewer steps
 
 
 @dataclass
 class Settings:
     sizes: list[int] = field(default_factory=list)  # image sides in px; [] = the model's default size
     repeats: int = 3
-    warmup: int = 1
+    warmup: int = 1  # untimed rounds first; a generation's are WARMUP_STEPS long (same shapes, compiled)
     steps: int = 10  # end-to-end generations (and cold starts)
     more_steps: list[int] = field(default_factory=list)  # further end-to-end step counts (e.g. 20 and 50)
     batches: list[int] = field(default_factory=lambda: [1])  # end-to-end batch sizes (images per call)
@@ -33,6 +34,8 @@ class Settings:
     eager: bool = True  # include the eager PyTorch baseline (needs the export extra)
     peer: bool = True  # diffusers' OnnxStableDiffusionPipeline on the standard graphs (cpu / cuda providers)
     cold: bool = True  # cold-start subprocesses: time to first image, peak RSS
+    cold_steps: int | None = None  # their generation's steps (default: steps; peak RSS doesn't depend on it)
+    components: bool = True  # the per-component workloads
     end_to_end: bool = True
     cache_intervals: list[int] = field(default_factory=list)  # each sdrt path's generations with feature caching
     optimum: list[str] = field(default_factory=lambda: ["static", "dynamic"])  # optimum-intel peers (CPU runs)
@@ -145,7 +148,9 @@ def _end_to_end(paths, settings, progress, out: dict, saved) -> None:
                 images = {}
                 samples = measure.rounds(
                     paths, lambda p, s=size, b=batch, n=steps: p.generate(PROMPT, n, s, b, settings.sampler, 0),
-                    settings.warmup, settings.repeats, progress, kept=images)
+                    settings.warmup, settings.repeats, progress, kept=images,
+                    warm=lambda p, s=size, b=batch, n=min(steps, WARMUP_STEPS): p.generate(PROMPT, n, s, b,
+                                                                                          settings.sampler, 0))
                 summaries = {k: measure.summary(v) for k, v in samples.items() if v}
                 key = f"generate_b{batch}@{size}" + (f"x{steps}" if steps != settings.steps else "")
                 out[key] = {
@@ -198,8 +203,9 @@ def run(engine_dir: str | Path, settings: Settings, progress=None, checkpoint=No
             checkpoint(results)
 
     try:
-        results["components"] = {}
-        _components(paths, manifest, settings, results["gemm"], progress, results["components"], saved)
+        if settings.components:
+            results["components"] = {}
+            _components(paths, manifest, settings, results["gemm"], progress, results["components"], saved)
         if settings.end_to_end:
             results["end_to_end"] = {}
             _end_to_end(paths, settings, progress, results["end_to_end"], saved)
@@ -210,7 +216,8 @@ def run(engine_dir: str | Path, settings: Settings, progress=None, checkpoint=No
         results["cold_start"] = {}
         for p in paths:
             try:
-                results["cold_start"][p.name] = measure.cold_start(p, settings.sizes[0], settings.steps,
+                results["cold_start"][p.name] = measure.cold_start(p, settings.sizes[0],
+                                                                   settings.cold_steps or settings.steps,
                                                                    settings.sampler)
             except (RuntimeError, OSError, ValueError) as e:
                 skipped.append(f"cold start {p.name}: {e}")
@@ -222,7 +229,7 @@ def total_rounds(manifest: Manifest, settings: Settings) -> int:
     """How many timed + warm-up calls `run` makes over all its paths (for a progress bar)."""
     sizes = settings.sizes or [manifest.default_image_size]
     specs = {k: c.spec for k, c in manifest.components.items()}
-    n = len(measure.component_workloads(specs, sizes, manifest.dims.vae_scale_factor))
+    n = len(measure.component_workloads(specs, sizes, manifest.dims.vae_scale_factor)) * settings.components
     if settings.end_to_end:
         n += len(sizes) * len(settings.batches) * (1 + len(settings.more_steps))
     from sdrt.bench.peer import ORT_PROVIDERS

@@ -50,10 +50,11 @@ def component_workloads(specs: dict[str, ComponentSpec], sizes: list[int], scale
 
 
 def rounds(paths: list, run, warmup: int, repeats: int, progress=None,
-           kept: dict | None = None) -> dict[str, list[float]]:
-    """Seconds of run(path) for each path: `warmup` untimed rounds, then `repeats` timed ones with the
-    order rotated each round. A failing path is dropped from the remaining rounds (logged). KEPT, if
-    given, gets each path's last result."""
+           kept: dict | None = None, warm=None) -> dict[str, list[float]]:
+    """Seconds of run(path) for each path: `warmup` untimed rounds (of warm(path) if given, e.g. a
+    shorter generation of the same shapes), then `repeats` timed ones with the order rotated each
+    round. A failing path is dropped from the remaining rounds (logged). KEPT, if given, gets each
+    path's last timed result."""
     samples = {p.name: [] for p in paths}
     alive = list(paths)
     for r in range(warmup + repeats):
@@ -61,7 +62,7 @@ def rounds(paths: list, run, warmup: int, repeats: int, progress=None,
         for p in order:
             t0 = time.perf_counter()
             try:
-                result = run(p)
+                result = (warm or run)(p) if r < warmup else run(p)
             except Exception as e:  # keep the other paths and what was measured
                 log.warning("%s failed and is skipped from here on: %s", p.name, e)
                 alive.remove(p)
@@ -69,8 +70,8 @@ def rounds(paths: list, run, warmup: int, repeats: int, progress=None,
                 continue
             if r >= warmup:
                 samples[p.name].append(time.perf_counter() - t0)
-            if kept is not None:
-                kept[p.name] = result
+                if kept is not None:
+                    kept[p.name] = result
             if progress:
                 progress()
     return samples
@@ -152,9 +153,11 @@ def machine() -> dict:
         mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):
         pass
+    from sdrt.runtime.backends import cpu_features
+
     info = {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem_gb, "python": platform.python_version(),
-            "platform": platform.platform()}
-    for module in ("numpy", "onnxruntime", "torch", "diffusers", "transformers"):
+            "platform": platform.platform(), "cpu_features": cpu_features()}
+    for module in ("numpy", "onnxruntime", "openvino", "torch", "diffusers", "transformers"):
         try:
             info[module] = __import__(module).__version__
         except ImportError:

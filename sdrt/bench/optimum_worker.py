@@ -66,9 +66,9 @@ class Worker:
         cls, overrides = r["scheduler"]
         self.pipe.scheduler = getattr(diffusers, cls).from_config(self.pipe.scheduler.config, **overrides)
         t0 = time.perf_counter()
+        generators = [torch.Generator().manual_seed(r["seed"] + i) for i in range(r["batch"])]  # as sdrt's noise
         images = self.pipe([r["prompt"]] * r["batch"], num_inference_steps=r["steps"], height=r["size"],
-                           width=r["size"], generator=torch.Generator().manual_seed(r["seed"]),
-                           output_type="np").images
+                           width=r["size"], generator=generators, output_type="np").images
         seconds = time.perf_counter() - t0
         np.save(r["out"], np.asarray(images, dtype=np.float32))
         return {"ok": True, "seconds": seconds}

@@ -28,9 +28,10 @@ class EnginePath:
     def __init__(self, engine_dir: Path, provider: str = "cpu", optimized: bool = True, label: str = "sdrt"):
         from sdrt.runtime.pipeline import Pipeline
 
-        self.name = label if provider == "cpu" else f"{label}-{provider}"
         self.engine_dir, self.provider, self.optimized = Path(engine_dir), provider, optimized
         self.pipe = Pipeline.load(engine_dir, provider=provider, optimized=optimized)
+        resolved = self.pipe.provider  # "auto" named by what it chose
+        self.name = label if resolved == "cpu" else f"{label}-{resolved}"
         self.cache_interval = 1
         self.base = self.name  # the path whose full-compute image this one's is compared with
 
@@ -143,7 +144,8 @@ class EagerPath:
 
         cls, overrides = get_sampler(sampler).diffusers_config()
         self.pipe.scheduler = getattr(diffusers, cls).from_config(self.scheduler_config, **overrides)
-        generator = self.torch.Generator().manual_seed(seed)
+        # a generator per image, seeded seed + i: sdrt's default noise (torch-cpu), so images compare (PSNR)
+        generator = [self.torch.Generator().manual_seed(seed + i) for i in range(batch)]
         with self.torch.inference_mode():
             return self.pipe(prompt, num_inference_steps=steps, width=size, height=size,
                              num_images_per_prompt=batch, generator=generator, output_type="np").images

@@ -27,7 +27,14 @@ from sdrt.components import DEPTH_ESTIMATOR
 from sdrt.errors import InputError, Interrupted, NonFiniteOutput
 from sdrt.manifest import Manifest
 from sdrt.runtime import cycle, depth, embeddings, feature_cache, images, lora, noise, prompts, samplers
-from sdrt.runtime.backends import PROVIDER_TARGETS, check_provider, check_weights, load_backend, release_free_memory
+from sdrt.runtime.backends import (
+    PROVIDER_TARGETS,
+    check_provider,
+    check_weights,
+    load_backend,
+    release_free_memory,
+    resolve_provider,
+)
 from sdrt.runtime.denoiser import Denoiser
 from sdrt.runtime.request import GenerateRequest
 from sdrt.tokenizer import ClipTokenizer
@@ -95,6 +102,7 @@ class Pipeline:
         self.manifest = manifest
         self.tokenizer = tokenizer
         self.provider = provider
+        self.provider_choice = "given"  # why this provider (Pipeline.load with provider "auto": the reason)
         # run the provider's rewritten graphs (sdrt.kernels) where the export made them
         self.targets = PROVIDER_TARGETS.get(provider, ()) if optimized else ()
         self.engines = {}  # component name -> Backend, filled by engine()
@@ -117,12 +125,17 @@ class Pipeline:
         """verify: check every file's sha256 against the manifest (sizes are always checked)."""
         d = Path(engine_dir)
         manifest = Manifest.read(d, verify=verify)
+        provider, why = resolve_provider(provider, manifest)
+        if why != "given":
+            log.info("provider auto: %s (%s)", provider, why)
         if not any(c.backend == "tensorrt" for c in manifest.components.values()):
             check_provider(provider)  # TensorRT engines check their own imports when loaded
         missing = {"text_encoder", "unet", "vae_decoder"} - set(manifest.components)
         if missing:
             raise InputError(f"{d}: manifest lacks {', '.join(sorted(missing))}")
-        return cls(d, manifest, ClipTokenizer.from_dir(d / manifest.tokenizer_dir), provider, optimized)
+        pipe = cls(d, manifest, ClipTokenizer.from_dir(d / manifest.tokenizer_dir), provider, optimized)
+        pipe.provider_choice = why
+        return pipe
 
     def engine(self, name: str):
         if name not in self.engines:

@@ -212,7 +212,7 @@ def _info(s: Service) -> dict:
 
     m, c = s.pipe.manifest, s.config
     return {"engine_dir": str(c.engines), "model": s.model_name, "replica": f"{socket.gethostname()}:{os.getpid()}",
-            "provider": c.provider, "pipeline": m.pipeline,
+            "provider": s.pipe.provider, "provider_choice": s.pipe.provider_choice, "pipeline": m.pipeline,
             "source": m.source.get("name"), "prediction_type": m.prediction_type,
             "default_size": m.default_image_size, "max_images": c.max_images, "max_queue": c.max_queue,
             "max_batch": c.max_batch, "batching": c.batching,

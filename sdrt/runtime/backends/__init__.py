@@ -16,6 +16,7 @@ from sdrt.runtime.backends.base import Backend
 from sdrt.runtime.backends.memory import MEMORY, release_free_memory
 
 PROVIDERS = ("cpu", "cuda", "tensorrt", "openvino", "openvino-fp32")
+AUTO = "auto"  # resolve_provider picks one of PROVIDERS for the engine dir and this machine
 # the graphs each provider runs, first present first (sdrt.kernels.TARGETS; none present: the
 # exported standard ONNX graph). The export writes a target's graph only where its passes changed
 # something (the text encoder has no onnxruntime-cpu graph: no convolutions), and engines exported
@@ -25,8 +26,8 @@ PROVIDERS = ("cpu", "cuda", "tensorrt", "openvino", "openvino-fp32")
 PROVIDER_TARGETS = {"cpu": ("onnxruntime-cpu", "onnxruntime"), "cuda": ("onnxruntime-cuda", "onnxruntime"),
                     "tensorrt": ("tensorrt",), "openvino": (), "openvino-fp32": ()}
 
-__all__ = ["MEMORY", "PROVIDERS", "PROVIDER_TARGETS", "Backend", "check_provider", "check_weights", "load_backend",
-           "release_free_memory"]
+__all__ = ["AUTO", "MEMORY", "PROVIDERS", "PROVIDER_TARGETS", "Backend", "check_provider", "check_weights",
+           "cpu_features", "load_backend", "release_free_memory", "resolve_provider"]
 
 
 def check_provider(provider: str) -> None:
@@ -39,6 +40,43 @@ def check_provider(provider: str) -> None:
         openvino.check_openvino(provider)
     else:
         onnxruntime.check_ort_provider(provider)
+
+
+CPU_FEATURES = ("amx_bf16", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f")  # what the choice reads
+
+
+def cpu_features() -> list[str]:
+    """The CPU's features among CPU_FEATURES (Linux's /proc/cpuinfo flags; none elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+    return [f for f in CPU_FEATURES if f in flags]
+
+
+def resolve_provider(provider: str, manifest) -> tuple[str, str]:
+    """PROVIDER, or for "auto" the fastest provider that meets the quality bar for MANIFEST's engines
+    on this machine (measured: docs/benchmarks.md, "CPU"); and the reason, to log and record."""
+    if provider != AUTO:
+        return provider, "given"
+    unet = manifest.components["unet"]
+    if unet.backend == "tensorrt":
+        return "tensorrt", "TensorRT engines"
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return "cuda", "ONNX Runtime has the CUDA provider"
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return "cpu", "OpenVINO is not installed (pip install sdrt[openvino]): ONNX Runtime's CPU graphs"
+    features = cpu_features()
+    if unet.precision == "int8":
+        return "openvino", f"int8 UNet: OpenVINO's int8 kernels ({', '.join(features) or 'no AVX-512'})"
+    if "amx_bf16" in features or "avx512_bf16" in features:
+        return "openvino", f"bf16 units ({', '.join(features)}): OpenVINO computes in bf16"
+    return "cpu", f"no bf16 units ({', '.join(features) or 'no AVX-512'}): ONNX Runtime's fp32 CPU graphs"
 
 
 def check_weights(backend: str, provider: str) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from collections import OrderedDict
+
 import numpy as np
 
 from sdrt.errors import InputError, SdrtError
@@ -10,6 +13,15 @@ from sdrt.runtime.backends.base import Backend
 # "openvino" lets it compute in bf16 where the CPU has bf16 units (AVX512_BF16 / AMX: docs/benchmarks.md);
 # "openvino-fp32" keeps fp32
 OPENVINO_PRECISION = {"openvino": "bf16", "openvino-fp32": "f32"}
+SHAPES_ENV, CACHE_ENV = "SDRT_OPENVINO_SHAPES", "SDRT_OPENVINO_CACHE"
+STATIC_SHAPES = 2  # compilations a component keeps (e.g. a UNet's batch with and without guidance)
+
+
+def shapes_mode() -> str:
+    mode = os.environ.get(SHAPES_ENV, "static")
+    if mode not in ("static", "dynamic"):
+        raise InputError(f"{SHAPES_ENV}={mode!r}: choose static or dynamic")
+    return mode
 
 
 def check_openvino(provider: str) -> None:
@@ -20,28 +32,56 @@ def check_openvino(provider: str) -> None:
 
 
 class OpenVinoBackend(Backend):
-    """OpenVINO's CPU plugin compiling the same ONNX file (bf16 or fp32 inference precision)."""
+    """OpenVINO's CPU plugin compiling the same ONNX file (bf16 or fp32 inference precision).
+
+    Static shapes (the default): the graph is compiled for each call's input shapes, a (batch, size),
+    and the last STATIC_SHAPES compilations are kept; OpenVINO plans memory and picks kernels for the
+    exact shapes, which measured faster than its dynamic-shape compilation (docs/benchmarks.md).
+    SDRT_OPENVINO_SHAPES=dynamic compiles once with the graph's dynamic dimensions instead.
+    SDRT_OPENVINO_CACHE=DIR keeps compiled blobs on disk (OpenVINO's CACHE_DIR): a later process
+    compiling the same graph for the same shape loads it instead."""
 
     def _load(self) -> None:
         check_openvino(self.provider)
         import openvino as ov
 
-        core = ov.Core()
+        self.core = ov.Core()
+        if os.environ.get(CACHE_ENV):
+            self.core.set_property({"CACHE_DIR": os.environ[CACHE_ENV]})
         precision = OPENVINO_PRECISION[self.provider]
-        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        if precision == "bf16" and "BF16" not in self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             precision = "f32"  # no bf16 units: OpenVINO would emulate it slowly
         self.precision = precision
+        self.static = shapes_mode() == "static"
+        self.compiled: OrderedDict[tuple, tuple] = OrderedDict()  # input shapes -> (compiled model, request)
+        if not self.static:
+            self._compile(None)
+
+    def _compile(self, shapes: tuple | None):
+        """The compiled model and infer request for SHAPES (None: the graph's dynamic dimensions)."""
+        if shapes in self.compiled:
+            self.compiled.move_to_end(shapes)
+            return self.compiled[shapes]
         try:
-            self.model = core.compile_model(str(self.path), "CPU", {"INFERENCE_PRECISION_HINT": precision,
-                                                                    "PERFORMANCE_HINT": "LATENCY"})
+            model = self.core.read_model(str(self.path))
+            if shapes is not None:
+                model.reshape({name: list(shape) for name, shape in shapes})
+            compiled = self.core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": self.precision,
+                                                              "PERFORMANCE_HINT": "LATENCY"})
         except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own
             raise InputError(f"cannot load {self.path} with OpenVINO: {e}") from None
-        self.request = self.model.create_infer_request()
-        self._outputs = [self.model.output(t.name) for t in self.spec.outputs]
+        del model  # the compiled model holds what it needs
+        while len(self.compiled) >= STATIC_SHAPES:
+            self.compiled.popitem(last=False)
+        self.compiled[shapes] = (compiled, compiled.create_infer_request(),
+                                 [compiled.output(t.name) for t in self.spec.outputs])
+        return self.compiled[shapes]
 
     def _run(self, feeds):
-        result = self.request.infer(feeds)
-        return [np.asarray(result[o]) for o in self._outputs]
+        key = tuple((k, tuple(v.shape)) for k, v in feeds.items()) if self.static else None
+        _, request, outputs = self._compile(key)
+        result = request.infer(feeds)
+        return [np.asarray(result[o]) for o in outputs]
 
     def close(self) -> None:
-        self.request = self.model = None
+        self.compiled.clear()
