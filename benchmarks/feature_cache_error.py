@@ -60,7 +60,7 @@ def measure(pipe: Pipeline, interval: int, args) -> dict:
         cached = pipe(PROMPT, cache_interval=interval, **kw).pixels
     finally:
         pipe.cached_unet = original
-    errors = made[0].errors
+    errors = made[0].errors if made else []  # interval 1: the plain UNet
     return {"interval": interval, "psnr_vs_full_compute_db": psnr(cached, full), "shallow_steps": errors,
             "mean_relative_l2": float(np.mean([e["relative_l2"] for e in errors])) if errors else 0.0}
 

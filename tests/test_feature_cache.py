@@ -184,3 +184,17 @@ def test_unload_closes_the_pair(pipe):
     assert feature_cache.FULL in pipe.engines and feature_cache.SHALLOW in pipe.engines
     pipe.unload("unet")
     assert not {"unet", feature_cache.FULL, feature_cache.SHALLOW} & set(pipe.engines)
+
+
+def test_error_benchmark_runs(engines, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "error.json"
+    subprocess.run([sys.executable, "benchmarks/feature_cache_error.py", "--engines", str(engines[KIND]), "--size",
+                    "64", "--steps", "6", "--intervals", "1", "3", "--out", str(out)], check=True, capture_output=True)
+    rows = {r["interval"]: r for r in json.loads(out.read_text())["intervals"]}
+    assert rows[1]["psnr_vs_full_compute_db"] == float("inf") and rows[1]["shallow_steps"] == []
+    assert [e["step"] for e in rows[3]["shallow_steps"]] == [1, 2, 4, 5]
+    assert all(0 < e["relative_l2"] < 1 for e in rows[3]["shallow_steps"])
+    assert 20 < rows[3]["psnr_vs_full_compute_db"] < float("inf")
