@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -54,6 +55,7 @@ class OpenVinoBackend(Backend):
         self.precision = precision
         self.static = shapes_mode() == "static"
         self.compiled: OrderedDict[tuple, tuple] = OrderedDict()  # input shapes -> (compiled model, request)
+        self._lock = threading.Lock()  # an infer request serves one call at a time (threads of a server)
         if not self.static:
             self._compile(None)
 
@@ -79,9 +81,10 @@ class OpenVinoBackend(Backend):
 
     def _run(self, feeds):
         key = tuple((k, tuple(v.shape)) for k, v in feeds.items()) if self.static else None
-        _, request, outputs = self._compile(key)
-        result = request.infer(feeds)
-        return [np.asarray(result[o]) for o in outputs]
+        with self._lock:
+            _, request, outputs = self._compile(key)
+            result = request.infer(feeds)
+            return [np.array(result[o]) for o in outputs]  # copies: the request reuses its buffers
 
     def close(self) -> None:
         self.compiled.clear()
