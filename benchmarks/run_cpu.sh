@@ -32,5 +32,6 @@ sdrt bench "$INT8" --sizes 512 --steps 20 --providers openvino --cache-intervals
     --optimum-python "${OPTIMUM_PYTHON:?set OPTIMUM_PYTHON}" --no-peer --repeats 2 --warmup 1 --cold-steps 2 \
     --out benchmarks/results/cpu-vs-optimum
 python benchmarks/gemm_probe.py --out benchmarks/results/cpu-vs-optimum/gemm_peaks.json
-python benchmarks/feature_cache_error.py --engines "$INT8" --provider openvino --intervals 2 3 5 \
+python benchmarks/openvino_shapes.py --engines "$INT8" --size 512 --out benchmarks/results/cpu-vs-optimum/openvino_shapes.json
+python benchmarks/feature_cache_error.py --engines "$INT8" --provider openvino --intervals 2 3 5 --size 256 \
     --out benchmarks/results/cpu-vs-optimum/feature_cache_error.json
