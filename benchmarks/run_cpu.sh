@@ -33,5 +33,5 @@ sdrt bench "$INT8" --sizes 512 --steps 20 --providers openvino --cache-intervals
     --out benchmarks/results/cpu-vs-optimum
 python benchmarks/gemm_probe.py --out benchmarks/results/cpu-vs-optimum/gemm_peaks.json
 python benchmarks/openvino_shapes.py --engines "$INT8" --size 512 --out benchmarks/results/cpu-vs-optimum/openvino_shapes.json
-python benchmarks/feature_cache_error.py --engines "$INT8" --provider openvino --intervals 2 3 5 --size 256 \
+python benchmarks/feature_cache_error.py --engines "$INT8" --provider openvino --intervals 3 --size 256 \
     --out benchmarks/results/cpu-vs-optimum/feature_cache_error.json
