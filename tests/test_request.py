@@ -62,6 +62,7 @@ OUT_OF_RANGE = {
     "width": (2056, "width 2056: must be a multiple of 8 (the VAE scale factor) from 8 to 2048"),
     "height": (100, "height 100: must be a multiple of 8"),
     "clip_skip": (5, "clip_skip 5: this text encoder has 4 layers"),
+    "cache_interval": (0, "cache_interval: 0 is out of range (1 to 500)"),
 }
 
 

@@ -260,7 +260,10 @@ def feature_cache_stage(entry: ComponentEntry, pipe, staging: Path, feature: str
 
     pairs = {}
     sample = entry.spec.inputs[0].shape
-    for target, file in [(None, entry.files[0])] + [(t, g.file) for t, g in entry.targets.items() if t != "tensorrt"]:
+    # not TensorRT's graph (engines), nor the CUDA one (its ops have no CPU kernels to check it with):
+    # a CUDA-provider run with caching uses the onnxruntime graph's pair
+    skip = ("tensorrt", "onnxruntime-cuda")
+    for target, file in [(None, entry.files[0])] + [(t, g.file) for t, g in entry.targets.items() if t not in skip]:
         full, shallow, weights, dtype = deepcache.write_pair(staging / file, feature)
         # the last up block's width, at the latents' resolution
         spec = TensorSpec(deepcache.FEATURE, dtype, (sample[0], pipe.unet.config.block_out_channels[0], *sample[2:]))
@@ -442,13 +445,14 @@ def _build(source: str, staging: Path, opts: Options) -> Manifest:
     pipe.tokenizer.save_pretrained(staging / TOKENIZER_DIR)
     shutil.rmtree(scratch)
     manifest = _manifest(loaded, pipe, dims, entries, lora_records, opts, token_table)  # hashes the weights once
-    feature = _feature_name(staging / entries["unet"].files[0])  # before int8 replaces the graph
+    caching = opts.backend == "onnx" and opts.optimize
+    feature = _feature_name(staging / entries["unet"].files[0]) if caching else None  # before int8 replaces it
     if opts.precision == "int8":  # calibration runs the staged fp32 engines, which need a manifest to load
         manifest.write(staging)
         spec = entries["unet"].spec
         image_px = max(manifest.default_image_size // 2, spec.dims["h"][0] * dims.vae_scale_factor)
         entries["unet"] = int8_stage(entries, pipe, staging, image_px, opts.optimize)
-    if opts.backend == "onnx" and opts.optimize:
+    if feature is not None:
         entries["unet"] = feature_cache_stage(entries["unet"], pipe, staging, feature)
     if opts.backend == "tensorrt":
         entries = tensorrt_stage(entries, staging, opts.trt_profile, dims.vae_scale_factor, opts.progress)
@@ -460,11 +464,17 @@ def _build(source: str, staging: Path, opts: Options) -> Manifest:
     return manifest
 
 
-def _feature_name(unet: Path) -> str:
+def _feature_name(unet: Path) -> str | None:
+    """The UNet's deep feature for feature caching; None (logged: no caching graphs) where the graph
+    doesn't show it."""
     from sdrt.kernels import deepcache
     from sdrt.kernels.graph import load_graph_only
 
-    return deepcache.feature_name(load_graph_only(unet))
+    try:
+        return deepcache.feature_name(load_graph_only(unet))
+    except SdrtError as e:
+        log.warning("unet: no feature-caching graphs (cache_interval will be refused): %s", e)
+        return None
 
 
 def _check_kind(pipe, dims: ModelDims, opts: Options) -> None:

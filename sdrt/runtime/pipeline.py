@@ -160,12 +160,18 @@ class Pipeline:
         targets = tuple(t for t in self.targets if t not in OWN_WEIGHTS) if weights else self.targets
         return c.files[0] if c.backend == "tensorrt" else c.file_for(targets)
 
+    def _cache_graph(self, c, weights) -> str:
+        """The UNet graph whose feature-caching pair runs: the provider's, else (the CUDA graph has
+        none) the best graph sharing the standard weights."""
+        graph = self._graph_for(c, weights)
+        return graph if graph in c.feature_cache else self._graph_for(c, True)
+
     def cached_unet(self, interval: int) -> feature_cache.CachedUNet:
         """The UNet with feature caching every INTERVAL steps (its full and shallow graphs, loaded on
         first use like the other engines, running the pipeline's LoRA set)."""
         c = self.manifest.components["unet"]
         weights = self.loras.arrays.get("unet")
-        pair, specs = feature_cache.pair_for(c, self._graph_for(c, weights), self.engine_dir)
+        pair, specs = feature_cache.pair_for(c, self._cache_graph(c, weights), self.engine_dir)
         for key, file, spec, kept in ((feature_cache.FULL, pair.full, specs[0], None),
                                       (feature_cache.SHALLOW, pair.shallow, specs[1], set(pair.shallow_weights))):
             if key not in self.engines:
@@ -352,7 +358,7 @@ class Pipeline:
         self._check_depth(req)
         if req.cache_interval > 1:  # the engine dir has the graphs, before any engine runs
             c = self.manifest.components["unet"]
-            feature_cache.pair_for(c, self._graph_for(c, self.loras.arrays.get("unet")), self.engine_dir)
+            feature_cache.pair_for(c, self._cache_graph(c, self.loras.arrays.get("unet")), self.engine_dir)
         image, width, height = None, req.width, req.height
         if req.image is not None:
             if "vae_encoder" not in self.manifest.components:
