@@ -434,7 +434,9 @@ def _add_bench(sub, parents) -> None:
                    help="skip diffusers' OnnxStableDiffusionPipeline on the standard graphs (the peer ONNX path)")
     b.add_argument("--cache-intervals", type=int, nargs="+", default=[], metavar="N",
                    help="also each sdrt path's generations with feature caching every N steps (e.g. 3)")
-    b.add_argument("--optimum", nargs="+", default=["static", "dynamic"], choices=["static", "dynamic"],
+    from sdrt.bench.optimum_peer import MODES as OPTIMUM_MODES
+
+    b.add_argument("--optimum", nargs="+", default=list(OPTIMUM_MODES), choices=OPTIMUM_MODES,
                    help="optimum-intel's OVStableDiffusionPipeline configurations to compare with (CPU runs)")
     b.add_argument("--no-optimum", action="store_true", help="skip the optimum-intel peer")
     b.add_argument("--optimum-python", default=None, metavar="PYTHON",

@@ -67,7 +67,7 @@ class ComponentEntry:
     feature_cache: dict[str, FeatureCache] = field(default_factory=dict)
 
     def graph_files(self) -> list[str]:
-        """Every file the entry names (graphs, weights, their maps)."""
+        """Its files, its targets' graphs and its feature-caching graphs (not the weight map)."""
         return (self.files + [t.file for t in self.targets.values()]
                 + [f for c in self.feature_cache.values() for f in (c.full, c.shallow)])
 

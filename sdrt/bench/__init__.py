@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sdrt.bench import measure
+from sdrt.bench.optimum_peer import MODES as OPTIMUM_MODES
 from sdrt.errors import InputError, SdrtError
 from sdrt.manifest import Manifest
 
@@ -38,8 +39,8 @@ class Settings:
     components: bool = True  # the per-component workloads
     end_to_end: bool = True
     cache_intervals: list[int] = field(default_factory=list)  # each sdrt path's generations with feature caching
-    optimum: list[str] = field(default_factory=lambda: ["static", "dynamic"])  # optimum-intel peers (CPU runs)
-    optimum_python: str | None = None  # the interpreter that has optimum-intel (sdrt.bench.optimum)
+    optimum: list[str] = field(default_factory=lambda: list(OPTIMUM_MODES))  # optimum-intel peers (CPU runs)
+    optimum_python: str | None = None  # the interpreter that has optimum-intel (sdrt.bench.optimum_peer)
 
     @property
     def device(self) -> str:
@@ -119,13 +120,13 @@ def _components(paths, manifest, settings, gemm, progress, out: dict, saved) -> 
     specs = {k: c.spec for k, c in manifest.components.items()}
     eager = next((p for p in paths if p.name == BASELINE), None)
     current = None
+    measured = [p for p in paths if p.components]
     for wl in measure.component_workloads(specs, settings.sizes, manifest.dims.vae_scale_factor):
         if current and current != wl.component:
             for p in paths:  # one component's sessions / modules in memory at a time
                 p.unload(current)
         current = wl.component
         flops = eager.count_flops(wl.component, wl.feeds) if eager else None
-        measured = [p for p in paths if getattr(p, "components", True)]
         samples = measure.rounds(measured, lambda p, wl=wl: p.run(wl.component, wl.feeds),
                                  settings.warmup, settings.repeats, progress)
         entry = {"component": wl.component, "size": wl.size, "batch": wl.batch, "flops": flops,
@@ -229,14 +230,13 @@ def total_rounds(manifest: Manifest, settings: Settings) -> int:
     """How many timed + warm-up calls `run` makes over all its paths (for a progress bar)."""
     sizes = settings.sizes or [manifest.default_image_size]
     specs = {k: c.spec for k, c in manifest.components.items()}
-    n = len(measure.component_workloads(specs, sizes, manifest.dims.vae_scale_factor)) * settings.components
-    if settings.end_to_end:
-        n += len(sizes) * len(settings.batches) * (1 + len(settings.more_steps))
+    generations = len(sizes) * len(settings.batches) * (1 + len(settings.more_steps)) * settings.end_to_end
+    workloads = len(measure.component_workloads(specs, sizes, manifest.dims.vae_scale_factor)) * settings.components
+    n = workloads + generations
     from sdrt.bench.peer import ORT_PROVIDERS
 
     peers = settings.peer * sum(p in ORT_PROVIDERS for p in settings.providers)
     paths = len(settings.providers) * (1 + len(settings.also)) + settings.plain + settings.eager + peers
-    generations = len(sizes) * len(settings.batches) * (1 + len(settings.more_steps)) * settings.end_to_end
     cached = len(settings.providers) * (1 + len(settings.also)) * len([c for c in settings.cache_intervals if c > 1])
     optimum = len(settings.optimum) * (settings.device == "cpu")  # an estimate: skipped when not installed
     return (n * paths + generations * (cached + optimum)) * (settings.warmup + settings.repeats)

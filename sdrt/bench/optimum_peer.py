@@ -69,7 +69,6 @@ class OptimumPath:
 
     def __init__(self, manifest: Manifest, engine_dir: Path, mode: str, python: str):
         self.name = f"{NAME}-{mode}"
-        self.base = self.name
         self.manifest, self.engine_dir, self.mode, self.python = manifest, Path(engine_dir), mode, python
         folder = source_folder(manifest, self.engine_dir)
         self._scratch = tempfile.TemporaryDirectory(prefix="sdrt-optimum-")

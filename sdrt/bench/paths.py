@@ -7,6 +7,7 @@ so both sides compute the same outputs from the same inputs.
 
 from __future__ import annotations
 
+import copy
 import logging
 import tempfile
 from pathlib import Path
@@ -38,8 +39,7 @@ class EnginePath:
     def cached(self, interval: int) -> EnginePath:
         """This path's generations with cache_interval INTERVAL, on the same pipeline (its engines are
         shared; the UNet's full and shallow graphs load beside them)."""
-        other = object.__new__(EnginePath)
-        other.__dict__.update(self.__dict__)
+        other = copy.copy(self)
         other.name, other.cache_interval, other.components = f"{self.name}+cache{interval}", interval, False
         return other
 

@@ -126,6 +126,8 @@ def session(engine_dir: Path, manifest: Manifest, component: str, provider: str 
 class DiffusersOnnxPath:
     """diffusers' OnnxStableDiffusionPipeline on the engine dir's standard graphs (a bench path)."""
 
+    components = True  # measures the component workloads too
+
     def __init__(self, engine_dir: Path, manifest: Manifest, provider: str = "cpu"):
         if provider not in ORT_PROVIDERS:
             raise InputError(f"{NAME}: diffusers' ONNX pipeline runs ONNX Runtime's cpu or cuda provider, "

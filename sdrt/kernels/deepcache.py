@@ -93,7 +93,7 @@ def split(model: onnx.ModelProto, feature: str) -> tuple[onnx.ModelProto, onnx.M
     s.remove_dead()
     s.commit()
     used = {i for n in s.nodes for i in n.input}
-    for inp in [i for i in s.g.input if i.name not in used]:  # nothing: each input still feeds the last layer
+    for inp in [i for i in s.g.input if i.name not in used]:  # initializers listed as inputs (Winograd graphs)
         s.g.input.remove(inp)
     return full, shallow
 

@@ -54,7 +54,8 @@ class OpenVinoBackend(Backend):
             precision = "f32"  # no bf16 units: OpenVINO would emulate it slowly
         self.precision = precision
         self.static = shapes_mode() == "static"
-        self.compiled: OrderedDict[tuple, tuple] = OrderedDict()  # input shapes -> (compiled model, request)
+        # input shapes (None: dynamic) -> (compiled model, infer request, its outputs in spec order)
+        self.compiled: OrderedDict[tuple | None, tuple] = OrderedDict()
         self._lock = threading.Lock()  # an infer request serves one call at a time (threads of a server)
         if not self.static:
             self._compile(None)
