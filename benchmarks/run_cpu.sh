@@ -24,11 +24,12 @@ sdrt bench "$ENGINES" --sizes 256 --batches 1 2 4 --repeats 2 --warmup 1 --steps
     --also "$INT8" --no-peer --no-cold --out benchmarks/results/cpu-2core-throughput
 # cpu-vs-optimum/: sdrt against optimum-intel's OVStableDiffusionPipeline (the CPU peer, reshaped to
 # static shapes), eager fp32 and sdrt with feature caching every 3 steps: 512 px, 20 steps, the int8
-# engine dir on OpenVINO (what --provider auto picks for it). Needs optimum-intel in an environment of
-# its own (docs/benchmarks.md): OPTIMUM_PYTHON=optimum-env/bin/python. About 60 minutes on 2 cores.
-# One optimum-intel worker at a time beside eager: two (static and dynamic) and eager did not fit in
+# engine dir (int8 UNet and VAE decoder) on what --provider auto picks for it on this CPU (ONNX
+# Runtime without VNNI or AMX, OpenVINO with them). Needs optimum-intel in an environment of its own
+# (docs/benchmarks.md): OPTIMUM_PYTHON=optimum-env/bin/python. About 50 minutes on 2 cores. One
+# optimum-intel worker at a time beside eager: two (static and dynamic) and eager did not fit in
 # 24 GB. Then the GEMM peaks the UNet's speed is bounded by.
-sdrt bench "$INT8" --sizes 512 --steps 20 --providers openvino --cache-intervals 3 --optimum static \
+sdrt bench "$INT8" --sizes 512 --steps 20 --providers auto --cache-intervals 3 --optimum static \
     --optimum-python "${OPTIMUM_PYTHON:?set OPTIMUM_PYTHON}" --no-peer --repeats 2 --warmup 1 --cold-steps 2 \
     --out benchmarks/results/cpu-vs-optimum
 python benchmarks/gemm_probe.py --out benchmarks/results/cpu-vs-optimum/gemm_peaks.json

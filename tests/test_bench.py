@@ -197,6 +197,20 @@ def test_several_step_counts_are_one_entry_each():
     assert paths[1].calls == [(20, 64, 1), (50, 64, 1), (20, 64, 2), (50, 64, 2)]
 
 
+@pytest.mark.parametrize("providers, cuda, want", [
+    (["cpu", "openvino"], True, "cpu"), (["cpu", "cuda"], False, "cuda"),
+    (["auto"], True, "cuda"), (["auto"], False, "cpu"),  # auto: CUDA first where ONNX Runtime has it
+])
+def test_bench_device_follows_the_providers(monkeypatch, providers, cuda, want):
+    import onnxruntime as ort
+
+    from sdrt import bench
+
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider"] * cuda + ["CPUExecutionProvider"])
+    assert bench.Settings(providers=providers).device == want
+
+
 STUB_WORKER = """
 import json, sys
 import numpy as np

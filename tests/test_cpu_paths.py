@@ -60,7 +60,9 @@ def test_bad_openvino_shapes_setting_is_named(engines, monkeypatch):
     (["avx512_bf16", "avx512_vnni", "avx512f"], False, True, "openvino"),
     (["amx_bf16", "avx512f"], False, True, "openvino"),
     ([], False, True, "cpu"),  # AVX2 only: OpenVINO would run fp32, no faster than ONNX Runtime's graphs
-    ([], True, True, "openvino"),  # an int8 UNet: OpenVINO's int8 kernels
+    (["avx512_vnni", "avx512f"], True, True, "openvino"),  # an int8 UNet and VNNI: OpenVINO's int8 kernels
+    (["amx_int8", "amx_bf16"], True, True, "openvino"),
+    ([], True, True, "cpu"),  # an int8 UNet on AVX2 alone: ONNX Runtime's int8 kernels
     (["avx512_bf16"], True, False, "cpu"),  # no OpenVINO
 ])
 def test_auto_provider_choice(engines, monkeypatch, features, int8, installed, want):

@@ -517,3 +517,21 @@ def test_loras_need_onnx_runtime_sessions(engines, loras):
         with pytest.raises(InputError, match="not on openvino"):
             pipe("a castle", steps=1, width=w, height=h, loras=[(str(loras[0]), 1.0)])
         assert pipe.engines == loaded  # nothing was closed
+
+
+def test_a_switch_loads_only_the_unet_graphs_the_generation_runs(lora_pipe, loras):
+    """A generation that switches sets loads the UNet graphs it runs (feature caching's pair, not the
+    plain graph); use_loras ahead of time (a server) loads the plain graph at once."""
+    from sdrt.runtime.feature_cache import FULL, SHALLOW
+
+    w, h = SIZES["eps"]
+    args = dict(ARGS, width=w, height=h, seed=3, cache_interval=2)
+    lora_pipe.unload("unet")
+    a = lora_pipe(**args, loras=[(str(loras[0]), 0.8)]).pixels
+    assert "unet" not in lora_pipe.engines and {FULL, SHALLOW} <= set(lora_pipe.engines)
+    base = lora_pipe(**args).pixels
+    assert "unet" not in lora_pipe.engines
+    assert np.array_equal(lora_pipe(**args, loras=[(str(loras[0]), 0.8)]).pixels, a)  # the pair got A again
+    assert np.abs(a - base).max() > 0.05
+    lora_pipe.use_loras(None)
+    assert "unet" in lora_pipe.engines

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import os
+import shutil
 
 import numpy as np
 import onnx
@@ -12,9 +13,10 @@ import pytest
 from onnx import TensorProto
 
 import sdrt
-from sdrt.export import onnx_export
+from sdrt.export import build, onnx_export, quantize
 from sdrt.export.fp16 import run_fp16
 from sdrt.manifest import Manifest
+from sdrt.runtime.backends.onnxruntime import session
 from tests.conftest import SIZES
 
 W, H = SIZES["eps"]
@@ -219,25 +221,67 @@ def test_the_cuda_graph_takes_the_precision_the_component_got(monkeypatch, tmp_p
         assert made[name] is (not kept) and (tmp_path / name / "model.onnx").exists() is kept
 
 
-def test_int8_unet_is_static_qdq(int8_engines):
+def _quantized_layers(graph, ops):
+    producers = {o: n for n in graph.node for o in n.output}
+    return [n for n in graph.node if n.op_type in ops and
+            getattr(producers.get(n.input[1]), "op_type", None) == "DequantizeLinear"]
+
+
+@pytest.mark.parametrize("name, ops, fused", [
+    ("unet", ("Conv", "MatMul", "Gemm"), {"MultiHeadAttention": 12}),
+    ("vae_decoder", ("Conv",), {"MultiHeadAttention": 1}),
+])
+def test_int8_components_are_static_qdq(int8_engines, name, ops, fused):
     m = Manifest.read(int8_engines)
-    unet = m.components["unet"]
-    assert unet.precision == "int8" and unet.files[0] == "unet/model.int8.onnx"
-    assert all(c.precision == "fp32" for n, c in m.components.items() if n != "unet")
-    g = onnx.load(str(int8_engines / unet.files[0]), load_external_data=False).graph
-    ops = collections.Counter(n.op_type for n in g.node)
-    producers = {o: n for n in g.node for o in n.output}
-    quantized = [n for n in g.node if n.op_type in ("Conv", "MatMul", "Gemm") and
-                 getattr(producers.get(n.input[1]), "op_type", None) == "DequantizeLinear"]
-    assert f"{len(quantized)} Conv/MatMul/Gemm layers" in unet.optimizations[0]
-    layers = ops["Conv"] + ops["MatMul"] + ops["Gemm"]
-    assert ops["QuantizeLinear"] > 0 and len(quantized) > 0.8 * layers
-    assert unet.targets["onnxruntime"].fused == {"MultiHeadAttention": 12}
-    assert not (int8_engines / "unet" / "model.onnx").exists()  # the fp32 UNet is not shipped
+    entry = m.components[name]
+    assert entry.precision == "int8" and entry.files[0] == f"{name}/model.int8.onnx"
+    assert {n for n, c in m.components.items() if c.precision == "int8"} == {"unet", "vae_decoder"}
+    g = onnx.load(str(int8_engines / entry.files[0]), load_external_data=False).graph
+    ops_count = collections.Counter(n.op_type for n in g.node)
+    quantized = _quantized_layers(g, ("Conv", "MatMul", "Gemm"))
+    assert {n.op_type for n in quantized} <= set(ops)  # the decoder's attention keeps fp32
+    assert f"{len(quantized)} {'/'.join(ops)} layers" in entry.optimizations[0]
+    layers = sum(ops_count[op] for op in ops)
+    assert ops_count["QuantizeLinear"] > 0 and len(quantized) > (0.8 if name == "unet" else 0.5) * layers
+    assert entry.targets["onnxruntime"].fused == fused
+    assert entry.parity_max_abs <= entry.parity_tolerance
+    assert not (int8_engines / name / "model.onnx").exists()  # the fp32 graph is not shipped
     umask = os.umask(0)
     os.umask(umask)
-    for f in (int8_engines / "unet").iterdir():  # onnxruntime writes 0600; export widens to the umask
+    for f in (int8_engines / name).iterdir():  # onnxruntime writes 0600; export widens to the umask
         assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+
+
+def test_int8_decoder_keeps_its_images(int8_engines, engines):
+    """The decoder's note states its PSNR against fp32, at least quantize.MIN_PSNR_DB; checked here again
+    on a latent the calibration never saw."""
+    note = Manifest.read(int8_engines).components["vae_decoder"].optimizations[0]
+    assert float(note.split(" dB PSNR")[0].rsplit(" ", 1)[1]) >= quantize.MIN_PSNR_DB
+    latent = np.random.default_rng(7).standard_normal((1, 4, H // 8, W // 8)).astype(np.float32) * 0.8
+    fp32 = session(engines["eps"] / "vae_decoder" / "model.onnx").run(None, {"latent": latent})[0]
+    int8 = session(int8_engines / "vae_decoder" / "model.int8.onnx").run(None, {"latent": latent})[0]
+    assert quantize.psnr(fp32, int8) >= quantize.MIN_PSNR_DB - 3  # a random latent, not a trajectory's
+
+
+def test_int8_decoder_stays_fp32_under_the_bar(engines, tmp_path, monkeypatch):
+    """Under MIN_PSNR_DB the fp32 decoder is kept as it was, with the reason noted, and no int8 file left."""
+    shutil.copytree(engines["eps"] / "vae_decoder", tmp_path / "vae_decoder")
+    decoder = Manifest.read(engines["eps"]).components["vae_decoder"]
+    monkeypatch.setattr(quantize, "MIN_PSNR_DB", 1000.0)
+    rng = np.random.default_rng(0)
+    feeds = [{"latent": rng.standard_normal((1, 4, H // 8, W // 8)).astype(np.float32)} for _ in range(2)]
+    entry = build.int8_decoder(decoder, None, tmp_path, feeds, optimize=True)
+    assert entry.precision == "fp32" and entry.files == decoder.files and entry.targets == decoder.targets
+    assert entry.optimizations[-1].startswith("fp32: its int8 graph was") and "under 1000 dB" in entry.optimizations[-1]
+    assert sorted(p.name for p in (tmp_path / "vae_decoder").iterdir()) == sorted(
+        p.name for p in (engines["eps"] / "vae_decoder").iterdir())
+
+
+def test_decoder_psnr_maps_outputs_as_images():
+    a = np.full((1, 3, 4, 4), 0.5, np.float32)
+    assert quantize.psnr(a, a) == float("inf")
+    assert quantize.psnr(a, a + 0.2) == pytest.approx(20.0)  # [-1, 1] -> [0, 1]: an error of 0.1
+    assert quantize.psnr(a * 0 + 3, a * 0 + 2) == float("inf")  # both clip to white
 
 
 def test_int8_engine_generates_close_to_fp32(int8_engines, engines):

@@ -44,8 +44,15 @@ class Settings:
 
     @property
     def device(self) -> str:
-        """Where the baseline and the GEMM probe run: "cuda" when any provider is a GPU one."""
-        return "cuda" if any(p in GPU_PROVIDERS for p in self.providers) else "cpu"
+        """Where the baseline and the GEMM probe run: "cuda" when any provider is a GPU one ("auto" is
+        where ONNX Runtime has the CUDA provider: what resolve_provider picks first for ONNX engines)."""
+        if any(p in GPU_PROVIDERS for p in self.providers):
+            return "cuda"
+        if "auto" in self.providers:
+            import onnxruntime as ort
+
+            return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+        return "cpu"
 
 
 def _paths(engine_dir: Path, manifest: Manifest, settings: Settings, skipped: list[str]) -> list:

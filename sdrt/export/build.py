@@ -304,30 +304,70 @@ def _check_feature_cache(entry: ComponentEntry, graph: Path, full: Path, shallow
 # -- engine-wide stages --------------------------------------------------------------------------
 
 def int8_stage(entries: dict[str, ComponentEntry], pipe, staging: Path, image_px: int,
-               optimize: bool) -> ComponentEntry:
-    """The UNet as an int8 QDQ graph, calibrated on the staged fp32 engines; replaces the fp32 UNet."""
-    from sdrt import kernels
-    from sdrt.export import onnx_export, quantize
+               optimize: bool) -> dict[str, ComponentEntry]:
+    """The UNet and the VAE decoder as int8 QDQ graphs, calibrated on the staged fp32 engines; each
+    replaces its fp32 component (the decoder only where its images keep quantize.MIN_PSNR_DB)."""
+    from sdrt.export import quantize
 
-    fp32 = entries["unet"]
-    spec = fp32.spec
     t0 = time.perf_counter()
     feeds = quantize.calibration_feeds(staging, image_px)
-    src = staging / fp32.files[0]
+    unet, decoder = entries["unet"], entries["vae_decoder"]
+    dst = (staging / unet.files[0]).with_name("model.int8.onnx")
+    layers = quantize.quantize_unet(staging / unet.files[0], dst, feeds["unet"])
+    note = (f"int8 static QDQ: {layers} Conv/MatMul/Gemm layers, calibrated on {len(feeds['unet'])} UNet inputs "
+            f"from {len(quantize.CALIBRATION_PROMPTS)} {image_px} px trajectories")
+    entries = {**entries, "unet": _int8_entry(unet, pipe, staging, dst, note, optimize)}
+    log.info("%s in %.1f s", note, time.perf_counter() - t0)
+    return {**entries, "vae_decoder": int8_decoder(decoder, pipe, staging, feeds["vae_decoder"], optimize)}
+
+
+def int8_decoder(decoder: ComponentEntry, pipe, staging: Path, feeds: list[dict], optimize: bool) -> ComponentEntry:
+    """DECODER's int8 entry, calibrated on FEEDS; DECODER itself, noted, where the int8 images are under
+    quantize.MIN_PSNR_DB from fp32's."""
+    from sdrt.export import quantize
+
+    src = staging / decoder.files[0]
     dst = src.with_name("model.int8.onnx")
-    layers = quantize.quantize_unet(src, dst, feeds)
+    layers = quantize.quantize_decoder(src, dst, feeds)
+    db = _decoder_psnr(src, dst, feeds)
+    if db < quantize.MIN_PSNR_DB:
+        log.warning("the int8 VAE decoder's images are %.1f dB from fp32's (under %.0f dB): the decoder stays fp32",
+                    db, quantize.MIN_PSNR_DB)
+        for f in (dst, dst.with_name(dst.name + ".data")):
+            f.unlink(missing_ok=True)
+        notes = decoder.optimizations + [f"fp32: its int8 graph was {db:.1f} dB PSNR from fp32 (under "
+                                         f"{quantize.MIN_PSNR_DB:.0f} dB)"]
+        return dataclasses.replace(decoder, optimizations=notes)
+    note = (f"int8 static QDQ: {layers} Conv layers (attention, first and last convolutions, shortcuts and "
+            f"upsamplers in fp32), {db:.1f} dB PSNR against fp32 on the {len(feeds)} calibration latents")
+    log.info("VAE decoder %s", note)
+    return _int8_entry(decoder, pipe, staging, dst, note, optimize)
+
+
+def _decoder_psnr(fp32: Path, int8: Path, feeds: list[dict]) -> float:
+    """The lowest PSNR of INT8's images against FP32's over FEEDS (both decoders on ONNX Runtime)."""
+    from sdrt.export import quantize
+    from sdrt.runtime.backends.onnxruntime import session
+
+    a, b = session(fp32), session(int8)
+    return min(quantize.psnr(a.run(None, f)[0], b.run(None, f)[0]) for f in feeds)
+
+
+def _int8_entry(fp32: ComponentEntry, pipe, staging: Path, dst: Path, note: str, optimize: bool) -> ComponentEntry:
+    """The entry for the int8 graph DST, which replaces FP32's files (removed) and gets its own targets."""
+    from sdrt import kernels
+    from sdrt.export import onnx_export
+
+    name, spec = fp32.spec.name, fp32.spec
     for f in fp32.files + [t.file for t in fp32.targets.values()] + [fp32.weight_map] * bool(fp32.weight_map):
-        (staging / f).unlink()  # the int8 UNet has no weight map: LoRAs per request need float weights
-    files = onnx_export.component_files(staging, "unet")  # model.int8.onnx, model.int8.onnx.data
-    err, tol = onnx_export.check_parity("unet", spec, pipe, dst, "int8")
+        (staging / f).unlink()  # no weight map: LoRAs per request need float weights
+    files = onnx_export.component_files(staging, name)  # model.int8.onnx, model.int8.onnx.data
+    err, tol = onnx_export.check_parity(name, spec, pipe, dst, "int8")
     targets = {}
     if optimize:
         path, fused = kernels.optimize(dst, "onnxruntime")
         targets["onnxruntime"] = TargetGraph(str(path.relative_to(staging)), fused,
-                                             onnx_export.check_parity("unet", spec, pipe, path, "int8")[0])
-    note = (f"int8 static QDQ: {layers} Conv/MatMul/Gemm layers, calibrated on {len(feeds)} UNet inputs "
-            f"from {len(quantize.CALIBRATION_PROMPTS)} {image_px} px trajectories")
-    log.info("%s in %.1f s", note, time.perf_counter() - t0)
+                                             onnx_export.check_parity(name, spec, pipe, path, "int8")[0])
     return ComponentEntry(spec, files, fp32.backend, "int8", [note], err, tol, targets)
 
 
@@ -451,7 +491,7 @@ def _build(source: str, staging: Path, opts: Options) -> Manifest:
         manifest.write(staging)
         spec = entries["unet"].spec
         image_px = max(manifest.default_image_size // 2, spec.dims["h"][0] * dims.vae_scale_factor)
-        entries["unet"] = int8_stage(entries, pipe, staging, image_px, opts.optimize)
+        entries = int8_stage(entries, pipe, staging, image_px, opts.optimize)
     if feature is not None:
         entries["unet"] = feature_cache_stage(entries["unet"], pipe, staging, feature)
     if opts.backend == "tensorrt":

@@ -220,11 +220,12 @@ class Pipeline:
         """What identifies REQ's LoRA set: requests with equal keys run on the same sessions."""
         return tuple(u.key for u in self.lora_uses(req))
 
-    def use_loras(self, loras=None) -> None:
+    def use_loras(self, loras=None, load: bool = True) -> None:
         """Make the UNet's and text encoder's sessions run with LORAS (a request's `loras`; none: the
-        base weights) now: a component whose set changes gets a new session over its merged weights.
-        Generations do this themselves; a server or benchmark may do it ahead. Generations running at
-        once must share one set (the server's scheduler sees to it)."""
+        base weights) now: a component whose set changes gets a new session over its merged weights
+        (with LOAD false, on its next use: a generation loads the UNet graphs it runs, the plain ones
+        or feature caching's pair). Generations do this themselves; a server or benchmark may do it
+        ahead. Generations running at once must share one set (the server's scheduler sees to it)."""
         uses = lora.uses_from(loras, self.lora_dir)
         for name in lora.COMPONENTS if uses else ():  # before any session is closed
             backend = self.manifest.components[name].backend
@@ -239,7 +240,8 @@ class Pipeline:
                     self.unload(engine)  # the UNet's feature-caching pair goes with it
                 release_free_memory()  # the old session's memory goes back before the new arrays are made
                 self.loras.switch(uses, name)
-                self.engine(name)
+                if load:
+                    self.engine(name)
 
     def warmup(self) -> None:
         """Create every session now (servers, benchmarks) instead of on first use."""
@@ -339,7 +341,7 @@ class Pipeline:
         self._stop.clear()
         for e in self.engines.values():
             e.resume()
-        self.use_loras(loras)
+        self.use_loras(loras, load=False)
 
     def plan(self, req: GenerateRequest) -> Plan:
         """Validate REQ against this engine dir and resolve what it leaves open; no engine runs."""

@@ -42,7 +42,8 @@ def check_provider(provider: str) -> None:
         onnxruntime.check_ort_provider(provider)
 
 
-CPU_FEATURES = ("amx_bf16", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f")  # what the choice reads
+CPU_FEATURES = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f")  # what the choice reads
+INT8_UNITS = ("amx_int8", "avx512_vnni", "avx_vnni")  # int8 dot products in one instruction
 
 
 def cpu_features() -> list[str]:
@@ -73,7 +74,12 @@ def resolve_provider(provider: str, manifest) -> tuple[str, str]:
         return "cpu", "OpenVINO is not installed (pip install sdrt[openvino]): ONNX Runtime's CPU graphs"
     features = cpu_features()
     if unet.precision == "int8":
-        return "openvino", f"int8 UNet: OpenVINO's int8 kernels ({', '.join(features) or 'no AVX-512'})"
+        # measured (docs/benchmarks.md): with VNNI (Zen 4) OpenVINO's int8 kernels lead ONNX Runtime's;
+        # on AVX2 alone (Zen 3) ONNX Runtime's lead OpenVINO's (8.4 against 10.3 s a UNet step)
+        units = [f for f in features if f in INT8_UNITS]
+        if units:
+            return "openvino", f"int8 UNet and int8 units ({', '.join(units)}): OpenVINO's int8 kernels"
+        return "cpu", "int8 UNet without VNNI or AMX: ONNX Runtime's int8 kernels (AVX2)"
     if "amx_bf16" in features or "avx512_bf16" in features:
         return "openvino", f"bf16 units ({', '.join(features)}): OpenVINO computes in bf16"
     return "cpu", f"no bf16 units ({', '.join(features) or 'no AVX-512'}): ONNX Runtime's fp32 CPU graphs"
