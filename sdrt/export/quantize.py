@@ -75,9 +75,10 @@ def quantize_decoder(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -
 
 def psnr(reference: np.ndarray, image: np.ndarray) -> float:
     """PSNR in dB of decoder outputs as images ([-1, 1] mapped to [0, 1] and clipped, as decoded)."""
+    from sdrt.bench.measure import psnr as pixel_psnr
+
     a, b = (np.clip(np.asarray(x, np.float64) / 2 + 0.5, 0, 1) for x in (reference, image))
-    mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else 10 * float(np.log10(1 / mse))
+    return pixel_psnr(b, a)
 
 
 def quantize(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], ops: tuple[str, ...],
