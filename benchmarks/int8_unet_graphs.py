@@ -20,17 +20,19 @@ import numpy as np
 import onnxruntime as ort
 
 GRAPHS = ("model.int8.onnx", "model.int8.onnxruntime.onnx")
-GENERATIONS = ((256, 10), (512, 4))  # (size, steps)
+SIZES = (256, 512)
+STEPS = {256: 10, 512: 4}  # a generation's steps at each size (others: 4)
 
 
 def graph_times(engines: Path, side: int, graph: str, calls: int = 3) -> list[float]:
-    rng = np.random.default_rng(0)
-    feeds = {"sample": rng.standard_normal((2, 4, side, side)).astype(np.float32),
-             "timestep": np.array([500, 500], np.float32),
-             "encoder_hidden_states": rng.standard_normal((2, 77, 768)).astype(np.float32)}
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(engines / "unet" / graph), opts, providers=["CPUExecutionProvider"])
+    width = {i.name: i.shape[-1] for i in session.get_inputs()}["encoder_hidden_states"]
+    rng = np.random.default_rng(0)
+    feeds = {"sample": rng.standard_normal((2, 4, side, side)).astype(np.float32),
+             "timestep": np.array([500, 500], np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 77, width)).astype(np.float32)}
     session.run(None, feeds)
     times = []
     for _ in range(calls):
@@ -40,12 +42,13 @@ def graph_times(engines: Path, side: int, graph: str, calls: int = 3) -> list[fl
     return times
 
 
-def step_gaps(engines: Path) -> dict:
+def step_gaps(engines: Path, sizes=SIZES) -> dict:
     from sdrt.runtime.pipeline import Pipeline
 
     out = {}
     with Pipeline.load(engines, provider="cpu") as pipe:
-        for size, steps in GENERATIONS:
+        for size in sizes:
+            steps = STEPS.get(size, 4)
             starts = []
             pipe.engine("unet").observers.append(lambda feeds, starts=starts: starts.append(time.perf_counter()))
             pipe("a castle", steps=steps, width=size, height=size, seed=0)  # warm-up
@@ -59,17 +62,21 @@ def step_gaps(engines: Path) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engines", type=Path, required=True, help="an engine dir exported with --precision int8")
+    ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="image sizes in px")
     ap.add_argument("--out", type=Path, required=True)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    from sdrt.manifest import Manifest
+
+    factor = Manifest.read(args.engines).dims.vae_scale_factor
     out = {}
-    for side in (32, 64):
+    for size in args.sizes:
         for graph in GRAPHS:
-            out[f"{graph}@{side * 8}"] = times = graph_times(args.engines, side, graph)
-            print(f"{graph} at {side * 8} px: {np.round(times, 2).tolist()} s", flush=True)
-    out.update(step_gaps(args.engines))
+            out[f"{graph}@{size}"] = times = graph_times(args.engines, size // factor, graph)
+            print(f"{graph} at {size} px: {np.round(times, 2).tolist()} s", flush=True)
+    out.update(step_gaps(args.engines, args.sizes))
     args.out.write_text(json.dumps(out, indent=1) + "\n")
 
 

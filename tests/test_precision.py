@@ -4,6 +4,7 @@ casts, cross-checked with ONNX's reference evaluator) and --precision int8 (stat
 from __future__ import annotations
 
 import collections
+import json
 import os
 import shutil
 
@@ -291,3 +292,17 @@ def test_int8_engine_generates_close_to_fp32(int8_engines, engines):
     assert np.isfinite(b).all()
     psnr = 10 * np.log10(1.0 / np.mean((a - b) ** 2))
     assert psnr > 20, psnr  # random tiny weights: a loose bound; SD 1.5 numbers are in docs/kernels.md
+
+
+def test_int8_graphs_benchmark_runs(int8_engines, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "graphs.json"
+    subprocess.run([sys.executable, "benchmarks/int8_unet_graphs.py", "--engines", str(int8_engines), "--sizes",
+                    str(W), "--out", str(out)], check=True, capture_output=True)
+    got = json.loads(out.read_text())
+    assert {k for k in got if k.startswith("model.")} == {f"model.int8.onnx@{W}", f"model.int8.onnxruntime.onnx@{W}"}
+    assert all(len(t) == 3 and min(t) > 0 for k, t in got.items() if k.startswith("model."))
+    gaps = got[f"generate@{W}"]["unet_call_gaps_s"]  # 4 steps with CFG at batch 2: one call a step
+    assert len(gaps) == 3 and min(gaps) > 0
