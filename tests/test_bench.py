@@ -24,6 +24,8 @@ def test_outputs_written(results):
     assert not (out / "results.partial.json").exists()  # removed once the full results are written
     assert data["paths"] == ["sdrt", "sdrt-openvino", "sdrt+cache2", "sdrt-openvino+cache2", "diffusers-onnx",
                              "eager"] and data["skipped"] == []
+    assert data["providers"] == {"sdrt": "cpu (given)", "sdrt-openvino": "openvino (given)"}
+    assert "Providers: sdrt: cpu (given); sdrt-openvino: openvino (given)." in (out / "results.md").read_text()
     assert data["machine"]["cores"] >= 1 and data["gemm"]["gflops"] > 0
 
 

@@ -205,6 +205,11 @@ def run(engine_dir: str | Path, settings: Settings, progress=None, checkpoint=No
                "source": manifest.source, "skipped": skipped, "gemm": measure.gemm_peak(device=settings.device)}
     paths = _paths(engine_dir, manifest, settings, skipped)
     results["paths"] = [p.name for p in paths]
+    from sdrt.bench.paths import EnginePath
+
+    # what each engine path runs on, and why (--providers auto: resolve_provider's reason)
+    results["providers"] = {p.name: f"{p.pipe.provider} ({p.pipe.provider_choice})" for p in paths
+                            if isinstance(p, EnginePath) and p.cache_interval == 1}
 
     def saved():
         if checkpoint is not None:

@@ -32,6 +32,8 @@ def markdown(results: dict, command: str | None = None) -> str:
              + "".join(f"; GPU: {g}" for g in m.get("gpus", [])) + ".", ""]
     if command:
         lines += [f"Reproduce: `{command}`", ""]
+    if results.get("providers"):
+        lines += ["Providers: " + "; ".join(f"{p}: {how}" for p, how in results["providers"].items()) + ".", ""]
     header = "| workload | " + " | ".join(f"{p} s" for p in paths) + " | " + " | ".join(
         f"{p} vs eager" for p in others) + " | " + " | ".join(f"{p} GFLOP/s (of peak)" for p in paths) + " |"
     lines += [header, "|" + "---|" * (1 + len(paths) + len(others) + len(paths))]
