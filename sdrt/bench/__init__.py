@@ -191,6 +191,8 @@ def _psnr(paths, images: dict) -> dict:
 def run(engine_dir: str | Path, settings: Settings, progress=None, checkpoint=None) -> dict:
     """Measure; return the results dict (also what `report.write` turns into files).
     checkpoint(results) is called after every finished workload with what is measured so far."""
+    from sdrt.bench.paths import EnginePath
+
     engine_dir = Path(engine_dir)
     manifest = Manifest.read(engine_dir)
     if manifest.pipeline != "txt2img":  # its UNet takes a mask and masked-image latents beside the latents
@@ -205,8 +207,6 @@ def run(engine_dir: str | Path, settings: Settings, progress=None, checkpoint=No
                "source": manifest.source, "skipped": skipped, "gemm": measure.gemm_peak(device=settings.device)}
     paths = _paths(engine_dir, manifest, settings, skipped)
     results["paths"] = [p.name for p in paths]
-    from sdrt.bench.paths import EnginePath
-
     # what each engine path runs on, and why (--providers auto: resolve_provider's reason)
     results["providers"] = {p.name: f"{p.pipe.provider} ({p.pipe.provider_choice})" for p in paths
                             if isinstance(p, EnginePath) and p.cache_interval == 1}

@@ -338,8 +338,8 @@ def int8_decoder(decoder: ComponentEntry, pipe, staging: Path, feeds: list[dict]
         notes = decoder.optimizations + [f"fp32: its int8 graph was {db:.1f} dB PSNR from fp32 (under "
                                          f"{quantize.MIN_PSNR_DB:.0f} dB)"]
         return dataclasses.replace(decoder, optimizations=notes)
-    note = (f"int8 static QDQ: {layers} Conv layers (attention, first and last convolutions, shortcuts and "
-            f"upsamplers in fp32), {db:.1f} dB PSNR against fp32 on the {len(feeds)} calibration latents")
+    note = (f"int8 static QDQ: {layers} Conv layers (attention and {', '.join(quantize.DECODER_KEEP_FP32)} in "
+            f"fp32), {db:.1f} dB PSNR against fp32 on the {len(feeds)} calibration latents")
     log.info("VAE decoder %s", note)
     return _int8_entry(decoder, pipe, staging, dst, note, optimize)
 

@@ -74,8 +74,8 @@ def resolve_provider(provider: str, manifest) -> tuple[str, str]:
         return "cpu", "OpenVINO is not installed (pip install sdrt[openvino]): ONNX Runtime's CPU graphs"
     features = cpu_features()
     if unet.precision == "int8":
-        # measured (docs/benchmarks.md): with VNNI (Zen 4) OpenVINO's int8 kernels lead ONNX Runtime's;
-        # on AVX2 alone (Zen 3) ONNX Runtime's lead OpenVINO's (8.4 against 10.3 s a UNet step)
+        # measured (docs/kernels.md, "int8"): with VNNI (Zen 4) OpenVINO's int8 kernels lead ONNX
+        # Runtime's; on AVX2 alone (Zen 3) ONNX Runtime's lead OpenVINO's
         units = [f for f in features if f in INT8_UNITS]
         if units:
             return "openvino", f"int8 UNet and int8 units ({', '.join(units)}): OpenVINO's int8 kernels"
