@@ -306,3 +306,18 @@ def test_int8_graphs_benchmark_runs(int8_engines, tmp_path):
     assert all(len(t) == 3 and min(t) > 0 for k, t in got.items() if k.startswith("model."))
     gaps = got[f"generate@{W}"]["unet_call_gaps_s"]  # 4 steps with CFG at batch 2: one call a step
     assert len(gaps) == 3 and min(gaps) > 0
+
+
+def test_int8_decoder_variants_benchmark_runs(engines, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "variants.json"
+    subprocess.run([sys.executable, "benchmarks/int8_decoder_variants.py", "--engines", str(engines["eps"]),
+                    "--size", "64", "--out", str(out)], check=True, capture_output=True)
+    got = json.loads(out.read_text())
+    variants = got["variants"]
+    assert got["fp32_s"] > 0 and len(variants) == 5 and all(v["seconds"] > 0 for v in variants.values())
+    choice = variants["sdrt's choice"]
+    assert choice["kept_fp32"] == list(quantize.DECODER_KEEP_FP32) and choice["layers"] > 0
+    assert choice["psnr_db"] >= quantize.MIN_PSNR_DB and choice["psnr_db"] > variants["every layer"]["psnr_db"]
