@@ -34,19 +34,15 @@ TEST_PROMPTS = ("a red fox in the snow", "a city skyline at night, neon")
 
 def latents(engines: Path, size: int) -> tuple[list[dict], list[dict]]:
     """(calibration feeds as the export records them, test feeds at SIZE)."""
+    from sdrt.manifest import Manifest
     from sdrt.runtime.pipeline import Pipeline
 
+    calibration = quantize.calibration_feeds(engines, quantize.calibration_size(Manifest.read(engines)))
     with Pipeline.load(engines, optimized=False) as pipe:
-        m = pipe.manifest  # the export's calibration size (sdrt.export.build._build)
-        calib_size = max(m.default_image_size // 2, m.components["unet"].spec.dims["h"][0] * m.dims.vae_scale_factor)
-        feeds = quantize.record_inputs(pipe.engine("vae_decoder"))
-        for i, prompt in enumerate(quantize.CALIBRATION_PROMPTS):
-            pipe(prompt, steps=quantize.CALIBRATION_STEPS, sampler="euler", seed=i, width=calib_size,
-                 height=calib_size)
-        calibration = list(feeds)
+        test = quantize.record_inputs(pipe.engine("vae_decoder"))
         for i, prompt in enumerate(TEST_PROMPTS):
             pipe(prompt, steps=8, sampler="dpmpp_2m", seed=100 + i, width=size, height=size)
-        return calibration, feeds[len(calibration):]
+    return calibration["vae_decoder"], test
 
 
 def timed(session, feeds: list[dict]) -> tuple[list[np.ndarray], float]:

@@ -468,7 +468,7 @@ def _manifest(loaded, pipe, dims, entries, lora_records, opts: Options, token_ta
 
 def _build(source: str, staging: Path, opts: Options) -> Manifest:
     """Everything the engine dir holds, written into STAGING; returns the manifest (written too)."""
-    from sdrt.export import lora, sources
+    from sdrt.export import lora, quantize, sources
 
     t0 = time.perf_counter()
     scratch = staging / ".source"  # built-in models, single-file configs: removed before publishing
@@ -489,9 +489,7 @@ def _build(source: str, staging: Path, opts: Options) -> Manifest:
     feature = _feature_name(staging / entries["unet"].files[0]) if caching else None  # before int8 replaces it
     if opts.precision == "int8":  # calibration runs the staged fp32 engines, which need a manifest to load
         manifest.write(staging)
-        spec = entries["unet"].spec
-        image_px = max(manifest.default_image_size // 2, spec.dims["h"][0] * dims.vae_scale_factor)
-        entries = int8_stage(entries, pipe, staging, image_px, opts.optimize)
+        entries = int8_stage(entries, pipe, staging, quantize.calibration_size(manifest), opts.optimize)
     if feature is not None:
         entries["unet"] = feature_cache_stage(entries["unet"], pipe, staging, feature)
     if opts.backend == "tensorrt":

@@ -50,6 +50,13 @@ def record_inputs(backend) -> list[dict[str, np.ndarray]]:
     return feeds
 
 
+def calibration_size(manifest) -> int:
+    """The image side calibration generations use: half the model's default size, at least the
+    UNet's smallest."""
+    smallest = manifest.components["unet"].spec.dims["h"][0] * manifest.dims.vae_scale_factor
+    return max(manifest.default_image_size // 2, smallest)
+
+
 def calibration_feeds(engine_dir: Path, size: int, prompts=CALIBRATION_PROMPTS,
                       steps: int = CALIBRATION_STEPS) -> dict[str, list[dict[str, np.ndarray]]]:
     """Inputs of every UNet and VAE decoder call while the fp32 engines in ENGINE_DIR generate one
