@@ -1,9 +1,11 @@
 """The int8 UNet on ONNX Runtime: which graph, and what a generation adds around it.
 
-Times the standard QDQ graph and the MultiHeadAttention-rewritten one (what `--provider cpu` runs)
-alone, batch 2 (CFG) at 256 and 512 px, 3 calls after one; then, inside generations of the same
-engine dir (`Pipeline`, `--provider cpu`), the time between the starts of consecutive UNet calls,
-which is the step's UNet call plus the sampler's and the pipeline's work between calls.
+Times the standard QDQ graph, the MultiHeadAttention-rewritten one and the CPU graph (that plus
+Winograd for the 64x64 and 32x32 3x3 convolutions, in fp32: what `--provider cpu` runs; engines
+exported before it lack it) alone, batch 2 (CFG) at 256 and 512 px, 3 calls after one; then,
+inside generations of the same engine dir (`Pipeline`, `--provider cpu`), the time between the
+starts of consecutive UNet calls, which is the step's UNet call plus the sampler's and the
+pipeline's work between calls.
 
     python benchmarks/int8_unet_graphs.py --engines engines/sd15-int8 \\
         --out benchmarks/results/cpu-vs-optimum/int8_unet_graphs.json
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-GRAPHS = ("model.int8.onnx", "model.int8.onnxruntime.onnx")
+GRAPHS = ("model.int8.onnx", "model.int8.onnxruntime.onnx", "model.int8.onnxruntime-cpu.onnx")
 SIZES = (256, 512)
 STEPS = {256: 10, 512: 4}  # a generation's steps at each size (others: 4)
 
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     factor = Manifest.read(args.engines).dims.vae_scale_factor
     out = {}
     for size in args.sizes:
-        for graph in GRAPHS:
+        for graph in [g for g in GRAPHS if (args.engines / "unet" / g).exists()]:
             out[f"{graph}@{size}"] = times = graph_times(args.engines, size // factor, graph)
             print(f"{graph} at {size} px: {np.round(times, 2).tolist()} s", flush=True)
     out.update(step_gaps(args.engines, args.sizes))

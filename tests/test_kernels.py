@@ -215,6 +215,58 @@ def test_winograd_rewrite_matches_numpy(shape, bias):
     assert np.abs(got - ref).max() < WINOGRAD_TOL
 
 
+def _qdq_conv_model(c: int, k: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A 3x3 Conv as quantize_static writes it (uint8 activation and output, per-channel int8 weight,
+    int32 bias), whose output feeds an fp32 op (Relu) and a quantized 1x1 Conv; and its float values."""
+    f, rng = TensorProto.FLOAT, np.random.default_rng(4)
+    x_scale, y_scale = np.float32(0.03), np.float32(0.05)
+    w = rng.standard_normal((k, c, 3, 3)) / np.sqrt(9 * c)
+    w_scale = (np.abs(w).reshape(k, -1).max(1) / 127).astype(np.float32)
+    w_q = np.round(w / w_scale[:, None, None, None]).astype(np.int8)
+    b_scale = (x_scale * w_scale).astype(np.float32)
+    b_q = np.round(rng.standard_normal(k) / b_scale).astype(np.int32)
+    w2_scale = np.full(k, 0.01, np.float32)
+    w2_q = rng.integers(-100, 100, (k, k, 1, 1)).astype(np.int8)
+    tensors = {"x_scale": x_scale, "x_zp": np.uint8(128), "y_scale": y_scale, "y_zp": np.uint8(128),
+               "w_q": w_q, "w_scale": w_scale, "w_zp": np.zeros(k, np.int8), "b_q": b_q, "b_scale": b_scale,
+               "b_zp": np.zeros(k, np.int32), "w2_q": w2_q, "w2_scale": w2_scale, "w2_zp": np.zeros(k, np.int8)}
+    node = helper.make_node
+    nodes = [node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"]),
+             node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xd"]),
+             node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["wd"], axis=0),
+             node("DequantizeLinear", ["b_q", "b_scale", "b_zp"], ["bd"], axis=0),
+             node("Conv", ["xd", "wd", "bd"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+             node("QuantizeLinear", ["y", "y_scale", "y_zp"], ["yq"]),
+             node("DequantizeLinear", ["yq", "y_scale", "y_zp"], ["yd"]),
+             node("Relu", ["yd"], ["relu"]),
+             node("DequantizeLinear", ["w2_q", "w2_scale", "w2_zp"], ["w2d"], axis=0),
+             node("Conv", ["yd", "w2d"], ["z"], name="conv2")]
+    out = [helper.make_tensor_value_info(n, f, ["N", k, "h", "w"]) for n in ("relu", "z")]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", f, ["N", c, "h", "w"])], out,
+                              [numpy_helper.from_array(np.asarray(v), n) for n, v in tensors.items()],
+                              value_info=[helper.make_tensor_value_info("y", f, ["N", k, "h", "w"])])
+    weights = {"w": (w_q * w_scale[:, None, None, None]).astype(np.float32), "b": (b_q * b_scale).astype(np.float32)}
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10), weights
+
+
+def test_winograd_computes_a_quantized_layer_in_fp32():
+    """In a QDQ graph the rewritten layer reads its activation unrounded and its dequantized weight; the
+    fp32 op after it reads its output unrounded, the quantized layer after it keeps its int8 input."""
+    model, wb = _qdq_conv_model(8, 16)
+    x = np.random.default_rng(5).standard_normal((2, 8, 12, 12)).astype(np.float32)
+    want = np.maximum(reference.conv2d(x, wb["w"], wb["b"]), 0)
+    relu_before, z_before = _run(model, {"x": x})
+    assert winograd.winograd_conv(Graph(model)) == 1
+    onnx.checker.check_model(model)
+    g = Graph(model)
+    assert g.producer["relu"].input[0] == "y" and g.producer["z"].input[0] == "yd"  # conv2 stays int8
+    assert "xq" not in g.producer  # the input's Q/DQ pair read by nothing else: dropped
+    relu, z = _run(model, {"x": x})
+    assert np.abs(relu - want).max() < WINOGRAD_TOL
+    assert np.abs(relu_before - want).max() > 100 * WINOGRAD_TOL  # what the int8 layer rounded away
+    assert np.abs(z - z_before).max() < 0.05 * np.abs(z_before).max()  # the output's rounding still there
+
+
 @pytest.mark.parametrize("model", [
     _conv_model(4, 4, strides=[2, 2]), _conv_model(4, 4, group=2), _conv_model(4, 4, dilations=[2, 2], pads=[2] * 4),
     _conv_model(4, 4, kernel=1, pads=[0] * 4), _conv_model(4, 4, pads=[0] * 4), _conv_model(4, 4, weight_input=True),

@@ -232,7 +232,7 @@ def _quantized_layers(graph, ops):
     ("unet", ("Conv", "MatMul", "Gemm"), {"MultiHeadAttention": 12}),
     ("vae_decoder", ("Conv",), {"MultiHeadAttention": 1}),
 ])
-def test_int8_components_are_static_qdq(int8_engines, name, ops, fused):
+def test_int8_components_are_static_qdq(int8_engines, engines, name, ops, fused):
     m = Manifest.read(int8_engines)
     entry = m.components[name]
     assert entry.precision == "int8" and entry.files[0] == f"{name}/model.int8.onnx"
@@ -245,6 +245,13 @@ def test_int8_components_are_static_qdq(int8_engines, name, ops, fused):
     layers = sum(ops_count[op] for op in ops)
     assert ops_count["QuantizeLinear"] > 0 and len(quantized) > (0.8 if name == "unet" else 0.5) * layers
     assert entry.targets["onnxruntime"].fused == fused
+    # the CPU graph: the layers the fp32 engines' CPU graph computes by Winograd (but a last conv whose
+    # output the quantizer left without a shape), in fp32
+    fp32_layers = Manifest.read(engines["eps"]).components[name].targets["onnxruntime-cpu"].fused["WinogradConv"]
+    cpu = entry.targets["onnxruntime-cpu"]
+    assert cpu.fused == fused | {"WinogradConv": cpu.fused["WinogradConv"]}
+    assert fp32_layers - 1 <= cpu.fused["WinogradConv"] <= fp32_layers
+    assert cpu.parity_max_abs <= entry.parity_tolerance
     assert entry.parity_max_abs <= entry.parity_tolerance
     assert not (int8_engines / name / "model.onnx").exists()  # the fp32 graph is not shipped
     umask = os.umask(0)
@@ -271,7 +278,7 @@ def test_int8_decoder_stays_fp32_under_the_bar(engines, tmp_path, monkeypatch):
     monkeypatch.setattr(quantize, "MIN_PSNR_DB", 1000.0)
     rng = np.random.default_rng(0)
     feeds = [{"latent": rng.standard_normal((1, 4, H // 8, W // 8)).astype(np.float32)} for _ in range(2)]
-    entry = build.int8_decoder(decoder, None, tmp_path, feeds, optimize=True)
+    entry = build.int8_decoder(decoder, None, tmp_path, feeds)
     assert entry.precision == "fp32" and entry.files == decoder.files and entry.targets == decoder.targets
     assert entry.optimizations[-1].startswith("fp32: its int8 graph was") and "under 1000 dB" in entry.optimizations[-1]
     assert sorted(p.name for p in (tmp_path / "vae_decoder").iterdir()) == sorted(
@@ -302,7 +309,8 @@ def test_int8_graphs_benchmark_runs(int8_engines, tmp_path):
     subprocess.run([sys.executable, "benchmarks/int8_unet_graphs.py", "--engines", str(int8_engines), "--sizes",
                     str(W), "--out", str(out)], check=True, capture_output=True)
     got = json.loads(out.read_text())
-    assert {k for k in got if k.startswith("model.")} == {f"model.int8.onnx@{W}", f"model.int8.onnxruntime.onnx@{W}"}
+    graphs = ("model.int8.onnx", "model.int8.onnxruntime.onnx", "model.int8.onnxruntime-cpu.onnx")
+    assert {k for k in got if k.startswith("model.")} == {f"{g}@{W}" for g in graphs}
     assert all(len(t) == 3 and min(t) > 0 for k, t in got.items() if k.startswith("model."))
     gaps = got[f"generate@{W}"]["unet_call_gaps_s"]  # 4 steps with CFG at batch 2: one call a step
     assert len(gaps) == 3 and min(gaps) > 0

@@ -162,26 +162,42 @@ def fp16_stage(entry: ComponentEntry, pipe, staging: Path) -> ComponentEntry:
                                   if name == "vae_decoder" else []))
 
 
-def targets_stage(entry: ComponentEntry, pipe, staging: Path, latent_side: int, f: int) -> ComponentEntry:
-    """Each target's rewritten graph (sdrt.kernels.TARGETS), parity-checked like the standard one."""
+def targets_stage(entry: ComponentEntry, pipe, staging: Path, latent_side: int, f: int,
+                  targets: tuple[str, ...] | None = None) -> ComponentEntry:
+    """Each target's rewritten graph (TARGETS, default every one of sdrt.kernels.TARGETS),
+    parity-checked like the standard one."""
+    from sdrt import kernels
+
+    out = target_graphs(entry, pipe, staging, targets or tuple(kernels.TARGETS), latent_side)
+    return dataclasses.replace(entry, targets={**entry.targets, **out},
+                               optimizations=entry.optimizations + winograd_note(out, latent_side * f))
+
+
+def target_graphs(entry: ComponentEntry, pipe, staging: Path, targets: tuple[str, ...],
+                  latent_side: int) -> dict[str, TargetGraph]:
+    """ENTRY's graph rewritten for each of TARGETS (sdrt.kernels), parity-checked; a target whose
+    graph would equal another's (e.g. onnxruntime-cpu without convolutions to rewrite) is left out."""
     from sdrt import kernels
     from sdrt.export import onnx_export
 
     name, spec, out = entry.spec.name, entry.spec, {}
-    for target in kernels.TARGETS:
+    for target in [t for t in kernels.TARGETS if t in targets]:  # a graph another equals comes later
         path, fused = kernels.optimize(staging / entry.files[0], target, latent_side)
         same = kernels.same_graph_as(target, fused)
-        if same in out:  # e.g. onnxruntime-cpu on a component without convolutions
+        if same in out:
             path.unlink()
             log.info("%s for %s: the %s graph", name, target, same)
             continue
         err, _ = onnx_export.check_parity(name, spec, pipe, path, entry.precision)
         log.info("%s for %s: %s", name, target, ", ".join(f"{k} x{v}" for k, v in fused.items()))
         out[target] = TargetGraph(str(path.relative_to(staging)), fused, err)
-    notes = list(entry.optimizations)
-    if any(t.fused.get("WinogradConv") for t in out.values()):
-        notes.append(f"Winograd layers chosen for {latent_side * f} px (onnxruntime-cpu graph; sdrt export --cpu-size)")
-    return dataclasses.replace(entry, targets={**entry.targets, **out}, optimizations=notes)
+    return out
+
+
+def winograd_note(targets: dict[str, TargetGraph], image_px: int) -> list[str]:
+    if not any(t.fused.get("WinogradConv") for t in targets.values()):
+        return []
+    return [f"Winograd layers chosen for {image_px} px (onnxruntime-cpu graph; sdrt export --cpu-size)"]
 
 
 def embeds_stage(entry: ComponentEntry, staging: Path) -> tuple[ComponentEntry, dict | None]:
@@ -303,10 +319,10 @@ def _check_feature_cache(entry: ComponentEntry, graph: Path, full: Path, shallow
 
 # -- engine-wide stages --------------------------------------------------------------------------
 
-def int8_stage(entries: dict[str, ComponentEntry], pipe, staging: Path, image_px: int,
-               optimize: bool) -> dict[str, ComponentEntry]:
+def int8_stage(entries: dict[str, ComponentEntry], pipe, staging: Path, image_px: int) -> dict[str, ComponentEntry]:
     """The UNet and the VAE decoder as int8 QDQ graphs, calibrated on the staged fp32 engines; each
-    replaces its fp32 component (the decoder only where its images keep quantize.MIN_PSNR_DB)."""
+    replaces its fp32 component and its target graphs (the decoder only where its images keep
+    quantize.MIN_PSNR_DB)."""
     from sdrt.export import quantize
 
     t0 = time.perf_counter()
@@ -316,12 +332,12 @@ def int8_stage(entries: dict[str, ComponentEntry], pipe, staging: Path, image_px
     layers = quantize.quantize_unet(staging / unet.files[0], dst, feeds["unet"])
     note = (f"int8 static QDQ: {layers} Conv/MatMul/Gemm layers, calibrated on {len(feeds['unet'])} UNet inputs "
             f"from {len(quantize.CALIBRATION_PROMPTS)} {image_px} px trajectories")
-    entries = {**entries, "unet": _int8_entry(unet, pipe, staging, dst, note, optimize)}
+    entries = {**entries, "unet": _int8_entry(unet, pipe, staging, dst, note)}
     log.info("%s in %.1f s", note, time.perf_counter() - t0)
-    return {**entries, "vae_decoder": int8_decoder(decoder, pipe, staging, feeds["vae_decoder"], optimize)}
+    return {**entries, "vae_decoder": int8_decoder(decoder, pipe, staging, feeds["vae_decoder"])}
 
 
-def int8_decoder(decoder: ComponentEntry, pipe, staging: Path, feeds: list[dict], optimize: bool) -> ComponentEntry:
+def int8_decoder(decoder: ComponentEntry, pipe, staging: Path, feeds: list[dict]) -> ComponentEntry:
     """DECODER's int8 entry, calibrated on FEEDS; DECODER itself, noted, where the int8 images are under
     quantize.MIN_PSNR_DB from fp32's."""
     from sdrt.export import quantize
@@ -341,7 +357,7 @@ def int8_decoder(decoder: ComponentEntry, pipe, staging: Path, feeds: list[dict]
     note = (f"int8 static QDQ: {layers} Conv layers (attention and {', '.join(quantize.DECODER_KEEP_FP32)} in "
             f"fp32), {db:.1f} dB PSNR against fp32 on the {len(feeds)} calibration latents")
     log.info("VAE decoder %s", note)
-    return _int8_entry(decoder, pipe, staging, dst, note, optimize)
+    return _int8_entry(decoder, pipe, staging, dst, note)
 
 
 def _decoder_psnr(fp32: Path, int8: Path, feeds: list[dict]) -> float:
@@ -353,9 +369,8 @@ def _decoder_psnr(fp32: Path, int8: Path, feeds: list[dict]) -> float:
     return min(quantize.psnr(a.run(None, f)[0], b.run(None, f)[0]) for f in feeds)
 
 
-def _int8_entry(fp32: ComponentEntry, pipe, staging: Path, dst: Path, note: str, optimize: bool) -> ComponentEntry:
-    """The entry for the int8 graph DST, which replaces FP32's files (removed) and gets its own targets."""
-    from sdrt import kernels
+def _int8_entry(fp32: ComponentEntry, pipe, staging: Path, dst: Path, note: str) -> ComponentEntry:
+    """The entry for the int8 graph DST, which replaces FP32's files and target graphs (removed)."""
     from sdrt.export import onnx_export
 
     name, spec = fp32.spec.name, fp32.spec
@@ -363,12 +378,7 @@ def _int8_entry(fp32: ComponentEntry, pipe, staging: Path, dst: Path, note: str,
         (staging / f).unlink()  # no weight map: LoRAs per request need float weights
     files = onnx_export.component_files(staging, name)  # model.int8.onnx, model.int8.onnx.data
     err, tol = onnx_export.check_parity(name, spec, pipe, dst, "int8")
-    targets = {}
-    if optimize:
-        path, fused = kernels.optimize(dst, "onnxruntime")
-        targets["onnxruntime"] = TargetGraph(str(path.relative_to(staging)), fused,
-                                             onnx_export.check_parity(name, spec, pipe, path, "int8")[0])
-    return ComponentEntry(spec, files, fp32.backend, "int8", [note], err, tol, targets)
+    return ComponentEntry(spec, files, fp32.backend, "int8", [note], err, tol)
 
 
 def tensorrt_stage(entries: dict[str, ComponentEntry], staging: Path, profile, vae_scale_factor: int,
@@ -468,7 +478,7 @@ def _manifest(loaded, pipe, dims, entries, lora_records, opts: Options, token_ta
 
 def _build(source: str, staging: Path, opts: Options) -> Manifest:
     """Everything the engine dir holds, written into STAGING; returns the manifest (written too)."""
-    from sdrt.export import lora, quantize, sources
+    from sdrt.export import lora, sources
 
     t0 = time.perf_counter()
     scratch = staging / ".source"  # built-in models, single-file configs: removed before publishing
@@ -489,7 +499,7 @@ def _build(source: str, staging: Path, opts: Options) -> Manifest:
     feature = _feature_name(staging / entries["unet"].files[0]) if caching else None  # before int8 replaces it
     if opts.precision == "int8":  # calibration runs the staged fp32 engines, which need a manifest to load
         manifest.write(staging)
-        entries = int8_stage(entries, pipe, staging, quantize.calibration_size(manifest), opts.optimize)
+        entries = _int8(entries, pipe, staging, manifest, opts)
     if feature is not None:
         entries["unet"] = feature_cache_stage(entries["unet"], pipe, staging, feature)
     if opts.backend == "tensorrt":
@@ -500,6 +510,21 @@ def _build(source: str, staging: Path, opts: Options) -> Manifest:
     log.info("recorded the size and sha256 of %d files in %.1f s", len(manifest.files), time.perf_counter() - t1)
     manifest.write(staging)
     return manifest
+
+
+def _int8(entries: dict[str, ComponentEntry], pipe, staging: Path, manifest: Manifest,
+          opts: Options) -> dict[str, ComponentEntry]:
+    """int8_stage, then each int8 component's graphs for the CPU provider (what runs QDQ int8)."""
+    from sdrt.export import quantize
+    from sdrt.runtime.backends import PROVIDER_TARGETS
+
+    entries = int8_stage(entries, pipe, staging, quantize.calibration_size(manifest))
+    if not opts.optimize:
+        return entries
+    f = manifest.dims.vae_scale_factor
+    side = _latent_side(opts.cpu_size, f)
+    return entries | {name: targets_stage(e, pipe, staging, side, f, PROVIDER_TARGETS["cpu"])
+                      for name, e in entries.items() if e.precision == "int8"}
 
 
 def _feature_name(unet: Path) -> str | None:

@@ -60,9 +60,11 @@ class Graph:
 
     def parent(self, node, index: int, op_type: str):
         """The producer of node.input[index] if it is an `op_type`."""
-        if index >= len(node.input):
-            return None
-        p = self.producer.get(node.input[index])
+        return self.parent_of(node.input[index], op_type) if index < len(node.input) else None
+
+    def parent_of(self, value: str, op_type: str):
+        """The producer of VALUE if it is an `op_type`."""
+        p = self.producer.get(value)
         return p if p is not None and p.op_type == op_type else None
 
     def add_initializer(self, stem: str, array: np.ndarray) -> str:

@@ -20,12 +20,19 @@ hardly faster and costs 3x the rewritten layers' weights in memory. The output t
 DepthToSpace, faster than ConvTranspose. (The measurements: docs/kernels.md.)
 
 Which layers: a 3x3 Conv with stride 1, dilation 1, one group, padding 1 on every side and a
-constant fp32 weight, whose output map at 512 px (SD 1.5's size; another size with
-`sdrt export --cpu-size`) is at least `MIN_SIDE` on each side and whose transformed tiles
-take at most `MAX_TILE_BYTES` per image.
+constant fp32 weight (or an int8 one dequantized in a QDQ graph), whose output map at 512 px
+(SD 1.5's size; another size with `sdrt export --cpu-size`) is at least `MIN_SIDE` on each side and
+whose transformed tiles take at most `MAX_TILE_BYTES` per image.
 For SD 1.5 that is the UNet's 64x64 and 32x32 levels and the VAE's 64x64 level. Smaller maps have
 too few tiles to pay for the transforms; larger tile tensors cost more memory than they save time
 (the VAE decoder's 128-512 px levels would nearly double its peak).
+
+In a QDQ graph (`--precision int8`) such a layer computes in fp32: it reads the activation before
+its QuantizeLinear / DequantizeLinear pair and its dequantized int8 weight, and the fp32 layers after
+it read its output unrounded too (quantized layers keep their int8 input); pairs nothing reads any
+more are dropped. On AVX2 CPUs without VNNI, ONNX Runtime's
+int8 direct convolution is slower than fp32 Winograd for these layers (docs/kernels.md), and the
+layer's activation is no longer rounded to 8 bits.
 
 Numerics: F(4x4, 3x3) in fp32 differs from direct convolution by about 1e-5 relative (the points
 0, +-1, +-2 keep the transforms' entries small); sdrt.kernels.reference.winograd_conv is the NumPy
@@ -65,6 +72,7 @@ TILE, WINDOW = 4, 6  # output tile side, input tile side
 REFERENCE_SIDE = 64  # latent side the shape annotations are evaluated at by default: 512 px
 MIN_SIDE = 32  # rewrite layers whose output is at least 32x32 there
 MAX_TILE_BYTES = 64 << 20  # ... and whose transformed input tiles take at most 64 MiB per image
+QUANTIZED_LAYERS = ("Conv", "MatMul", "Gemm")  # a QDQ graph's layers whose int8 inputs stay as they are
 
 
 def transforms() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -105,15 +113,47 @@ def _attr(node, name, default):
     return attrs(node).get(name, default)
 
 
+def float_constant(graph: Graph, name: str):
+    """The initializer behind the fp32 value NAME: NAME itself, or the tensor a DequantizeLinear of
+    initializers dequantizes to fp32 (a QDQ graph's int8 weight or int32 bias); None otherwise."""
+    t = graph.initializers.get(name)
+    if t is not None:
+        return t if t.data_type == TensorProto.FLOAT else None
+    dq = graph.parent_of(name, "DequantizeLinear")
+    if dq is None or not all(i in graph.initializers for i in dq.input if i):
+        return None
+    return graph.initializers[dq.input[0]] if graph.initializers[dq.input[1]].data_type == TensorProto.FLOAT else None
+
+
+def unquantized(graph: Graph, name: str) -> str:
+    """X where NAME is DequantizeLinear(QuantizeLinear(X)), a QDQ graph's quantized activation; else NAME."""
+    dq = graph.parent_of(name, "DequantizeLinear")
+    q = graph.parent_of(dq.input[0], "QuantizeLinear") if dq is not None else None
+    return q.input[0] if q is not None else name
+
+
+def bypass_rounding(graph: Graph, value: str) -> None:
+    """Where VALUE goes through QuantizeLinear / DequantizeLinear, the consumers that compute in fp32
+    read VALUE itself; those that are quantized layers (Conv, MatMul, Gemm) keep the int8 input
+    ONNX Runtime fuses into its QLinear kernels."""
+    for q in [c for c in graph.consumers.get(value, []) if c.op_type == "QuantizeLinear"]:
+        for dq in [c for c in graph.consumers.get(q.output[0], []) if c.op_type == "DequantizeLinear"]:
+            for c in graph.consumers.get(dq.output[0], []):
+                if c.op_type not in QUANTIZED_LAYERS:
+                    for i, name in enumerate(c.input):
+                        if name == dq.output[0]:
+                            c.input[i] = value
+
+
 def eligible(graph: Graph, node, latent_side: int = REFERENCE_SIDE) -> bool:
     """Whether the pass rewrites NODE (the rule in the module docstring), for images whose latent
     side is LATENT_SIDE (`sdrt export --cpu-size`; default 64, i.e. 512 px)."""
     if node.op_type != "Conv" or len(node.input) < 2:
         return False
-    w = graph.initializers.get(node.input[1])
-    if w is None or len(w.dims) != 4 or list(w.dims[2:]) != [3, 3] or w.data_type != TensorProto.FLOAT:
+    w = float_constant(graph, node.input[1])
+    if w is None or len(w.dims) != 4 or list(w.dims[2:]) != [3, 3]:
         return False
-    if len(node.input) > 2 and node.input[2] and node.input[2] not in graph.initializers:
+    if len(node.input) > 2 and node.input[2] and float_constant(graph, node.input[2]) is None:
         return False
     if (_attr(node, "group", 1) != 1 or list(_attr(node, "strides", [1, 1])) != [1, 1]
             or list(_attr(node, "dilations", [1, 1])) != [1, 1]
@@ -154,9 +194,9 @@ class _Constants:
 
 def _rewrite(graph: Graph, k: _Constants, node) -> list:
     bt2, g2, at2 = transforms()
-    x, w = node.input[0], node.input[1]
+    x, w = unquantized(graph, node.input[0]), node.input[1]
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    K, C = (int(d) for d in graph.initializers[w].dims[:2])
+    K, C = (int(d) for d in float_constant(graph, w).dims[:2])
     f = lambda stem: graph.fresh(f"winograd_{stem}")  # noqa: E731
     i64 = lambda stem, v: k.get(stem, np.array(v, np.int64))  # noqa: E731
     name = node.name or f("conv")
@@ -192,11 +232,14 @@ def _rewrite(graph: Graph, k: _Constants, node) -> list:
     if bias is not None:
         y = op("Add", [y, op("Unsqueeze", [bias, i64("axes_12", [1, 2])])])
     nodes[-1].output[0] = node.output[0]
+    if node.output[0] not in graph.graph_outputs:
+        bypass_rounding(graph, node.output[0])
     return nodes
 
 
 def winograd_conv(graph: Graph, latent_side: int = REFERENCE_SIDE) -> int:
     """Rewrite each eligible 3x3 Conv as F(4x4, 3x3) Winograd; return how many were rewritten."""
     k = _Constants(graph)
-    return run_pass(graph, [n for n in graph.nodes if eligible(graph, n, latent_side)],
-                    lambda node: ([node], _rewrite(graph, k, node)))
+    layers = [n for n in graph.nodes if eligible(graph, n, latent_side)]
+    quantized = any(unquantized(graph, n.input[0]) != n.input[0] for n in layers)
+    return run_pass(graph, layers, lambda node: ([node], _rewrite(graph, k, node)), prune=quantized)
