@@ -21,11 +21,13 @@ DepthToSpace, faster than ConvTranspose. (The measurements: docs/kernels.md.)
 
 Which layers: a 3x3 Conv with stride 1, dilation 1, one group, padding 1 on every side and a
 constant fp32 weight (or an int8 one dequantized in a QDQ graph), whose output map at 512 px
-(SD 1.5's size; another size with `sdrt export --cpu-size`) is at least `MIN_SIDE` on each side and
-whose transformed tiles take at most `MAX_TILE_BYTES` per image.
-For SD 1.5 that is the UNet's 64x64 and 32x32 levels and the VAE's 64x64 level. Smaller maps have
-too few tiles to pay for the transforms; larger tile tensors cost more memory than they save time
-(the VAE decoder's 128-512 px levels would nearly double its peak).
+(SD 1.5's size; another size with `sdrt export --cpu-size`) is at least `MIN_SIDE` on each side.
+Where a layer's transformed tiles would take more than `MAX_TILE_BYTES` per image, it is computed in
+row bands that each take at most that (`bands`; the input is sliced with one row of overlap, the
+band outputs concatenated).
+For SD 1.5 that is the UNet's 64x64 and 32x32 levels and every VAE level (the decoder's 128-512 px
+levels in 2-10 bands). Smaller maps have too few tiles to pay for the transforms. Unbanded, the VAE
+decoder's 128-512 px levels nearly doubled its peak memory.
 
 In a QDQ graph (`--precision int8`) such a layer computes in fp32: it reads the activation before
 its QuantizeLinear / DequantizeLinear pair and its dequantized int8 weight, and the fp32 layers after
@@ -164,10 +166,15 @@ def eligible(graph: Graph, node, latent_side: int = REFERENCE_SIDE) -> bool:
     if not shape or len(shape) != 4:
         return False
     sides = [eval_dim(d, latent_side) for d in shape[2:]]
-    if any(s is None or s < MIN_SIDE for s in sides):
-        return False
-    channels = int(w.dims[1])
-    return WINDOW**2 * channels * (-(-sides[0] // TILE)) * (-(-sides[1] // TILE)) * 4 <= MAX_TILE_BYTES
+    return all(s is not None and s >= MIN_SIDE for s in sides)
+
+
+def bands(graph: Graph, node, latent_side: int = REFERENCE_SIDE) -> int:
+    """How many row bands eligible NODE is computed in, so that each band's transformed tiles take at
+    most MAX_TILE_BYTES per image at LATENT_SIDE."""
+    h, w = (eval_dim(d, latent_side) for d in graph.shapes[node.output[0]][2:])
+    channels = int(float_constant(graph, node.input[1]).dims[1])
+    return -(-WINDOW**2 * channels * -(-h // TILE) * -(-w // TILE) * 4 // MAX_TILE_BYTES)
 
 
 class _Constants:
@@ -192,7 +199,7 @@ class _Constants:
         return self._made[stem]
 
 
-def _rewrite(graph: Graph, k: _Constants, node) -> list:
+def _rewrite(graph: Graph, k: _Constants, node, n_bands: int) -> list:
     bt2, g2, at2 = transforms()
     x, w = unquantized(graph, node.input[0]), node.input[1]
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
@@ -207,28 +214,33 @@ def _rewrite(graph: Graph, k: _Constants, node) -> list:
         nodes.append(helper.make_node(op_type, inputs, [out], name=f"{name}/{op_type}_{len(nodes)}", **attrs))
         return out
 
-    # input tiles, transformed: [N*C, 36, TH, TW] -> [N, 36, C, TH*TW]
-    x1 = op("Reshape", [x, i64("shape_planes", [-1, 1, 0, 0])])
-    v0 = op("Conv", [x1, k.get("input_transform", bt2.reshape(36, 1, WINDOW, WINDOW).astype(np.float32))],
-            strides=[TILE, TILE], pads=[1, 1, TILE, TILE])  # end pads: ceil(H/4) tiles for any H
-    v1 = op("Unsqueeze", [v0, i64("axis0", [0])])
-    v2 = op("Reshape", [v1, i64(f"shape_tiles_{C}", [-1, C, 36, 0, 0])])
-    v3 = op("Transpose", [v2], perm=[0, 2, 1, 3, 4])
-    v = op("Reshape", [v3, i64("shape_flat_tiles", [0, 0, 0, -1])])
+    def tiles(x_band, top_pad: int, out_hw: str) -> str:
+        """The convolution of the rows X_BAND (TOP_PAD zero rows above it), cropped to OUT_HW."""
+        # input tiles, transformed: [N*C, 36, TH, TW] -> [N, 36, C, TH*TW]; the end pads make the last
+        # tiles cover the last rows and columns (and an empty band one tile)
+        x1 = op("Reshape", [x_band, i64("shape_planes", [-1, 1, 0, 0])])
+        v0 = op("Conv", [x1, k.get("input_transform", bt2.reshape(36, 1, WINDOW, WINDOW).astype(np.float32))],
+                strides=[TILE, TILE], pads=[top_pad, 1, TILE, TILE])
+        v1 = op("Unsqueeze", [v0, i64("axis0", [0])])
+        v2 = op("Reshape", [v1, i64(f"shape_tiles_{C}", [-1, C, 36, 0, 0])])
+        v3 = op("Transpose", [v2], perm=[0, 2, 1, 3, 4])
+        v = op("Reshape", [v3, i64("shape_flat_tiles", [0, 0, 0, -1])])
+        m = op("MatMul", [u, v])  # [N, 36, K, T]
+        # output transform: [N, 36, K*T] -> [N, 16 K, TH, TW] -> DepthToSpace -> [N, K, 4 TH, 4 TW]
+        m1 = op("Reshape", [m, i64("shape_tile_major", [0, 36, -1])])
+        y5 = op("MatMul", [k.get("output_transform", at2.astype(np.float32)), m1])
+        blocks = op("Concat", [i64(f"shape_blocks_{K}", [0, 16 * K]), op("Shape", [v0], start=2)], axis=0)
+        y1 = op("DepthToSpace", [op("Reshape", [y5, blocks])], blocksize=TILE, mode="DCR")
+        return op("Slice", [y1, i64("zeros2", [0, 0]), out_hw, i64("axes_hw", [2, 3])])
+
     # filters, transformed: U = G g G^T as [36, K, C]
     g = k.overridable("filter_transform", g2.astype(np.float32))
-    wt = op("Transpose", [w], perm=[2, 3, 0, 1])
-    w9 = op("Reshape", [wt, i64("shape_taps", [9, -1])])
-    u0 = op("MatMul", [g, w9])
-    u = op("Reshape", [u0, i64(f"shape_filters_{K}_{C}", [36, K, C])])
-    m = op("MatMul", [u, v])  # [N, 36, K, T]
-    # output transform: [N, 36, K*T] -> [N, 16 K, TH, TW] -> DepthToSpace -> [N, K, 4 TH, 4 TW]
-    m1 = op("Reshape", [m, i64("shape_tile_major", [0, 36, -1])])
-    y5 = op("MatMul", [k.get("output_transform", at2.astype(np.float32)), m1])
-    tiles = op("Shape", [v0], start=2)
-    blocks = op("Concat", [i64(f"shape_blocks_{K}", [0, 16 * K]), tiles], axis=0)
-    y1 = op("DepthToSpace", [op("Reshape", [y5, blocks])], blocksize=TILE, mode="DCR")
-    y = op("Slice", [y1, i64("zeros2", [0, 0]), op("Shape", [x], start=2), i64("axes_hw", [2, 3])])
+    w9 = op("Reshape", [op("Transpose", [w], perm=[2, 3, 0, 1]), i64("shape_taps", [9, -1])])
+    u = op("Reshape", [op("MatMul", [g, w9]), i64(f"shape_filters_{K}_{C}", [36, K, C])])
+    if n_bands == 1:
+        y = tiles(x, 1, op("Shape", [x], start=2))
+    else:
+        y = op("Concat", _banded(op, i64, x, n_bands, tiles), axis=2)
     if bias is not None:
         y = op("Add", [y, op("Unsqueeze", [bias, i64("axes_12", [1, 2])])])
     nodes[-1].output[0] = node.output[0]
@@ -237,9 +249,29 @@ def _rewrite(graph: Graph, k: _Constants, node) -> list:
     return nodes
 
 
+def _banded(op, i64, x: str, n_bands: int, tiles) -> list[str]:
+    """Each band's output: band b is output rows [cut b, cut b+1), cut b = max(1, H * b // N_BANDS),
+    computed from the same input rows and one more on either side (the first band's upper one and the
+    last band's lower one are padding)."""
+    h, width = op("Shape", [x], start=2, end=3), op("Shape", [x], start=3)
+    one, rows = i64("int_1", [1]), i64("axis_h", [2])
+    cuts = [i64("zero1", [0])]
+    for b in range(1, n_bands):
+        share = op("Div", [op("Mul", [h, i64(f"int_{b}", [b])]), i64(f"int_{n_bands}", [n_bands])])
+        cuts.append(op("Max", [one, share]))
+    cuts.append(h)
+    out = []
+    for b in range(n_bands):
+        band = op("Slice", [x, op("Sub", [cuts[b], one]) if b else cuts[0], op("Add", [cuts[b + 1], one]), rows])
+        out_hw = op("Concat", [op("Sub", [cuts[b + 1], cuts[b]]), width], axis=0)
+        out.append(tiles(band, 0 if b else 1, out_hw))
+    return out
+
+
 def winograd_conv(graph: Graph, latent_side: int = REFERENCE_SIDE) -> int:
     """Rewrite each eligible 3x3 Conv as F(4x4, 3x3) Winograd; return how many were rewritten."""
     k = _Constants(graph)
     layers = [n for n in graph.nodes if eligible(graph, n, latent_side)]
     quantized = any(unquantized(graph, n.input[0]) != n.input[0] for n in layers)
-    return run_pass(graph, layers, lambda node: ([node], _rewrite(graph, k, node)), prune=quantized)
+    return run_pass(graph, layers, lambda node: ([node], _rewrite(graph, k, node, bands(graph, node, latent_side))),
+                    prune=quantized)
