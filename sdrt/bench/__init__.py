@@ -49,9 +49,9 @@ class Settings:
         if any(p in GPU_PROVIDERS for p in self.providers):
             return "cuda"
         if "auto" in self.providers:
-            import onnxruntime as ort
+            from sdrt.runtime.backends.onnxruntime import has_cuda
 
-            return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+            return "cuda" if has_cuda() else "cpu"
         return "cpu"
 
 

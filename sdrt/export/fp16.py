@@ -79,13 +79,11 @@ def run_fp16(path: Path, feeds: dict[str, np.ndarray], output_names: list[str]) 
     """Execute an fp16 graph (or any graph with CUDA-only ops): ONNX Runtime's CUDA provider if
     present, else its CPU provider, or ONNX's reference evaluator with sdrt's NumPy ops where the
     graph has CUDA-only ops."""
-    import onnxruntime as ort
-
     from sdrt.kernels import contrib
     from sdrt.kernels.cuda import has_cuda_only_ops
-    from sdrt.runtime.backends.onnxruntime import session
+    from sdrt.runtime.backends.onnxruntime import has_cuda, session
 
-    gpu = "CUDAExecutionProvider" in ort.get_available_providers()
+    gpu = has_cuda()
     if not gpu and has_cuda_only_ops(path):
         log.info("%s: CUDA-only ops and no CUDA here: run with NumPy references (sdrt.kernels.contrib)", path)
         return contrib.evaluate(path, feeds, output_names)

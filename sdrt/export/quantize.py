@@ -83,8 +83,9 @@ def quantize_decoder(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -
 def psnr(reference: np.ndarray, image: np.ndarray) -> float:
     """PSNR in dB of decoder outputs as images ([-1, 1] mapped to [0, 1] and clipped, as decoded)."""
     from sdrt.bench.measure import psnr as pixel_psnr
+    from sdrt.runtime.images import from_model_output
 
-    a, b = (np.clip(np.asarray(x, np.float64) / 2 + 0.5, 0, 1) for x in (reference, image))
+    a, b = (from_model_output(np.asarray(x, np.float64)) for x in (reference, image))
     return pixel_psnr(b, a)
 
 

@@ -55,6 +55,11 @@ def _resized(image, mode: str, width: int, height: int, what: str) -> np.ndarray
     return np.asarray(image, dtype=np.float32) / 255.0
 
 
+def from_model_output(x: np.ndarray) -> np.ndarray:
+    """The VAE's [-1, 1] output (or an approximation of it) as [0, 1] values, clipped."""
+    return np.clip(x / 2 + 0.5, 0, 1)
+
+
 def to_model_input(image, width: int, height: int) -> np.ndarray:
     """(1, 3, H, W) float32 in [-1, 1]; resized with Lanczos when the size differs (diffusers)."""
     if isinstance(image, np.ndarray):

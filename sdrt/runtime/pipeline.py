@@ -187,9 +187,9 @@ class Pipeline:
         if backend != "onnx" or self.provider != "tensorrt" or not any(
                 c.backend == "tensorrt" for c in self.manifest.components.values()):
             return self.provider
-        import onnxruntime as ort
+        from sdrt.runtime.backends.onnxruntime import has_cuda
 
-        return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+        return "cuda" if has_cuda() else "cpu"
 
     def load_embeddings(self, directory: str | Path) -> list[str]:
         """Every textual-inversion file in DIRECTORY (A1111's embeddings folder), named by its stem;
@@ -630,7 +630,7 @@ class Pipeline:
         """(N, 4, h, w) latents -> (N, H, W, 3) float32 pixels in [0, 1]; one image at a time (memory)."""
         out = [self._decode_one(latents[i : i + 1].astype(np.float32)) for i in range(len(latents))]
         image = np.concatenate(out)
-        return np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1).astype(np.float32)
+        return images.from_model_output(image).transpose(0, 2, 3, 1).astype(np.float32)
 
     def _decode_one(self, latent: np.ndarray) -> np.ndarray:
         """One image through the VAE decoder; where an fp16 decoder overflows (NaN / inf) and the

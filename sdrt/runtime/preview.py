@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from sdrt.runtime.images import from_model_output
+
 # rows: latent channels 0-3; columns: R, G, B (SD 1.x and 2.x share the VAE's latent space)
 SD_LATENT_RGB = np.array([
     [0.298, 0.207, 0.208],
@@ -20,7 +22,7 @@ def cheap_rgb(latents: np.ndarray) -> np.ndarray | None:
     if latents.ndim != 4 or latents.shape[1] != SD_LATENT_RGB.shape[0]:
         return None
     rgb = np.einsum("nchw,cr->nhwr", latents, SD_LATENT_RGB)
-    return (np.clip(rgb * 0.5 + 0.5, 0, 1) * 255).round().astype(np.uint8)
+    return (from_model_output(rgb) * 255).round().astype(np.uint8)
 
 
 def cheap_png(latents: np.ndarray, index: int = 0) -> bytes | None:

@@ -64,9 +64,9 @@ def resolve_provider(provider: str, manifest) -> tuple[str, str]:
     unet = manifest.components["unet"]
     if unet.backend == "tensorrt":
         return "tensorrt", "TensorRT engines"
-    import onnxruntime as ort
+    from sdrt.runtime.backends.onnxruntime import has_cuda
 
-    if "CUDAExecutionProvider" in ort.get_available_providers():
+    if has_cuda():
         return "cuda", "ONNX Runtime has the CUDA provider"
     try:
         import openvino  # noqa: F401

@@ -17,6 +17,13 @@ log = logging.getLogger(__name__)
 ORT_PROVIDERS = ("cpu", "cuda", "tensorrt")  # the sdrt providers ONNX Runtime serves
 
 
+def has_cuda() -> bool:
+    """Whether ONNX Runtime here has its CUDA provider (the GPU build, with a GPU)."""
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 def ort_providers(provider: str, cache_dir: Path | None = None, cuda_graph: bool = False) -> list:
     """ONNX Runtime execution providers for an sdrt provider name, most preferred first (cuda_graph:
     the CUDA provider with `enable_cuda_graph`)."""
