@@ -32,9 +32,9 @@ decoder's 128-512 px levels nearly doubled its peak memory.
 In a QDQ graph (`--precision int8`) such a layer computes in fp32: it reads the activation before
 its QuantizeLinear / DequantizeLinear pair and its dequantized int8 weight, and the fp32 layers after
 it read its output unrounded too (quantized layers keep their int8 input); pairs nothing reads any
-more are dropped. On AVX2 CPUs without VNNI, ONNX Runtime's
-int8 direct convolution is slower than fp32 Winograd for these layers (docs/kernels.md), and the
-layer's activation is no longer rounded to 8 bits.
+more are dropped. On AVX2 CPUs without VNNI, ONNX Runtime's int8 direct convolution was no faster
+than fp32 Winograd for these layers (docs/kernels.md), and their activations are no longer rounded
+to 8 bits.
 
 Numerics: F(4x4, 3x3) in fp32 differs from direct convolution by about 1e-5 relative (the points
 0, +-1, +-2 keep the transforms' entries small); sdrt.kernels.reference.winograd_conv is the NumPy
@@ -73,7 +73,7 @@ TILE, WINDOW = 4, 6  # output tile side, input tile side
 
 REFERENCE_SIDE = 64  # latent side the shape annotations are evaluated at by default: 512 px
 MIN_SIDE = 32  # rewrite layers whose output is at least 32x32 there
-MAX_TILE_BYTES = 64 << 20  # ... and whose transformed input tiles take at most 64 MiB per image
+MAX_TILE_BYTES = 64 << 20  # a layer's transformed input tiles per image above this: row bands
 QUANTIZED_LAYERS = ("Conv", "MatMul", "Gemm")  # a QDQ graph's layers whose int8 inputs stay as they are
 
 
