@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 GRAPHS = ("model.int8.onnx", "model.int8.onnxruntime.onnx", "model.int8.onnxruntime-cpu.onnx")
 SIZES = (256, 512)
@@ -27,9 +26,9 @@ STEPS = {256: 10, 512: 4}  # a generation's steps at each size (others: 4)
 
 
 def graph_times(engines: Path, side: int, graph: str, calls: int = 3) -> list[float]:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(engines / "unet" / graph), opts, providers=["CPUExecutionProvider"])
+    from sdrt.runtime.backends.onnxruntime import session as ort_session
+
+    session = ort_session(engines / "unet" / graph)  # the CPU provider, as sdrt's own sessions
     width = {i.name: i.shape[-1] for i in session.get_inputs()}["encoder_hidden_states"]
     rng = np.random.default_rng(0)
     feeds = {"sample": rng.standard_normal((2, 4, side, side)).astype(np.float32),
