@@ -35,5 +35,6 @@ sdrt bench "$INT8" --sizes 512 --steps 20 --providers auto --cache-intervals 3 -
 python benchmarks/gemm_probe.py --out benchmarks/results/cpu-vs-optimum/gemm_peaks.json
 python benchmarks/openvino_shapes.py --engines "$INT8" --size 512 --out benchmarks/results/cpu-vs-optimum/openvino_shapes.json
 python benchmarks/int8_unet_graphs.py --engines "$INT8" --out benchmarks/results/cpu-vs-optimum/int8_unet_graphs.json
+python benchmarks/openvino_profile.py --engines "$INT8" --size 512 --out benchmarks/results/cpu-vs-optimum/openvino_profile.json
 python benchmarks/feature_cache_error.py --engines "$INT8" --provider openvino --intervals 3 --size 256 \
     --out benchmarks/results/cpu-vs-optimum/feature_cache_error.json

@@ -316,6 +316,24 @@ def test_int8_graphs_benchmark_runs(int8_engines, tmp_path):
     assert len(gaps) == 3 and min(gaps) > 0
 
 
+def test_openvino_profile_benchmark_runs(int8_engines, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "profile.json"
+    subprocess.run([sys.executable, "benchmarks/openvino_profile.py", "--engines", str(int8_engines), "--size",
+                    str(W), "--calls", "2", "--top", "4", "--tokens", "256", "--out", str(out)],
+                   check=True, capture_output=True)
+    got = json.loads(out.read_text())
+    unet = got["unet"]
+    assert len(unet["step_s"]) == 2 and min(unet["step_s"]) > 0 and len(unet["slowest"]) == 4
+    shares = [v["share"] for v in unet["by_kind"].values()]
+    assert shares == sorted(shares, reverse=True) and abs(sum(shares) - 1) < 1e-6
+    assert sum(v["nodes"] for v in unet["by_kind"].values()) >= 4
+    probe = got["attention"]["by_head_size"]
+    assert list(probe) == ["40", "64", "80"] and all(v["s"] > 0 for v in probe.values())
+
+
 def test_int8_decoder_variants_benchmark_runs(engines, tmp_path):
     import subprocess
     import sys

@@ -42,6 +42,8 @@ class OpenVinoBackend(Backend):
     SDRT_OPENVINO_CACHE=DIR keeps compiled blobs on disk (OpenVINO's CACHE_DIR): a later process
     compiling the same graph for the same shape loads it instead."""
 
+    properties: dict = {}  # more compile properties (benchmarks/openvino_profile.py: PERF_COUNT)
+
     def _load(self) -> None:
         check_openvino(self.provider)
         import openvino as ov
@@ -70,7 +72,7 @@ class OpenVinoBackend(Backend):
             if shapes is not None:
                 model.reshape({name: list(shape) for name, shape in shapes})
             compiled = self.core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": self.precision,
-                                                              "PERFORMANCE_HINT": "LATENCY"})
+                                                              "PERFORMANCE_HINT": "LATENCY", **self.properties})
         except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own
             raise InputError(f"cannot load {self.path} with OpenVINO: {e}") from None
         del model  # the compiled model holds what it needs
