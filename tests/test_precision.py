@@ -292,6 +292,20 @@ def test_decoder_psnr_maps_outputs_as_images():
     assert quantize.psnr(a * 0 + 3, a * 0 + 2) == float("inf")  # both clip to white
 
 
+def test_int8_decoder_psnr_reads_the_calibration_runs_fp32_outputs(engines, int8_engines):
+    """At export the int8 decoder's PSNR takes the fp32 decoder's outputs from the calibration run
+    instead of running the fp32 decoder again: they are its outputs for the recorded latents."""
+    feeds = quantize.calibration_feeds(engines["eps"], W, prompts=("a red fox in the snow",), steps=2)
+    assert len(feeds["decoded"]) == len(feeds["vae_decoder"]) == 1
+    fp32 = engines["eps"] / "vae_decoder" / "model.onnx"
+    want = session(fp32).run(None, feeds["vae_decoder"][0])[0]
+    np.testing.assert_allclose(feeds["decoded"][0], want, rtol=0, atol=1e-6)
+    int8 = int8_engines / "vae_decoder" / "model.int8.onnx"
+    again = build._decoder_psnr(fp32, int8, feeds["vae_decoder"])
+    assert build._decoder_psnr(fp32, int8, feeds["vae_decoder"], feeds["decoded"]) == pytest.approx(again, abs=1e-3)
+    assert 0 < again < float("inf")
+
+
 def test_int8_engine_generates_close_to_fp32(int8_engines, engines):
     args = dict(prompt="a photo of an astronaut riding a horse", steps=4, seed=1, width=W, height=H)
     a = sdrt.Pipeline.load(engines["eps"])(**args).pixels

@@ -334,18 +334,19 @@ def int8_stage(entries: dict[str, ComponentEntry], pipe, staging: Path, image_px
             f"from {len(quantize.CALIBRATION_PROMPTS)} {image_px} px trajectories")
     entries = {**entries, "unet": _int8_entry(unet, pipe, staging, dst, note)}
     log.info("%s in %.1f s", note, time.perf_counter() - t0)
-    return {**entries, "vae_decoder": int8_decoder(decoder, pipe, staging, feeds["vae_decoder"])}
+    return {**entries, "vae_decoder": int8_decoder(decoder, pipe, staging, feeds["vae_decoder"], feeds["decoded"])}
 
 
-def int8_decoder(decoder: ComponentEntry, pipe, staging: Path, feeds: list[dict]) -> ComponentEntry:
+def int8_decoder(decoder: ComponentEntry, pipe, staging: Path, feeds: list[dict],
+                 decoded: list | None = None) -> ComponentEntry:
     """DECODER's int8 entry, calibrated on FEEDS; DECODER itself, noted, where the int8 images are under
-    quantize.MIN_PSNR_DB from fp32's."""
+    quantize.MIN_PSNR_DB from fp32's (DECODED: the fp32 decoder's outputs for FEEDS, if already computed)."""
     from sdrt.export import quantize
 
     src = staging / decoder.files[0]
     dst = src.with_name("model.int8.onnx")
     layers = quantize.quantize_decoder(src, dst, feeds)
-    db = _decoder_psnr(src, dst, feeds)
+    db = _decoder_psnr(src, dst, feeds, decoded)
     if db < quantize.MIN_PSNR_DB:
         log.warning("the int8 VAE decoder's images are %.1f dB from fp32's (under %.0f dB): the decoder stays fp32",
                     db, quantize.MIN_PSNR_DB)
@@ -360,13 +361,17 @@ def int8_decoder(decoder: ComponentEntry, pipe, staging: Path, feeds: list[dict]
     return _int8_entry(decoder, pipe, staging, dst, note)
 
 
-def _decoder_psnr(fp32: Path, int8: Path, feeds: list[dict]) -> float:
-    """The lowest PSNR of INT8's images against FP32's over FEEDS (both decoders on ONNX Runtime)."""
+def _decoder_psnr(fp32: Path, int8: Path, feeds: list[dict], decoded: list | None = None) -> float:
+    """The lowest PSNR of INT8's images against FP32's over FEEDS (both decoders on ONNX Runtime's CPU
+    provider); DECODED, where given, are FP32's outputs for FEEDS, which then does not run again."""
     from sdrt.export import quantize
     from sdrt.runtime.backends.onnxruntime import session
 
-    a, b = session(fp32), session(int8)
-    return min(quantize.psnr(a.run(None, f)[0], b.run(None, f)[0]) for f in feeds)
+    if decoded is None:
+        fp32_session = session(fp32)
+        decoded = [fp32_session.run(None, f)[0] for f in feeds]
+    int8_session = session(int8)
+    return min(quantize.psnr(want, int8_session.run(None, f)[0]) for f, want in zip(feeds, decoded, strict=True))
 
 
 def _int8_entry(fp32: ComponentEntry, pipe, staging: Path, dst: Path, note: str) -> ComponentEntry:

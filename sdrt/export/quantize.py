@@ -50,6 +50,13 @@ def record_inputs(backend) -> list[dict[str, np.ndarray]]:
     return feeds
 
 
+def record_outputs(backend) -> list[list[np.ndarray]]:
+    """From now on, keep a copy of every call's outputs BACKEND gives; returns the (growing) list."""
+    outputs = []
+    backend.finished.append(lambda feeds, out: outputs.append([np.array(o) for o in out]))
+    return outputs
+
+
 def calibration_size(manifest) -> int:
     """The image side calibration generations use: half the model's default size, at least the
     UNet's smallest."""
@@ -60,14 +67,16 @@ def calibration_size(manifest) -> int:
 def calibration_feeds(engine_dir: Path, size: int, prompts=CALIBRATION_PROMPTS,
                       steps: int = CALIBRATION_STEPS) -> dict[str, list[dict[str, np.ndarray]]]:
     """Inputs of every UNet and VAE decoder call while the fp32 engines in ENGINE_DIR generate one
-    image per prompt, by component."""
+    image per prompt (ONNX Runtime's CPU provider, standard graphs), by component; and under
+    "decoded", the decoder's output for each of its inputs (the int8 decoder's PSNR reference)."""
     from sdrt.runtime.pipeline import Pipeline
 
     with Pipeline.load(engine_dir, optimized=False) as pipe:
         feeds = {name: record_inputs(pipe.engine(name)) for name in ("unet", "vae_decoder")}
+        decoded = record_outputs(pipe.engine("vae_decoder"))
         for i, prompt in enumerate(prompts):
             pipe(prompt, steps=steps, sampler="euler", seed=i, width=size, height=size)
-    return feeds
+    return feeds | {"decoded": [out[0] for out in decoded]}
 
 
 def quantize_unet(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> int:

@@ -2,8 +2,9 @@
 
 The base class checks every call's inputs against the component's declared spec (from the manifest),
 refuses NaN / inf outputs (a corrupt or overflowing engine must not give an image), keeps the time
-spent, tells observers about each call, and turns an interrupt into `Interrupted`. A backend
-implements `_load`, `_run`, `close`, and `_terminate` where it can stop a call already running.
+spent, tells observers about each call (before it; `finished`, after it with its outputs), and turns
+an interrupt into `Interrupted`. A backend implements `_load`, `_run`, `close`, and `_terminate` where
+it can stop a call already running.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Backend:
         self.seconds = 0.0  # time spent in run()
         self.calls = 0
         self.observers: list[Callable[[dict[str, np.ndarray]], None]] = []  # called with each call's feeds
+        self.finished: list[Callable[[dict, list[np.ndarray]], None]] = []  # then with its feeds and outputs
         self._stop = threading.Event()
         self._load()
 
@@ -75,6 +77,8 @@ class Backend:
             if not np.isfinite(o).all():
                 raise NonFiniteOutput(f"{self.spec.name}: its output {t.name} has NaN or inf ({self.path}); the "
                                       f"engine's weights may be corrupt (sdrt verify {self.path.parent.parent})")
+        for done in self.finished:
+            done(feeds, out)
         return out
 
     def __call__(self, *args: np.ndarray) -> np.ndarray:
