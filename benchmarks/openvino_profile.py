@@ -87,14 +87,14 @@ def attention_graph(path: Path, head: int, batch: int, heads: int, tokens: int) 
     onnx.save(model, str(path))
 
 
-def attention_probe(provider: str, heads_sizes=HEAD_SIZES, batch: int = 2, heads: int = 8, tokens: int = 4096,
+def attention_probe(provider: str, head_sizes=HEAD_SIZES, batch: int = 2, heads: int = 8, tokens: int = 4096,
                     calls: int = 5) -> dict:
     import openvino as ov
 
     out = {"batch": batch, "heads": heads, "tokens": tokens, "by_head_size": {}}
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as d:
-        for head in heads_sizes:
+        for head in head_sizes:
             path = Path(d) / f"attention{head}.onnx"
             attention_graph(path, head, batch, heads, tokens)
             compiled = ov.Core().compile_model(str(path), "CPU", {

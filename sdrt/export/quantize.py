@@ -65,7 +65,7 @@ def calibration_size(manifest) -> int:
 
 
 def calibration_feeds(engine_dir: Path, size: int, prompts=CALIBRATION_PROMPTS,
-                      steps: int = CALIBRATION_STEPS) -> dict[str, list[dict[str, np.ndarray]]]:
+                      steps: int = CALIBRATION_STEPS) -> dict[str, list]:
     """Inputs of every UNet and VAE decoder call while the fp32 engines in ENGINE_DIR generate one
     image per prompt (ONNX Runtime's CPU provider, standard graphs), by component; and under
     "decoded", the decoder's output for each of its inputs (the int8 decoder's PSNR reference)."""
