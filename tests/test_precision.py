@@ -157,10 +157,11 @@ def test_fp16_execution_matches_onnx_reference_evaluator(fp16_engines, name):
 def test_fp16_engines_generate_on_cuda_close_to_fp32(fp16_engines, engines):
     """The whole pipeline on ONNX Runtime's CUDA provider in fp16 against the fp32 CPU engines;
     fp32 engines on CUDA too (TF32 matmuls), txt2img and img2img."""
-    import onnxruntime as ort
     from PIL import Image
 
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
+    from sdrt.runtime.backends.onnxruntime import has_cuda
+
+    if not has_cuda():
         pytest.skip("CUDAExecutionProvider not available: needs onnxruntime-gpu and an NVIDIA GPU")
 
     args = dict(prompt="a dog", seed=1, steps=4, width=W, height=H)
