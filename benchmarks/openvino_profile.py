@@ -1,11 +1,13 @@
 """Where a UNet step's time goes on OpenVINO: its per-node profile (PERF_COUNT) summed by node type
 and kernel, and the slowest nodes; then what bounds the largest of them, self-attention, on this CPU:
-one attention call at the 64x64 level (batch 2, 8 heads, 4,096 tokens) at several head sizes. If the
-time stays flat as the head grows, the two GEMMs are not what bounds it; the softmax between them is.
-Writes JSON.
+one attention call at the 64x64 level (batch 2, 8 heads, 4,096 tokens) at several head sizes, fused
+as the UNet runs it and unfused (OpenVINO's profile then splits the time between the two MatMuls and
+the softmax), and with int8 q, k and v. If the time stays flat as the head grows, the two GEMMs are
+not what bounds it. Writes JSON.
 
     python benchmarks/openvino_profile.py --engines engines/sd15-int8 --size 512 \\
         --out benchmarks/results/cpu-vs-optimum-xeon/openvino_profile.json
+    python benchmarks/openvino_profile.py --attention-only --out attention.json
 """
 
 from __future__ import annotations
@@ -73,59 +75,112 @@ def unet_profile(engines: Path, provider: str, size: int, calls: int, top: int) 
                          "s": p.real_time.total_seconds()} for p in slowest]}
 
 
-def attention_graph(path: Path, head: int, batch: int, heads: int, tokens: int) -> None:
-    """One ONNX Attention op (opset 23, what sdrt's standard graphs hold), scaled as SD 1.5's."""
+def attention_graph(path: Path, head: int, batch: int, heads: int, tokens: int,
+                    int8_scales: dict[str, float] | None = None) -> None:
+    """One ONNX Attention op (opset 23, what sdrt's standard graphs hold), scaled as SD 1.5's. With
+    INT8_SCALES, q, k and v pass a QuantizeLinear / DequantizeLinear pair (int8, per tensor) first, as
+    an int8 attention would read them."""
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
     shape = [batch, heads, tokens, head]
     ios = {n: helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in "qkvy"}
-    node = helper.make_node("Attention", ["q", "k", "v"], ["y"], scale=float(40 ** -0.5))
-    graph = helper.make_graph([node], "attention", [ios[n] for n in "qkv"], [ios["y"]])
+    nodes, inits, reads = [], [], {n: n for n in "qkv"}
+    for n, scale in (int8_scales or {}).items():
+        inits += [numpy_helper.from_array(np.array(scale, np.float32), f"{n}_scale"),
+                  numpy_helper.from_array(np.array(0, np.int8), f"{n}_zero")]
+        nodes += [helper.make_node("QuantizeLinear", [n, f"{n}_scale", f"{n}_zero"], [f"{n}_q"]),
+                  helper.make_node("DequantizeLinear", [f"{n}_q", f"{n}_scale", f"{n}_zero"], [f"{n}_dq"])]
+        reads[n] = f"{n}_dq"
+    nodes.append(helper.make_node("Attention", [reads[n] for n in "qkv"], ["y"], scale=float(40 ** -0.5)))
+    graph = helper.make_graph(nodes, "attention", [ios[n] for n in "qkv"], [ios["y"]], initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
     model.ir_version = 10
     onnx.save(model, str(path))
 
 
-def attention_probe(provider: str, head_sizes=HEAD_SIZES, batch: int = 2, heads: int = 8, tokens: int = 4096,
-                    calls: int = 5) -> dict:
+def attention_reference(feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The attention in fp32 NumPy, one (batch, head) at a time (the scores of all of them: 1 GiB)."""
+    q, k, v = (feeds[n] for n in "qkv")
+    out = np.empty_like(q)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            s = q[b, h] @ k[b, h].T * np.float32(40 ** -0.5)
+            p = np.exp(s - s.max(-1, keepdims=True))
+            out[b, h] = (p / p.sum(-1, keepdims=True)) @ v[b, h]
+    return out
+
+
+def attention_variant(path: Path, provider: str, feeds: dict, reference: np.ndarray, calls: int,
+                      fused: bool = True) -> dict:
+    """One attention graph's median time, its relative RMS error against REFERENCE, and its profile
+    summed by node type. FUSED=False turns off OpenVINO's Snippets (SNIPPETS_MODE), which fuse the
+    two MatMuls and the softmax into one subgraph; the profile then splits the time between them."""
     import openvino as ov
 
+    compiled = ov.Core().compile_model(str(path), "CPU", {
+        "INFERENCE_PRECISION_HINT": openvino.OPENVINO_PRECISION[provider], "PERFORMANCE_HINT": "LATENCY",
+        "PERF_COUNT": "YES", "SNIPPETS_MODE": "ENABLE" if fused else "DISABLE"})
+    request = compiled.create_infer_request()
+    t = statistics.median(timed(lambda: request.infer(feeds), calls))
+    y = np.array(request.infer(feeds)[0])
+    by_type = defaultdict(float)
+    for p in request.get_profiling_info():
+        by_type[f"{p.node_type} ({p.exec_type})"] += p.real_time.total_seconds()
+    error = float(np.sqrt(np.mean((y - reference) ** 2) / np.mean(reference ** 2)))
+    return {"s": t, "relative_rms_error": error,
+            "by_node_s": {k: v for k, v in sorted(by_type.items(), key=lambda kv: -kv[1]) if v > 0}}
+
+
+def attention_probe(provider: str, head_sizes=HEAD_SIZES, batch: int = 2, heads: int = 8, tokens: int = 4096,
+                    calls: int = 5) -> dict:
+    """One self-attention at each head size: fused (as the UNet runs it) and unfused (its MatMuls and
+    softmax timed apart); at SD 1.5's head size also with int8 q, k and v."""
     out = {"batch": batch, "heads": heads, "tokens": tokens, "by_head_size": {}}
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as d:
         for head in head_sizes:
             path = Path(d) / f"attention{head}.onnx"
             attention_graph(path, head, batch, heads, tokens)
-            compiled = ov.Core().compile_model(str(path), "CPU", {
-                "INFERENCE_PRECISION_HINT": openvino.OPENVINO_PRECISION[provider], "PERFORMANCE_HINT": "LATENCY"})
-            request = compiled.create_infer_request()
             feeds = {n: rng.standard_normal([batch, heads, tokens, head]).astype(np.float32) for n in "qkv"}
-            t = statistics.median(timed(lambda r=request, f=feeds: r.infer(f), calls))
+            reference = attention_reference(feeds)
             flops = 4 * batch * heads * tokens * tokens * head  # QK^T and PV
-            out["by_head_size"][head] = {"s": t, "gemm_gflops": flops / t / 1e9}
-            print(f"attention, head size {head}: {t:.3f} s ({flops / t / 1e9:.0f} GFLOP/s in its GEMMs)", flush=True)
+            row = attention_variant(path, provider, feeds, reference, calls)
+            row |= {"gemm_gflops": flops / row["s"] / 1e9,
+                    "unfused": attention_variant(path, provider, feeds, reference, calls, fused=False)}
+            if head == head_sizes[0]:
+                scales = {n: float(np.abs(feeds[n]).max() / 127) for n in "qkv"}
+                attention_graph(path, head, batch, heads, tokens, int8_scales=scales)
+                row["int8_qkv"] = attention_variant(path, provider, feeds, reference, calls)
+            out["by_head_size"][head] = row
+            print(f"attention, head size {head}: {row['s']:.3f} s fused ({row['gemm_gflops']:.0f} GFLOP/s in its "
+                  f"GEMMs), {row['unfused']['s']:.3f} s unfused", flush=True)
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engines", type=Path, required=True)
+    ap.add_argument("--engines", type=Path, help="an int8 engine dir (not needed with --attention-only)")
     ap.add_argument("--provider", default="openvino", choices=list(openvino.OPENVINO_PRECISION))
     ap.add_argument("--size", type=int, default=512, help="image side in px")
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--top", type=int, default=15, help="how many of the slowest nodes to keep")
     ap.add_argument("--tokens", type=int, default=4096, help="the attention probe's tokens (64x64 latents: 4096)")
+    ap.add_argument("--attention-only", action="store_true", help="skip the UNet's profile")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    if not (args.engines or args.attention_only):
+        ap.error("--engines is required unless --attention-only")
     from sdrt.runtime.backends import cpu_features
 
-    unet = unet_profile(args.engines, args.provider, args.size, args.calls, args.top)
-    print(f"UNet step: {np.round(unet['step_s'], 2).tolist()} s; by kind:", flush=True)
-    for kind, v in list(unet["by_kind"].items())[:8]:
-        print(f"  {v['s']:.3f} s {100 * v['share']:4.1f}% {v['nodes']:4d} x {kind}")
-    out = {"engines": str(args.engines), "provider": args.provider, "cpu_features": cpu_features(), "unet": unet,
-           "attention": attention_probe(args.provider, tokens=args.tokens)}
+    out = {"engines": str(args.engines) if args.engines else None, "provider": args.provider,
+           "cpu_features": cpu_features()}
+    if not args.attention_only:
+        unet = out["unet"] = unet_profile(args.engines, args.provider, args.size, args.calls, args.top)
+        print(f"UNet step: {np.round(unet['step_s'], 2).tolist()} s; by kind:", flush=True)
+        for kind, v in list(unet["by_kind"].items())[:8]:
+            print(f"  {v['s']:.3f} s {100 * v['share']:4.1f}% {v['nodes']:4d} x {kind}")
+    out["attention"] = attention_probe(args.provider, tokens=args.tokens)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
 

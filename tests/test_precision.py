@@ -347,6 +347,24 @@ def test_openvino_profile_benchmark_runs(int8_engines, tmp_path):
     assert sum(v["nodes"] for v in unet["by_kind"].values()) >= 4
     probe = got["attention"]["by_head_size"]
     assert list(probe) == ["40", "64", "80"] and all(v["s"] > 0 for v in probe.values())
+    for row in probe.values():  # fused and unfused compute the same attention as NumPy's, in bf16 at worst
+        assert row["relative_rms_error"] < 2e-2 and row["unfused"]["relative_rms_error"] < 2e-2
+        assert any(k.startswith("MatMul") for k in row["unfused"]["by_node_s"])
+    assert "int8_qkv" in probe["40"] and probe["40"]["int8_qkv"]["relative_rms_error"] < 0.1
+
+
+def test_openvino_attention_probe_alone_needs_no_engines(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "attention.json"
+    subprocess.run([sys.executable, "benchmarks/openvino_profile.py", "--attention-only", "--tokens", "128",
+                    "--out", str(out)], check=True, capture_output=True)
+    got = json.loads(out.read_text())
+    assert "unet" not in got and got["attention"]["tokens"] == 128
+    bad = subprocess.run([sys.executable, "benchmarks/openvino_profile.py", "--out", str(out)], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "--engines is required" in bad.stderr
 
 
 def test_int8_decoder_variants_benchmark_runs(engines, tmp_path):
