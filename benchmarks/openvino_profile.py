@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -111,11 +113,16 @@ def attention_reference(feeds: dict[str, np.ndarray]) -> np.ndarray:
     return out
 
 
+def relative_rms(x: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((x - reference) ** 2) / np.mean(reference ** 2)))
+
+
 def attention_variant(path: Path, provider: str, feeds: dict, reference: np.ndarray, calls: int,
-                      fused: bool = True) -> dict:
-    """One attention graph's median time, its relative RMS error against REFERENCE, and its profile
-    summed by node type. FUSED=False turns off OpenVINO's Snippets (SNIPPETS_MODE), which fuse the
-    two MatMuls and the softmax into one subgraph; the profile then splits the time between them."""
+                      fused: bool = True, rounded: np.ndarray | None = None) -> dict:
+    """One attention graph's median time, its relative RMS error against REFERENCE (and against
+    ROUNDED, the attention of the int8-rounded inputs, where given), and its profile summed by node
+    type. FUSED=False turns off OpenVINO's Snippets (SNIPPETS_MODE), which fuse the two MatMuls and
+    the softmax into one subgraph; the profile then splits the time between them."""
     import openvino as ov
 
     compiled = ov.Core().compile_model(str(path), "CPU", {
@@ -127,9 +134,11 @@ def attention_variant(path: Path, provider: str, feeds: dict, reference: np.ndar
     by_type = defaultdict(float)
     for p in request.get_profiling_info():
         by_type[f"{p.node_type} ({p.exec_type})"] += p.real_time.total_seconds()
-    error = float(np.sqrt(np.mean((y - reference) ** 2) / np.mean(reference ** 2)))
-    return {"s": t, "relative_rms_error": error,
-            "by_node_s": {k: v for k, v in sorted(by_type.items(), key=lambda kv: -kv[1]) if v > 0}}
+    row = {"s": t, "relative_rms_error": relative_rms(y, reference),
+           "by_node_s": {k: v for k, v in sorted(by_type.items(), key=lambda kv: -kv[1]) if v > 0}}
+    if rounded is not None:
+        row["relative_rms_error_on_rounded_inputs"] = relative_rms(y, rounded)
+    return row
 
 
 def attention_probe(provider: str, head_sizes=HEAD_SIZES, batch: int = 2, heads: int = 8, tokens: int = 4096,
@@ -151,11 +160,81 @@ def attention_probe(provider: str, head_sizes=HEAD_SIZES, batch: int = 2, heads:
             if head == head_sizes[0]:
                 scales = {n: float(np.abs(feeds[n]).max() / 127) for n in "qkv"}
                 attention_graph(path, head, batch, heads, tokens, int8_scales=scales)
-                row["int8_qkv"] = attention_variant(path, provider, feeds, reference, calls)
+                rounded = attention_reference({n: np.round(feeds[n] / scales[n]) * np.float32(scales[n])
+                                               for n in "qkv"})
+                row["int8_qkv"] = attention_variant(path, provider, feeds, reference, calls, rounded=rounded)
             out["by_head_size"][head] = row
             print(f"attention, head size {head}: {row['s']:.3f} s fused ({row['gemm_gflops']:.0f} GFLOP/s in its "
                   f"GEMMs), {row['unfused']['s']:.3f} s unfused", flush=True)
     return out
+
+
+def symmetric_qkv(src: Path, dst: Path) -> int:
+    """Write SRC, an int8 QDQ UNet, as DST with each QuantizeLinear / DequantizeLinear pair that feeds an
+    Attention's q, k or v (through Reshape / Transpose) made symmetric int8 over the same range:
+    OpenVINO runs such an attention on its int8 kernels, a uint8 one with a zero point in bf16. DST
+    reads SRC's weights file (hard-linked or copied beside it); returns how many pairs changed."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src), load_external_data=False)
+    made = {o: n for n in model.graph.node for o in n.output}
+    consts = {t.name: t for t in model.graph.initializer}
+    changed = 0
+    for node in (n for n in model.graph.node if n.op_type == "Attention"):
+        for name in node.input[:3]:
+            while made[name].op_type in ("Reshape", "Transpose"):
+                name = made[name].input[0]
+            _, scale_name, zero_name = made[made[name].input[0]].input  # the QuantizeLinear before it
+            scale, zero = (numpy_helper.to_array(consts[n]) for n in (scale_name, zero_name))
+            if zero.dtype == np.int8:  # a k and v shared by several Attention nodes: done
+                continue
+            bound = max(abs(0 - int(zero)), 255 - int(zero)) * float(scale)
+            consts[scale_name].CopyFrom(numpy_helper.from_array(np.array(bound / 127, np.float32), scale_name))
+            consts[zero_name].CopyFrom(numpy_helper.from_array(np.array(0, np.int8), zero_name))
+            changed += 1
+    onnx.save(model, str(dst))
+    for data in src.parent.glob(f"{src.name}.data"):  # OpenVINO reads no weights file through a symlink
+        try:
+            os.link(data, dst.parent / data.name)
+        except OSError:  # another file system
+            shutil.copyfile(data, dst.parent / data.name)
+    return changed
+
+
+def int8_attention(engines: Path, provider: str, size: int, calls: int) -> dict:
+    """The int8 UNet step against the same graph with symmetric int8 q, k and v (symmetric_qkv),
+    alternating calls: step times, the attention subgraphs' time in each one's last profile, and how
+    far apart their outputs are, next to how far the same graph's output moves when OpenVINO only
+    picks other kernels (Snippets off): the floor of such differences."""
+    m = Manifest.read(engines)
+    c = m.components["unet"]
+    side = size // m.dims.vae_scale_factor
+    feeds = c.spec.sample_inputs({"B": 2, "h": side, "w": side})
+    with tempfile.TemporaryDirectory() as d:
+        src = engines / c.files[0]
+        dst = Path(d) / src.name.replace(".onnx", ".symmetric-qkv.onnx")
+        changed = symmetric_qkv(src, dst)
+        graphs = {"uint8_qkv": Profiled(src, c.spec, provider), "int8_qkv": Profiled(dst, c.spec, provider)}
+        outs = {k: b.run(feeds)[0] for k, b in graphs.items()}  # compiles and warms up
+        times = {k: [] for k in graphs}
+        for _ in range(calls):
+            for k, b in graphs.items():
+                t0 = time.perf_counter()
+                b.run(feeds)
+                times[k].append(time.perf_counter() - t0)
+        attention = {k: sum(p.real_time.total_seconds() for p in b.profile() if "attention" in p.node_name)
+                     for k, b in graphs.items()}
+        for b in graphs.values():
+            b.close()
+
+        class Unfused(Profiled):
+            properties = {"SNIPPETS_MODE": "DISABLE"}
+
+        floor = relative_rms(Unfused(src, c.spec, provider).run(feeds)[0], outs["uint8_qkv"])
+    return {"pairs_changed": changed, "step_s": times, "attention_s": attention,
+            "output_relative_rms_apart": relative_rms(outs["int8_qkv"], outs["uint8_qkv"]),
+            "same_graph_other_kernels_apart": floor}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--top", type=int, default=15, help="how many of the slowest nodes to keep")
     ap.add_argument("--tokens", type=int, default=4096, help="the attention probe's tokens (64x64 latents: 4096)")
     ap.add_argument("--attention-only", action="store_true", help="skip the UNet's profile")
+    ap.add_argument("--int8-attention", action="store_true",
+                    help="also time the UNet with symmetric int8 q, k and v (OpenVINO's int8 attention)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     if not (args.engines or args.attention_only):
@@ -180,6 +261,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"UNet step: {np.round(unet['step_s'], 2).tolist()} s; by kind:", flush=True)
         for kind, v in list(unet["by_kind"].items())[:8]:
             print(f"  {v['s']:.3f} s {100 * v['share']:4.1f}% {v['nodes']:4d} x {kind}")
+    if args.int8_attention and not args.attention_only:
+        out["int8_attention"] = int8_attention(args.engines, args.provider, args.size, args.calls)
+        print(f"int8 q, k, v: {out['int8_attention']}", flush=True)
     out["attention"] = attention_probe(args.provider, tokens=args.tokens)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
