@@ -261,6 +261,35 @@ def test_int8_components_are_static_qdq(int8_engines, engines, name, ops, fused)
         assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
 
 
+def test_int8_unet_has_an_openvino_graph_with_int8_attention_inputs(int8_engines):
+    from sdrt.kernels.graph import Graph
+    from sdrt.kernels.int8_attention import attention_pairs
+
+    m = Manifest.read(int8_engines)
+    unet = m.components["unet"]
+    graph = unet.targets["openvino"]
+    assert graph.file == "unet/model.int8.openvino.onnx" and graph.parity_max_abs <= unet.parity_tolerance
+    pairs = {}
+    for f in (unet.files[0], graph.file):
+        g = Graph(onnx.load(str(int8_engines / f), load_external_data=False))
+        pairs[f] = [onnx.numpy_helper.to_array(g.initializers[q.input[2]]) for q, _ in attention_pairs(g)]
+    # tiny's UNet: 12 attention modules, each with its own q, k and v projection
+    assert graph.fused == {"SymmetricInt8Attention": 36} and len(pairs[graph.file]) == 36
+    assert all(z.dtype == np.uint8 for z in pairs[unet.files[0]])  # the standard graph keeps uint8
+    assert all(z.dtype == np.int8 and z == 0 for z in pairs[graph.file])
+    assert graph.file in unet.feature_cache  # feature caching's pair for it, checked at export
+    assert "openvino" not in m.components["vae_decoder"].targets  # its attention stays fp32: nothing to do
+    pytest.importorskip("openvino", reason="OpenVINO not installed (pip install sdrt[openvino])")
+    args = dict(prompt="a photo of an astronaut riding a horse", steps=4, seed=1, width=W, height=H)
+    with sdrt.Pipeline.load(int8_engines, provider="openvino") as pipe:
+        got = pipe(**args).pixels
+        assert pipe.engine("unet").path.name == "model.int8.openvino.onnx"
+        cached = pipe(**args, cache_interval=2).pixels
+    want = sdrt.Pipeline.load(int8_engines)(**args).pixels  # ONNX Runtime, its own graph
+    for image in (got, cached):
+        assert np.isfinite(image).all() and 10 * np.log10(1.0 / np.mean((image - want) ** 2)) > 20
+
+
 def test_int8_decoder_keeps_its_images(int8_engines, engines):
     """The decoder's note states its PSNR against fp32, at least quantize.MIN_PSNR_DB; checked here again
     on a latent the calibration never saw."""

@@ -176,19 +176,22 @@ def targets_stage(entry: ComponentEntry, pipe, staging: Path, latent_side: int, 
 def target_graphs(entry: ComponentEntry, pipe, staging: Path, targets: tuple[str, ...],
                   latent_side: int) -> dict[str, TargetGraph]:
     """ENTRY's graph rewritten for each of TARGETS (sdrt.kernels), parity-checked; a target whose
-    graph would equal another's (e.g. onnxruntime-cpu without convolutions to rewrite) is left out."""
+    graph would equal another's (e.g. onnxruntime-cpu without convolutions to rewrite) or the standard
+    one (e.g. openvino for a float graph) is left out."""
     from sdrt import kernels
     from sdrt.export import onnx_export
+    from sdrt.kernels.int8_attention import UNOPTIMIZED_CHECK
 
     name, spec, out = entry.spec.name, entry.spec, {}
     for target in [t for t in kernels.TARGETS if t in targets]:  # a graph another equals comes later
         path, fused = kernels.optimize(staging / entry.files[0], target, latent_side)
-        same = kernels.same_graph_as(target, fused)
-        if same in out:
+        same = kernels.same_graph_as(target, fused) if any(fused.values()) else "standard"
+        if same in out or same == "standard":
             path.unlink()
             log.info("%s for %s: the %s graph", name, target, same)
             continue
-        err, _ = onnx_export.check_parity(name, spec, pipe, path, entry.precision)
+        err, _ = onnx_export.check_parity(name, spec, pipe, path, entry.precision,
+                                          optimize=target not in UNOPTIMIZED_CHECK)
         log.info("%s for %s: %s", name, target, ", ".join(f"{k} x{v}" for k, v in fused.items()))
         out[target] = TargetGraph(str(path.relative_to(staging)), fused, err)
     return out
@@ -273,6 +276,7 @@ def feature_cache_stage(entry: ComponentEntry, pipe, staging: Path, feature: str
     graphs but TensorRT's, sharing its weights; each pair is checked against its graph."""
     from sdrt.components import TensorSpec
     from sdrt.kernels import deepcache
+    from sdrt.kernels.int8_attention import UNOPTIMIZED_CHECK
 
     pairs = {}
     sample = entry.spec.inputs[0].shape
@@ -283,7 +287,7 @@ def feature_cache_stage(entry: ComponentEntry, pipe, staging: Path, feature: str
         full, shallow, weights, dtype = deepcache.write_pair(staging / file, feature)
         # the last up block's width, at the latents' resolution
         spec = TensorSpec(deepcache.FEATURE, dtype, (sample[0], pipe.unet.config.block_out_channels[0], *sample[2:]))
-        err = _check_feature_cache(entry, staging / file, full, shallow, spec)
+        err = _check_feature_cache(entry, staging / file, full, shallow, spec, target not in UNOPTIMIZED_CHECK)
         log.info("unet (%s): feature caching's shallow graph keeps %d weights; max error %.2g",
                  target or "standard", len(weights), err)
         pairs[file] = FeatureCache(str(full.relative_to(staging)), str(shallow.relative_to(staging)), spec,
@@ -291,24 +295,25 @@ def feature_cache_stage(entry: ComponentEntry, pipe, staging: Path, feature: str
     return dataclasses.replace(entry, feature_cache=pairs)
 
 
-def _check_feature_cache(entry: ComponentEntry, graph: Path, full: Path, shallow: Path, feature) -> float:
+def _check_feature_cache(entry: ComponentEntry, graph: Path, full: Path, shallow: Path, feature,
+                         optimize: bool = True) -> float:
     """The full graph's output equals GRAPH's and the shallow graph fed the full graph's feature gives
     it again, within 1e-5 of its scale (fp16 graphs: 2e-3); returns the larger error. One session at
-    a time (a UNet's weights each)."""
+    a time (a UNet's weights each); OPTIMIZE=False: ONNX Runtime's graph optimizations off."""
     import numpy as np
 
     from sdrt.components import cache_specs
     from sdrt.runtime.backends.onnxruntime import session
 
     feeds = entry.spec.sample_inputs(entry.spec.sizes("min"), seed=3)
-    want = session(graph).run(None, feeds)[0].astype(np.float64)
-    out, feat = session(full).run(None, feeds)
+    want = session(graph, optimize=optimize).run(None, feeds)[0].astype(np.float64)
+    out, feat = session(full, optimize=optimize).run(None, feeds)
     full_spec, _ = cache_specs(entry.spec, feature)
     bound = full_spec.check_feeds(feeds)
     if feat.shape != feature.resolve(bound) or feat.dtype != np.dtype(feature.dtype):
         raise SdrtError(f"export of unet: {full.name} gives a {feat.dtype}{list(feat.shape)} feature, "
                         f"expected {feature.dtype}{list(feature.resolve(bound))}")
-    again = session(shallow).run(None, feeds | {feature.name: feat})[0]
+    again = session(shallow, optimize=optimize).run(None, feeds | {feature.name: feat})[0]
     err = max(float(np.max(np.abs(out - want))), float(np.max(np.abs(again - want))))
     tol = (2e-3 if feature.dtype == "float16" else 1e-5) * max(1.0, float(np.max(np.abs(want))))
     if err > tol:
@@ -519,7 +524,8 @@ def _build(source: str, staging: Path, opts: Options) -> Manifest:
 
 def _int8(entries: dict[str, ComponentEntry], pipe, staging: Path, manifest: Manifest,
           opts: Options) -> dict[str, ComponentEntry]:
-    """int8_stage, then each int8 component's graphs for the CPU provider (what runs QDQ int8)."""
+    """int8_stage, then each int8 component's graphs for the CPU providers, ONNX Runtime's and
+    OpenVINO's (what runs QDQ int8)."""
     from sdrt.export import quantize
     from sdrt.runtime.backends import PROVIDER_TARGETS
 
@@ -528,7 +534,8 @@ def _int8(entries: dict[str, ComponentEntry], pipe, staging: Path, manifest: Man
         return entries
     f = manifest.dims.vae_scale_factor
     side = _latent_side(opts.cpu_size, f)
-    return entries | {name: targets_stage(e, pipe, staging, side, f, PROVIDER_TARGETS["cpu"])
+    cpu = PROVIDER_TARGETS["cpu"] + PROVIDER_TARGETS["openvino"]
+    return entries | {name: targets_stage(e, pipe, staging, side, f, cpu)
                       for name, e in entries.items() if e.precision == "int8"}
 
 

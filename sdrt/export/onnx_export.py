@@ -191,9 +191,10 @@ def component_files(out_dir: Path, name: str) -> list[str]:
 
 
 def check_parity(name: str, spec: ComponentSpec, pipe, onnx_path: Path,
-                 precision: str = "fp32") -> tuple[float, float]:
+                 precision: str = "fp32", optimize: bool = True) -> tuple[float, float]:
     """Run the ONNX file and the torch module on the same inputs; return (max abs error, tolerance).
-    fp16 graphs run on ONNX Runtime's CUDA provider, or its CPU provider (sdrt.export.fp16.run_fp16).
+    fp16 graphs run on ONNX Runtime's CUDA provider, or its CPU provider (sdrt.export.fp16.run_fp16);
+    the others on its CPU provider (OPTIMIZE=False: with its graph optimizations off).
 
     Raises SdrtError when the error is over tolerance: a wrong engine must not look valid.
     """
@@ -209,7 +210,7 @@ def check_parity(name: str, spec: ComponentSpec, pipe, onnx_path: Path,
     if precision == "fp16" or has_cuda_only_ops(onnx_path):
         got = fp16.run_fp16(onnx_path, feeds, names)
     else:
-        got = session(onnx_path).run(names, feeds)
+        got = session(onnx_path, optimize=optimize).run(names, feeds)
     module = wrap(name, pipe)
     with torch.no_grad():
         ref = module(*(torch.from_numpy(feeds[t.name]) for t in spec.inputs))

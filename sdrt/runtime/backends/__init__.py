@@ -24,7 +24,7 @@ AUTO = "auto"  # resolve_provider picks one of PROVIDERS for the engine dir and 
 # ops would split its engine. The CUDA provider's own graph (sdrt.kernels.cuda) comes only with fp16
 # exports.
 PROVIDER_TARGETS = {"cpu": ("onnxruntime-cpu", "onnxruntime"), "cuda": ("onnxruntime-cuda", "onnxruntime"),
-                    "tensorrt": ("tensorrt",), "openvino": (), "openvino-fp32": ()}
+                    "tensorrt": ("tensorrt",), "openvino": ("openvino",), "openvino-fp32": ("openvino",)}
 
 __all__ = ["AUTO", "MEMORY", "PROVIDERS", "PROVIDER_TARGETS", "Backend", "check_provider", "check_weights",
            "cpu_features", "load_backend", "release_free_memory", "resolve_provider"]
