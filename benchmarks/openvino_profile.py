@@ -1,9 +1,10 @@
-"""Where a UNet step's time goes on OpenVINO: its per-node profile (PERF_COUNT) summed by node type
-and kernel, and the slowest nodes; then what bounds the largest of them, self-attention, on this CPU:
-one attention call at the 64x64 level (batch 2, 8 heads, 4,096 tokens) at several head sizes, fused
-as the UNet runs it and unfused (OpenVINO's profile then splits the time between the two MatMuls and
-the softmax), and with int8 q, k and v. If the time stays flat as the head grows, the two GEMMs are
-not what bounds it. Writes JSON.
+"""Where a UNet step's time goes on OpenVINO: the per-node profile (PERF_COUNT) of the graph the
+provider runs, summed by node type and kernel, and the slowest nodes; with --int8-attention, the
+standard int8 graph against the openvino target's (int8 attention inputs). Then what bounds the
+largest of them, self-attention, on this CPU: one attention call at the 64x64 level (batch 2, 8
+heads, 4,096 tokens) at several head sizes, fused as the UNet runs it and unfused (OpenVINO's
+profile then splits the time between the two MatMuls and the softmax), and with int8 q, k and v.
+If the time stays flat as the head grows, the two GEMMs are not what bounds it. Writes JSON.
 
     python benchmarks/openvino_profile.py --engines engines/sd15-int8 --size 512 \\
         --out benchmarks/results/cpu-vs-optimum-xeon/openvino_profile.json
@@ -27,8 +28,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sdrt.kernels.graph import Graph, load_graph_only, save_graph_only  # noqa: E402
+from sdrt.kernels.int8_attention import symmetric_int8_attention  # noqa: E402
 from sdrt.manifest import Manifest  # noqa: E402
-from sdrt.runtime.backends import openvino  # noqa: E402
+from sdrt.runtime.backends import PROVIDER_TARGETS, openvino  # noqa: E402
 
 HEAD_SIZES = (40, 64, 80)  # SD 1.5's is 40
 
@@ -57,7 +60,7 @@ def unet_profile(engines: Path, provider: str, size: int, calls: int, top: int) 
     c = m.components["unet"]
     side = size // m.dims.vae_scale_factor
     feeds = c.spec.sample_inputs({"B": 2, "h": side, "w": side})
-    backend = Profiled(engines / c.files[0], c.spec, provider)
+    backend = Profiled(engines / c.file_for(PROVIDER_TARGETS[provider]), c.spec, provider)  # what the provider runs
     times = timed(lambda: backend.run(feeds), calls)
     nodes = [p for p in backend.profile() if p.real_time.total_seconds() > 0]
     precision = backend.precision
@@ -170,30 +173,12 @@ def attention_probe(provider: str, head_sizes=HEAD_SIZES, batch: int = 2, heads:
 
 
 def symmetric_qkv(src: Path, dst: Path) -> int:
-    """Write SRC, an int8 QDQ UNet, as DST with each QuantizeLinear / DequantizeLinear pair that feeds an
-    Attention's q, k or v (through Reshape / Transpose) made symmetric int8 over the same range:
-    OpenVINO runs such an attention on its int8 kernels, a uint8 one with a zero point in bf16. DST
-    reads SRC's weights file (hard-linked or copied beside it); returns how many pairs changed."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(src), load_external_data=False)
-    made = {o: n for n in model.graph.node for o in n.output}
-    consts = {t.name: t for t in model.graph.initializer}
-    changed = 0
-    for node in (n for n in model.graph.node if n.op_type == "Attention"):
-        for name in node.input[:3]:
-            while made[name].op_type in ("Reshape", "Transpose"):
-                name = made[name].input[0]
-            _, scale_name, zero_name = made[made[name].input[0]].input  # the QuantizeLinear before it
-            scale, zero = (numpy_helper.to_array(consts[n]) for n in (scale_name, zero_name))
-            if zero.dtype == np.int8:  # a k and v shared by several Attention nodes: done
-                continue
-            bound = max(abs(0 - int(zero)), 255 - int(zero)) * float(scale)
-            consts[scale_name].CopyFrom(numpy_helper.from_array(np.array(bound / 127, np.float32), scale_name))
-            consts[zero_name].CopyFrom(numpy_helper.from_array(np.array(0, np.int8), zero_name))
-            changed += 1
-    onnx.save(model, str(dst))
+    """Write SRC, an int8 QDQ UNet, as DST with the openvino target's pass applied (its q, k and v
+    pairs as symmetric int8: sdrt.kernels.int8_attention), whatever the engine dir holds. DST reads
+    SRC's weights file (hard-linked or copied beside it); returns how many pairs changed."""
+    model = load_graph_only(src)
+    changed = symmetric_int8_attention(Graph(model))
+    save_graph_only(model, dst)
     for data in src.parent.glob(f"{src.name}.data"):  # OpenVINO reads no weights file through a symlink
         try:
             os.link(data, dst.parent / data.name)
@@ -203,10 +188,11 @@ def symmetric_qkv(src: Path, dst: Path) -> int:
 
 
 def int8_attention(engines: Path, provider: str, size: int, calls: int) -> dict:
-    """The int8 UNet step against the same graph with symmetric int8 q, k and v (symmetric_qkv),
-    alternating calls: step times, the attention subgraphs' time in each one's last profile, and how
-    far apart their outputs are, next to how far the same graph's output moves when OpenVINO only
-    picks other kernels (Snippets off): the floor of such differences."""
+    """The int8 UNet's standard graph (q, k and v rounded in uint8) against its openvino target's
+    (symmetric int8; rebuilt here by symmetric_qkv, so engine dirs exported before that target work
+    too), alternating calls: step times, the attention subgraphs' time in each one's last profile,
+    and how far apart their outputs are, next to how far the standard graph's output moves when
+    OpenVINO merely picks other kernels (Snippets off): the floor of such differences."""
     m = Manifest.read(engines)
     c = m.components["unet"]
     side = size // m.dims.vae_scale_factor
