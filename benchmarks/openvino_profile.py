@@ -217,7 +217,9 @@ def int8_attention(engines: Path, provider: str, size: int, calls: int) -> dict:
         class Unfused(Profiled):
             properties = {"SNIPPETS_MODE": "DISABLE"}
 
-        floor = relative_rms(Unfused(src, c.spec, provider).run(feeds)[0], outs["uint8_qkv"])
+        unfused = Unfused(src, c.spec, provider)
+        floor = relative_rms(unfused.run(feeds)[0], outs["uint8_qkv"])
+        unfused.close()
     return {"pairs_changed": changed, "step_s": times, "attention_s": attention,
             "output_relative_rms_apart": relative_rms(outs["int8_qkv"], outs["uint8_qkv"]),
             "same_graph_other_kernels_apart": floor}
