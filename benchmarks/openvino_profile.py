@@ -28,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sdrt.kernels import reference  # noqa: E402
 from sdrt.kernels.graph import Graph, load_graph_only, save_graph_only  # noqa: E402
 from sdrt.kernels.int8_attention import symmetric_int8_attention  # noqa: E402
 from sdrt.manifest import Manifest  # noqa: E402
@@ -105,14 +106,13 @@ def attention_graph(path: Path, head: int, batch: int, heads: int, tokens: int,
 
 
 def attention_reference(feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """The attention in fp32 NumPy, one (batch, head) at a time (the scores of all of them: 1 GiB)."""
+    """The probe's attention by sdrt.kernels.reference, one (batch, head) at a time (the scores of all
+    of them at once: 2 GiB in float64)."""
     q, k, v = (feeds[n] for n in "qkv")
     out = np.empty_like(q)
     for b in range(q.shape[0]):
         for h in range(q.shape[1]):
-            s = q[b, h] @ k[b, h].T * np.float32(40 ** -0.5)
-            p = np.exp(s - s.max(-1, keepdims=True))
-            out[b, h] = (p / p.sum(-1, keepdims=True)) @ v[b, h]
+            out[b, h] = reference.attention(q[b, h], k[b, h], v[b, h], scale=40 ** -0.5)
     return out
 
 

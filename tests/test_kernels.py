@@ -285,9 +285,9 @@ def _qdq_attention_model(zero_points, scale=0.035) -> onnx.ModelProto:
 
 def _run_unoptimized(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
     """ONNX Runtime with its graph optimizations off: the graph's own QDQ arithmetic."""
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    from sdrt.runtime.backends.onnxruntime import session
+
+    return session(model.SerializeToString(), optimize=False).run(None, feeds)[0]
 
 
 def test_symmetric_int8_attention_keeps_each_inputs_range():
