@@ -86,22 +86,24 @@ class Graph:
                       + [n for n in self.nodes[first:] if id(n) not in drop])
 
     def remove_dead(self) -> int:
-        """Drop nodes none of whose outputs is used (repeatedly); return how many went."""
-        removed = 0
-        while True:
-            self.refresh()
-            live = self.graph_outputs
-            dead = {id(n) for n in self.nodes
-                    if not any(o in live or self.consumers.get(o) for o in n.output)}
-            if not dead:
-                used = {i for n in self.nodes for i in n.input} | live
-                unused = [t for t in self.g.initializer if t.name not in used]
-                for t in unused:
-                    self.g.initializer.remove(t)
-                self.refresh()
-                return removed
-            self.nodes = [n for n in self.nodes if id(n) not in dead]
-            removed += len(dead)
+        """Drop the nodes no graph output depends on, and the initializers no node reads; return how
+        many nodes went. One walk back from the outputs (a fixed point of "drop the nodes whose
+        outputs nobody reads" took a refresh per layer of a long dead chain: 17 s for tiny's shallow
+        UNet)."""
+        self.refresh()
+        live, stack = set(), list(self.graph_outputs)
+        while stack:
+            node = self.producer.get(stack.pop())
+            if node is not None and id(node) not in live:
+                live.add(id(node))
+                stack.extend(i for i in node.input if i)
+        removed = len(self.nodes) - len(live)
+        self.nodes = [n for n in self.nodes if id(n) in live]
+        used = {i for n in self.nodes for i in n.input} | self.graph_outputs
+        for t in [t for t in self.g.initializer if t.name not in used]:
+            self.g.initializer.remove(t)
+        self.refresh()
+        return removed
 
     def use_opset(self, domain: str, version: int = 1) -> None:
         if not any(o.domain == domain for o in self.model.opset_import):
