@@ -169,3 +169,27 @@ def test_cycle_diffusion_refuses_what_it_cannot_take(engines, args, words):
     args = {k: (_init_image(w, h) if v == "IMG" else v) for k, v in args.items()}
     with pytest.raises(InputError, match=words):
         _pipe(engines["eps"])("a horse", source_prompt="a cat", steps=2, **args)
+
+
+def test_exports_take_torch_exports_fast_capture(engines, checkpoints, tmp_path):
+    """torch.export's non-strict capture takes every component of the SD 2 layout (no fall back to
+    torch.onnx's slower strict one, onnx_export._capture), and the graphs name their axes as the spec
+    does, as the fall back's did."""
+    import onnx
+    import torch
+
+    from sdrt.components import Dim
+    from sdrt.export import onnx_export, sources
+    from sdrt.manifest import Manifest
+
+    pipe = sources.load_source(str(checkpoints["vpred"]), tmp_path).pipe
+    manifest = Manifest.read(engines["vpred"])
+    for name, entry in manifest.components.items():
+        spec = entry.spec
+        with torch.no_grad():
+            captured = onnx_export._capture(name, onnx_export.wrap(name, pipe), onnx_export.example_inputs(spec), spec)
+        assert isinstance(captured, torch.export.ExportedProgram), name
+        graph = onnx.load(engines["vpred"] / entry.files[0], load_external_data=False).graph
+        for t, value in zip(spec.inputs, graph.input):
+            named = [d.name if d.scale == 1 else f"{d.scale}*{d.name}" for d in t.shape if isinstance(d, Dim)]
+            assert [d.dim_param for d in value.type.tensor_type.shape.dim if d.dim_param] == named, (name, t.name)

@@ -174,10 +174,7 @@ def _export(name: str, spec: ComponentSpec, pipe, out_dir: Path, opset: int) -> 
     import torch
 
     module = wrap(name, pipe)
-    # torch.export fixes a dimension whose example is 1: trace dynamic ones at 2 at least (prompt chunks)
-    sizes = {k: max(v, 2) if spec.dims[k][2] > 1 else v for k, v in spec.sizes("opt").items()}
-    feeds = spec.sample_inputs(sizes)
-    args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
+    args = example_inputs(spec)
     target = out_dir / name / "model.onnx"
     target.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
@@ -194,19 +191,35 @@ def _export(name: str, spec: ComponentSpec, pipe, out_dir: Path, opset: int) -> 
     return component_files(out_dir, name)
 
 
+def example_inputs(spec: ComponentSpec) -> tuple:
+    """The torch tensors the capture traces: the spec's opt sizes, with each dynamic dimension at 2 at
+    least (torch.export fixes a dimension whose example is 1: prompt chunks, a batch of 1)."""
+    import torch
+
+    sizes = {k: max(v, 2) if spec.dims[k][2] > 1 else v for k, v in spec.sizes("opt").items()}
+    feeds = spec.sample_inputs(sizes)
+    return tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
+
+
 def _capture(name: str, module, args: tuple, spec: ComponentSpec):
     """The module as torch.export's non-strict ExportedProgram, for torch.onnx.export to translate;
     the module itself where that capture fails (torch.onnx.export then tries its own strategies).
 
-    torch.onnx.export's own non-strict capture defers shape checks to runtime asserts, and for the
-    UNet (torch 2.13) building those asserts fails ("symbolically traced variables cannot be used as
-    inputs to control flow", a true division of two sizes). It then falls back to a strict (dynamo)
-    capture, which took twice as long: 60 s against 32 s for tiny's UNet on 2 cores. torch.export's
-    default (guards, checked against the declared dynamic ranges) captures the same graph."""
+    torch.onnx.export's own non-strict capture (torch 2.13) defers shape guards to runtime asserts,
+    and building one of the UNet's fails ("symbolically traced variables cannot be used as inputs to
+    control flow": a true division of two sizes). It then falls back to a strict (dynamo) capture,
+    which takes twice as long (tiny's UNet: 60 s against 32 s on 2 cores). Here the guards stay
+    guards, with the size-oblivious reasoning torch.onnx also uses (a size is not taken to be 1), on
+    dimensions declared dynamic without a range: SD 1.5's UNet guards its deepest level as wider
+    than 1, which a declared latent side of 8 would contradict. The ONNX graph has no ranges, and the
+    export's parity check runs it at the spec's smallest sizes."""
     import torch
 
+    dynamic = {t.name: {i: torch.export.Dim.DYNAMIC for i, d in enumerate(t.shape) if isinstance(d, Dim)} or None
+               for t in spec.inputs}
     try:
-        return torch.export.export(module, args, dynamic_shapes=_dynamic_shapes(spec), strict=False)
+        with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            return torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)
     except Exception as e:  # torch raises many kinds here; its own strategies may still succeed
         log.info("%s: torch.export's non-strict capture failed (%s); torch.onnx.export captures it",
                  name, str(e).splitlines()[0] if str(e) else type(e).__name__)
