@@ -88,22 +88,24 @@ def wrap(name: str, pipe):
     return module.eval()
 
 
+def _axes(spec: ComponentSpec, value) -> dict:
+    """torch.export's dynamic_shapes layout: each input's dynamic axes, VALUE(dim) for each (None for
+    an input without one)."""
+    return {t.name: {i: value(d) for i, d in enumerate(t.shape) if isinstance(d, Dim)} or None
+            for t in spec.inputs}
+
+
 def _dynamic_shapes(spec: ComponentSpec) -> dict:
+    """The spec's dimensions as torch.export Dims with their declared ranges."""
     from torch.export import Dim as TorchDim
 
     dims = {name: TorchDim(name, min=r[0], max=r[2]) for name, r in spec.dims.items()}
-    out = {}
-    for t in spec.inputs:
-        axes = {i: (dims[d.name] if d.scale == 1 else d.scale * dims[d.name])
-                for i, d in enumerate(t.shape) if isinstance(d, Dim)}
-        out[t.name] = axes or None
-    return out
+    return _axes(spec, lambda d: dims[d.name] if d.scale == 1 else d.scale * dims[d.name])
 
 
 def _axis_names(spec: ComponentSpec) -> dict:
     """Each input's dynamic axes by name ("B", "77*c"), as the graph's inputs and outputs call them."""
-    return {t.name: {i: d.name if d.scale == 1 else f"{d.scale}*{d.name}"
-                     for i, d in enumerate(t.shape) if isinstance(d, Dim)} or None for t in spec.inputs}
+    return _axes(spec, lambda d: d.name if d.scale == 1 else f"{d.scale}*{d.name}")
 
 
 def parity_sizes(spec: ComponentSpec) -> dict[str, int]:
@@ -215,8 +217,7 @@ def _capture(name: str, module, args: tuple, spec: ComponentSpec):
     export's parity check runs it at the spec's smallest sizes."""
     import torch
 
-    dynamic = {t.name: {i: torch.export.Dim.DYNAMIC for i, d in enumerate(t.shape) if isinstance(d, Dim)} or None
-               for t in spec.inputs}
+    dynamic = _axes(spec, lambda d: torch.export.Dim.DYNAMIC)
     try:
         with torch.fx.experimental._config.patch(backed_size_oblivious=True):
             return torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)
