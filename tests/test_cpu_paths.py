@@ -48,6 +48,24 @@ def test_openvino_static_shapes_equal_dynamic_and_are_kept_per_shape(engines, mo
     assert np.isfinite(cached).all() and np.abs(cached - got[0]).max() > 0
 
 
+def test_openvino_graphs_equal_onnx_runtime_at_even_and_odd_latent_sides(engines, monkeypatch):
+    """The openvino graphs (upsamplers as four phases: sdrt.kernels.upsample) give ONNX Runtime's image
+    where the UNet's upsampling is exactly 2x (latent 8x6: the phases) and where it is not (9x6: its
+    If keeps the original layers), compiled per shape or once."""
+    pytest.importorskip("openvino", reason="OpenVINO not installed (pip install sdrt[openvino])")
+    sizes = [(64, 48), SIZES[KIND]]
+    assert SIZES[KIND] == (72, 48)  # latent width 9: a 5-wide level upsampled to 9
+    with sdrt.Pipeline.load(engines[KIND]) as cpu:
+        want = [_image(cpu, s) for s in sizes]
+    for mode in ("static", "dynamic"):
+        monkeypatch.setenv(openvino.SHAPES_ENV, mode)
+        with sdrt.Pipeline.load(engines[KIND], provider="openvino-fp32") as ov:
+            assert {ov.engine(c).path.name for c in ("unet", "vae_decoder")} == {"model.openvino.onnx"}
+            got = [_image(ov, s) for s in sizes]
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
+
+
 def test_bad_openvino_shapes_setting_is_named(engines, monkeypatch):
     pytest.importorskip("openvino", reason="OpenVINO not installed (pip install sdrt[openvino])")
     monkeypatch.setenv(openvino.SHAPES_ENV, "fixed")

@@ -18,6 +18,7 @@ from sdrt.kernels import TARGETS, reference, winograd
 from sdrt.kernels.attention import decompose_attention, fuse_multihead_attention
 from sdrt.kernels.graph import MS_DOMAIN, Graph
 from sdrt.kernels.int8_attention import symmetric_int8_attention
+from sdrt.kernels.upsample import upsample_conv
 from sdrt.manifest import Manifest
 from tests.conftest import CHECKPOINTS, SIZES
 
@@ -374,6 +375,124 @@ def test_shape_annotations_are_evaluated_at_512_px():
     assert winograd.eval_dim(None, 64) is None
 
 
+UPSAMPLE_CASES = [  # batch, in channels, out channels, input (h, w), output size (None: scales [1, 1, 2, 2])
+    (1, 3, 5, (4, 5), None), (2, 4, 6, (3, 3), None), (2, 4, 6, (4, 5), (8, 10)), (3, 3, 2, (4, 5), (7, 10)),
+    (1, 4, 4, (3, 3), (5, 5)), (2, 3, 3, (5, 2), (10, 3))]
+
+
+def _upsample_model(c, k, sizes: bool, bias=True, resize=None, **conv) -> onnx.ModelProto:
+    """Nearest 2x upsampling and a 3x3 Conv as torch's exporter writes Upsample2D: by scales (the VAE
+    decoder) or to the size of a skip connection (sdrt's UNet export)."""
+    f = TensorProto.FLOAT
+    rng = np.random.default_rng(4)
+    kernel = conv.pop("kernel", 3)
+    inits = [numpy_helper.from_array((rng.standard_normal((k, c, kernel, kernel)) / np.sqrt(9 * c)).astype(np.float32),
+                                     "w")]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(k).astype(np.float32), "b"))
+    inputs, nodes = [helper.make_tensor_value_info("x", f, ["N", c, "h", "w"])], []
+    if sizes:
+        inputs.append(helper.make_tensor_value_info("skip", f, ["N", c, "H", "W"]))
+        nodes += [helper.make_node("Shape", ["x"], ["lead"], end=2),
+                  helper.make_node("Shape", ["skip"], ["side"], start=2),
+                  helper.make_node("Concat", ["lead", "side"], ["sizes"], axis=0)]
+        resize_in = ["x", "", "", "sizes"]
+    else:
+        inits.append(numpy_helper.from_array(np.array((resize or {}).pop("scales", [1, 1, 2, 2]), np.float32), "s"))
+        resize_in = ["x", "", "s"]
+    r = {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor", **(resize or {})}
+    conv.setdefault("pads", [1, 1, 1, 1])
+    nodes += [helper.make_node("Resize", resize_in, ["up"], **r),
+              helper.make_node("Conv", ["up", "w", "b"] if bias else ["up", "w"], ["y"], kernel_shape=[kernel] * 2,
+                               **conv)]
+    graph = helper.make_graph(nodes, "upsample", inputs, [helper.make_tensor_value_info("y", f, ["N", k, "H", "W"])],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
+
+
+def test_nearest_resize_reference_matches_onnx_spec():
+    from onnx.reference import ReferenceEvaluator
+
+    x = np.random.default_rng(0).standard_normal((1, 2, 5, 3)).astype(np.float32)
+    for size in [(10, 6), (9, 5), (10, 5)]:
+        model = _upsample_model(2, 2, sizes=True)
+        model.graph.output[0].name = "up"  # the Resize alone
+        (want,) = ReferenceEvaluator(model).run(None, {"x": x, "skip": np.zeros((1, 2, *size), np.float32)})
+        np.testing.assert_array_equal(reference.nearest_resize(x, size), want)
+
+
+@pytest.mark.parametrize("case", UPSAMPLE_CASES, ids=["scales", "scales-b2", "sizes-2x", "sizes-odd-h",
+                                                      "sizes-odd-both", "sizes-odd-w"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_upsample_conv_matches_numpy(case, bias):
+    """The phases vs NumPy, on ONNX Runtime with and without its graph optimizations; where the size
+    comes at run time, cropped and corrected for odd sides (three one-row convolutions), with no If."""
+    n, c, k, (h, w), size = case
+    model = _upsample_model(c, k, sizes=size is not None, bias=bias)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert upsample_conv(Graph(model)) == 1
+    onnx.checker.check_model(model, full_check=True)
+    ops = collections.Counter(nd.op_type for nd in model.graph.node)
+    assert (ops["If"], ops["DepthToSpace"], ops["Conv"]) == (0, 1, 7 if size else 4)
+    assert "up" not in {o for nd in model.graph.node for o in nd.output}  # the full-size upsampling is gone
+    size = size or (2 * h, 2 * w)
+    rng = np.random.default_rng(5)
+    feeds = {"x": rng.standard_normal((n, c, h, w)).astype(np.float32)}
+    if "skip" in {i.name for i in model.graph.input}:
+        feeds["skip"] = np.zeros((n, c, *size), np.float32)
+    want = reference.conv2d(reference.nearest_resize(feeds["x"].astype(np.float64), size), weights["w"],
+                            weights.get("b"))
+    for optimize in (False, True):
+        got = _run_unoptimized(model, feeds) if not optimize else _run(model, feeds)[0]
+        assert got.shape == want.shape and np.abs(got - want).max() < OP_TOL
+
+
+@pytest.mark.parametrize("model", [
+    _upsample_model(4, 4, False, resize={"mode": "linear"}),
+    _upsample_model(4, 4, False, resize={"coordinate_transformation_mode": "half_pixel"}),
+    _upsample_model(4, 4, False, resize={"scales": [1, 1, 3, 3]}),
+    _upsample_model(4, 4, False, strides=[2, 2]), _upsample_model(4, 4, False, kernel=1, pads=[0] * 4),
+    _upsample_model(4, 4, True, pads=[0] * 4)],
+    ids=["linear", "half-pixel", "3x", "stride2", "1x1", "unpadded"])
+def test_upsample_conv_leaves_other_pairs_alone(model):
+    before = model.SerializeToString()
+    assert upsample_conv(Graph(model)) == 0 and model.SerializeToString() == before
+
+
+def test_upsample_conv_leaves_an_upsampling_read_twice():
+    model = _upsample_model(4, 4, False)
+    model.graph.output.append(helper.make_tensor_value_info("up", TensorProto.FLOAT, None))
+    assert upsample_conv(Graph(model)) == 0
+
+
+def _upsamplers(checkpoint, component) -> int:
+    """How many Upsample2D layers with a convolution the PyTorch module has: what the openvino
+    target's UpsampleConv must rewrite, exactly."""
+    module = _torch_module(_torch_pipe(checkpoint), component)
+    return sum(type(m).__name__ == "Upsample2D" and m.use_conv for m in module.modules())
+
+
+@pytest.mark.parametrize("kind", CHECKPOINTS)
+def test_every_upsampler_is_rewritten_for_openvino(engines, checkpoints, kind):
+    manifest = Manifest.read(engines[kind])
+    counts = {}
+    for name, entry in manifest.components.items():
+        expected = counts[name] = _upsamplers(checkpoints[kind], name)
+        graph = entry.targets.get("openvino")
+        if not expected:  # float graphs with no upsampler: OpenVINO runs the standard graph
+            assert graph is None, name
+            continue
+        assert graph.fused == {"SymmetricInt8Attention": 0, "UpsampleConv": expected}
+        assert graph.parity_max_abs <= entry.parity_tolerance
+        ops = _op_counts(engines[kind] / graph.file)
+        # the UNet asks for its skip connection's size (odd latent sides): its corrections upsample one
+        # row and one column of the input per layer
+        assert ops["DepthToSpace"] == expected and ops["Resize"] == (2 * expected if name == "unet" else 0)
+    assert counts["unet"] and counts["vae_decoder"] and not counts["vae_encoder"] + counts["text_encoder"]
+    unet = manifest.components["unet"]
+    assert unet.targets["openvino"].file in unet.feature_cache  # feature caching's pair for it, checked at export
+
+
 @functools.cache
 def _torch_pipe(checkpoint):
     """The checkpoint's diffusers pipeline (fp32), loaded once for every test that reads it."""
@@ -411,14 +530,15 @@ def test_every_attention_is_rewritten_for_every_target(engines, checkpoints, kin
         assert expected > 0
         for target, passes in TARGETS.items():
             if target not in entry.targets:  # the same graph as another target's (or the standard one,
-                # which openvino runs for float graphs): not written twice
-                assert (target, name) == ("onnxruntime-cpu", "text_encoder") or target == "openvino"
+                # which openvino runs for float graphs without upsamplers): not written twice
+                assert (target, name) in {("onnxruntime-cpu", "text_encoder"), ("openvino", "text_encoder"),
+                                          ("openvino", "vae_encoder")}
                 continue
             graph = entry.targets[target]
             assert {p: n for p, n in graph.fused.items() if p in ATTENTION_PASSES} == \
                 {p: expected for p in passes if p in ATTENTION_PASSES}, (name, target)
             ops = _op_counts(engines[kind] / graph.file)
-            assert ops["Attention"] == 0
+            assert ops["Attention"] == (0 if set(passes) & set(ATTENTION_PASSES) else expected)
             if "MultiHeadAttention" in passes:
                 assert ops["MultiHeadAttention"] == expected
             # parity at export: rewritten graph vs the PyTorch module, same tolerance as the standard one

@@ -275,16 +275,22 @@ def test_int8_unet_has_an_openvino_graph_with_int8_attention_inputs(int8_engines
         g = Graph(onnx.load(str(int8_engines / f), load_external_data=False))
         pairs[f] = [onnx.numpy_helper.to_array(g.initializers[q.input[2]]) for q, _ in attention_pairs(g)]
     # tiny's UNet: 12 attention modules, each with its own q, k and v projection
-    assert graph.fused == {"SymmetricInt8Attention": 36} and len(pairs[graph.file]) == 36
+    # and its upsamplers as four phases each (sdrt.kernels.upsample; upsamplers stay fp32 in int8 graphs)
+    upsamplers = sum(n.op_type == "Resize" for n in onnx.load(str(int8_engines / unet.files[0]),
+                                                               load_external_data=False).graph.node)
+    assert graph.fused == {"SymmetricInt8Attention": 36, "UpsampleConv": upsamplers} and upsamplers
+    assert len(pairs[graph.file]) == 36
     assert all(z.dtype == np.uint8 for z in pairs[unet.files[0]])  # the standard graph keeps uint8
     assert all(z.dtype == np.int8 and z == 0 for z in pairs[graph.file])
     assert graph.file in unet.feature_cache  # feature caching's pair for it, checked at export
-    assert "openvino" not in m.components["vae_decoder"].targets  # its attention stays fp32: nothing to do
+    decoder = m.components["vae_decoder"].targets["openvino"]  # its attention stays fp32; its upsamplers go
+    assert decoder.fused["SymmetricInt8Attention"] == 0 and decoder.fused["UpsampleConv"] > 0
     pytest.importorskip("openvino", reason="OpenVINO not installed (pip install sdrt[openvino])")
     args = dict(prompt="a photo of an astronaut riding a horse", steps=4, seed=1, width=W, height=H)
     with sdrt.Pipeline.load(int8_engines, provider="openvino") as pipe:
         got = pipe(**args).pixels
         assert pipe.engine("unet").path.name == "model.int8.openvino.onnx"
+        assert pipe.engine("vae_decoder").path.name == "model.int8.openvino.onnx"
         cached = pipe(**args, cache_interval=2).pixels
     want = sdrt.Pipeline.load(int8_engines)(**args).pixels  # ONNX Runtime, its own graph
     for image in (got, cached):

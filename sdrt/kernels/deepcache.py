@@ -21,7 +21,7 @@ import onnx
 from onnx import helper
 
 from sdrt.errors import SdrtError
-from sdrt.kernels.graph import Graph, load_graph_only, save_graph_only
+from sdrt.kernels.graph import Graph, load_graph_only, node_inputs, save_graph_only
 
 FEATURE = "cached_feature"  # the full graph's extra output, the shallow graph's extra input
 FULL, SHALLOW = "full", "shallow"  # file suffixes: unet/model.full.onnx, unet/model.shallow.onnx
@@ -92,7 +92,7 @@ def split(model: onnx.ModelProto, feature: str) -> tuple[onnx.ModelProto, onnx.M
     s.g.input.append(value)
     s.remove_dead()
     s.commit()
-    used = {i for n in s.nodes for i in n.input}
+    used = {i for n in s.nodes for i in node_inputs(n)}
     for inp in [i for i in s.g.input if i.name not in used]:  # initializers listed as inputs (Winograd graphs)
         s.g.input.remove(inp)
     return full, shallow

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import AttributeProto, helper, numpy_helper
 
 MS_DOMAIN = "com.microsoft"
 
@@ -38,7 +38,7 @@ class Graph:
         self.producer = {o: n for n in self.nodes for o in n.output if o}
         self.consumers = defaultdict(list)
         for n in self.nodes:
-            for i in n.input:
+            for i in node_inputs(n):
                 self.consumers[i].append(n)
         self.initializers = {t.name: t for t in self.g.initializer}
         self.shapes, self.types = {}, {}
@@ -96,10 +96,10 @@ class Graph:
             node = self.producer.get(stack.pop())
             if node is not None and id(node) not in live:
                 live.add(id(node))
-                stack.extend(i for i in node.input if i)
+                stack.extend(i for i in node_inputs(node) if i)
         removed = len(self.nodes) - len(live)
         self.nodes = [n for n in self.nodes if id(n) in live]
-        used = {i for n in self.nodes for i in n.input} | self.graph_outputs
+        used = {i for n in self.nodes for i in node_inputs(n)} | self.graph_outputs
         for t in [t for t in self.g.initializer if t.name not in used]:
             self.g.initializer.remove(t)
         self.refresh()
@@ -108,6 +108,23 @@ class Graph:
     def use_opset(self, domain: str, version: int = 1) -> None:
         if not any(o.domain == domain for o in self.model.opset_import):
             self.model.opset_import.append(helper.make_opsetid(domain, version))
+
+
+def node_inputs(node) -> list[str]:
+    """NODE's inputs, and the outer values its subgraphs (an If's branches) read: inputs in all but
+    name, which dead-node removal, consumers and ordering must count."""
+    return [*node.input, *subgraph_reads(node)] if node.attribute else list(node.input)
+
+
+def subgraph_reads(node) -> list[str]:
+    """The values from outside that NODE's subgraph attributes read (nested subgraphs included)."""
+    reads: list[str] = []
+    for a in node.attribute:
+        for g in [a.g] if a.type == AttributeProto.GRAPH else a.graphs:
+            local = {v.name for v in g.input} | {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
+            for n in g.node:
+                reads += [i for i in node_inputs(n) if i and i not in local and i not in reads]
+    return reads
 
 
 def attrs(node) -> dict:
@@ -152,7 +169,7 @@ def toposort(graph: onnx.GraphProto) -> None:
                 continue
             state[i] = 1
             stack.append((i, True))
-            for x in nodes[i].input:
+            for x in node_inputs(nodes[i]):
                 j = produced_by.get(x)
                 if j is not None and state[j] == 0:
                     stack.append((j, False))

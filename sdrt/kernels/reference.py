@@ -53,6 +53,14 @@ def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, pad: int =
     return y if b is None else y + np.asarray(b, np.float64)[:, None, None]
 
 
+def nearest_resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """ONNX Resize, mode nearest, asymmetric coordinates, floor (torch's F.interpolate nearest) of x
+    (N, C, H, W) to SIZE: output pixel i reads input pixel floor(i * H / size)."""
+    rows = np.floor(np.arange(size[0]) * (x.shape[2] / size[0])).astype(int)
+    cols = np.floor(np.arange(size[1]) * (x.shape[3] / size[1])).astype(int)
+    return x[:, :, rows][:, :, :, cols]
+
+
 def winograd_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, bt: np.ndarray, g: np.ndarray,
                   at: np.ndarray) -> np.ndarray:
     """A 3x3, stride-1, padding-1 Conv by Winograd's minimal filtering F(m x m, 3 x 3) with the 1-D
