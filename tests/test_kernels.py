@@ -465,6 +465,27 @@ def test_upsample_conv_leaves_an_upsampling_read_twice():
     assert upsample_conv(Graph(model)) == 0
 
 
+def test_dead_node_removal_keeps_what_a_subgraph_reads():
+    """An If's branches read outer values without listing them as inputs; Graph counts them."""
+    from sdrt.kernels.graph import node_inputs
+
+    f = TensorProto.FLOAT
+    branch = {n: helper.make_graph([helper.make_node("Add", ["x", w], [f"{n}_y"])], n, [],
+                                   [helper.make_tensor_value_info(f"{n}_y", f, [2])])
+              for n, w in (("a", "wa"), ("b", "wb"))}
+    nodes = [helper.make_node("Neg", ["x"], ["unused"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=branch["a"], else_branch=branch["b"])]
+    inits = [numpy_helper.from_array(np.ones(2, np.float32), n) for n in ("wa", "wb", "dead")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f, [2]),
+                                           helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", f, [2])], inits)
+    g = Graph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10))
+    reads = node_inputs(g.nodes[1])
+    assert reads[0] == "c" and sorted(reads[1:]) == ["wa", "wb", "x"]  # each outer value once
+    assert g.remove_dead() == 1 and set(g.initializers) == {"wa", "wb"}
+    assert [n.name for n in g.consumers["wa"]] == [g.nodes[0].name] and g.nodes[0].op_type == "If"
+
+
 def _upsamplers(checkpoint, component) -> int:
     """How many Upsample2D layers with a convolution the PyTorch module has: what the openvino
     target's UpsampleConv must rewrite, exactly."""

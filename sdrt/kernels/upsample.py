@@ -19,10 +19,11 @@ Which layers: a Resize (nearest, asymmetric, floor: torch's `F.interpolate(scale
 only by a 3x3 Conv with padding 1, stride 1, dilation 1, one group and a constant float weight.
 - Scales [1, 1, 2, 2] (the VAE decoder): rewritten outright.
 - Output sizes from the skip connection (sdrt's UNet export asks for them so that odd latent sides
-  work: docs/kernels.md): the map is exactly 2x only where the skip's side is even. An `If` on the
-  sizes runs the phases where it is and the original Resize and Conv (its else branch) where it is not,
-  e.g. the 65-wide level of a 520 px image. OpenVINO compiles each input shape on its own
-  (sdrt.runtime.backends.openvino), so the condition is a constant there and it keeps one branch.
+  work): the upsampled map is exactly 2x where the skip's side is even and one row (or column) short
+  where it is odd, e.g. the 65-wide level of a 520 px image. The phases' 2x map is cropped to the
+  size and its last row and column corrected (`_cropped`): the same nodes for every size, no If.
+  This takes the sizes to be 2h or 2h - 1, as a skip connection's are (the stride-2 downsampling
+  between them rounds up); diffusers' Upsample2D asks for no other.
 
 Measured on 2 cores of a Xeon with AMX, OpenVINO bf16, one layer alone (docs/kernels.md): the UNet's
 three upsamplers at 512 px, batch 2, 0.326 s against 0.181 s; the VAE decoder's three 1.73 s against
