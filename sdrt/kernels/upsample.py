@@ -171,7 +171,7 @@ def upsample_conv(graph: Graph) -> int:
             return None
         conv, dtype = match
         x, out, sizes = resize.input[0], conv.output[0], _sizes(resize)
-        new, kernels = _phase_kernels(graph, conv, dtype)  # outside any If: OpenVINO folds them either way
+        new, kernels = _phase_kernels(graph, conv, dtype)  # constants: OpenVINO folds them at compilation
         if not sizes:
             new += _phase_nodes(graph, x, kernels, list(conv.input[2:3]), out)
         else:
