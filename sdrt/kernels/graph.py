@@ -110,6 +110,32 @@ class Graph:
             self.model.opset_import.append(helper.make_opsetid(domain, version))
 
 
+class Constants:
+    """The constants a pass's rewritten layers share, one initializer per stem, made on first use."""
+
+    def __init__(self, graph: Graph, prefix: str):
+        self.graph, self.prefix = graph, prefix
+        self._made: dict[str, str] = {}
+
+    def get(self, stem: str, array) -> str:
+        if stem not in self._made:
+            self._made[stem] = self.graph.add_initializer(f"{self.prefix}_{stem}", np.asarray(array))
+        return self._made[stem]
+
+    def ints(self, *values: int) -> str:
+        """A 1-D int64 constant (Slice's starts, ends and axes; shapes)."""
+        return self.get("ints_" + "_".join(map(str, values)), np.array(values, np.int64))
+
+    def overridable(self, stem: str, array) -> str:
+        """An initializer that is also a graph input: ONNX Runtime does not constant-fold through it."""
+        if stem not in self._made:
+            name = self.get(stem, array)
+            t = self.graph.initializers[name]
+            self.graph.g.input.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+            self._made[stem] = name
+        return self._made[stem]
+
+
 def node_inputs(node) -> list[str]:
     """NODE's inputs, and the outer values its subgraphs (an If's branches) read: inputs in all but
     name, which dead-node removal, consumers and ordering must count."""

@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from sdrt.kernels.graph import Graph, attrs, run_pass
+from sdrt.kernels.graph import Constants, Graph, attrs, run_pass
 
 # rows (phase a, tap p) of R: which of a 3x3 kernel's rows each 2-tap phase kernel sums (the formulas above)
 R = np.array([[1, 0, 0], [0, 1, 1], [1, 1, 0], [0, 0, 1]])
@@ -74,29 +74,26 @@ def _match(graph: Graph, resize):
     return conv, FLOATS[weight.data_type]
 
 
-def _phase_kernels(graph: Graph, conv, dtype) -> tuple[list, list[str]]:
-    """Nodes computing the four 2x2 phase kernels from CONV's 3x3 weight, and their names."""
-    r = graph.add_initializer("phase_rows", R.astype(dtype))
-    rt = graph.add_initializer("phase_cols", R.T.astype(dtype))
+def _phase_kernels(graph: Graph, k: Constants, w: str, dtype) -> tuple[list, list[str]]:
+    """Nodes computing the four 2x2 phase kernels from the 3x3 weight W, and their names."""
     taps, kernel = graph.fresh("phase_taps"), graph.fresh("phase_kernels")
-    nodes = [helper.make_node("MatMul", [conv.input[1], rt], [taps]),  # [O, I, 3, 4]: the columns summed
-             helper.make_node("MatMul", [r, taps], [kernel])]  # [O, I, 4, 4]: rows too; block (a, b) is a phase
-    axes = graph.add_initializer("phase_axes", np.array([2, 3], np.int64))
+    rows, cols = (k.get(f"{n}_{dtype.__name__}", r.astype(dtype)) for n, r in (("rows", R), ("cols", R.T)))
+    nodes = [helper.make_node("MatMul", [w, cols], [taps]),  # [O, I, 3, 4]: the columns summed
+             helper.make_node("MatMul", [rows, taps], [kernel])]  # [O, I, 4, 4]: the rows too
     names = []
-    for a, b in PHASES:
-        starts = graph.add_initializer("phase_starts", np.array([2 * a, 2 * b], np.int64))
-        ends = graph.add_initializer("phase_ends", np.array([2 * a + 2, 2 * b + 2], np.int64))
+    for a, b in PHASES:  # block (a, b) of the 4x4 is a phase's kernel
         names.append(graph.fresh("phase_kernel"))
-        nodes.append(helper.make_node("Slice", [kernel, starts, ends, axes], [names[-1]]))
+        nodes.append(helper.make_node("Slice", [kernel, k.ints(2 * a, 2 * b), k.ints(2 * a + 2, 2 * b + 2),
+                                                k.ints(2, 3)], [names[-1]]))
     return nodes, names
 
 
 def _phase_nodes(graph: Graph, x: str, kernels: list[str], bias: list[str], out: str) -> list:
     """Four 2x2 convolutions of X, one per phase, interleaved into OUT."""
     nodes, phases = [], []
-    for (a, b), k in zip(PHASES, kernels, strict=True):
+    for (a, b), kernel in zip(PHASES, kernels, strict=True):
         phases.append(graph.fresh("phase"))
-        nodes.append(helper.make_node("Conv", [x, k, *bias], [phases[-1]], kernel_shape=[2, 2],
+        nodes.append(helper.make_node("Conv", [x, kernel, *bias], [phases[-1]], kernel_shape=[2, 2],
                                       pads=[1 - a, 1 - b, a, b]))
     joined = graph.fresh("phases")
     return nodes + [helper.make_node("Concat", phases, [joined], axis=1),
@@ -106,19 +103,16 @@ def _phase_nodes(graph: Graph, x: str, kernels: list[str], bias: list[str], out:
 class _Builder:
     """Appends nodes to a list; each call returns the new node's output name."""
 
-    def __init__(self, graph: Graph):
-        self.graph, self.nodes = graph, []
+    def __init__(self, graph: Graph, k: Constants):
+        self.graph, self.ints, self.nodes = graph, k.ints, []
 
     def __call__(self, op: str, *inputs: str, **attributes) -> str:
         out = self.graph.fresh(op.lower())
         self.nodes.append(helper.make_node(op, list(inputs), [out], **attributes))
         return out
 
-    def ints(self, *values: int) -> str:
-        return self.graph.add_initializer("phase_ints", np.array(values, np.int64))
 
-
-def _cropped(graph: Graph, x: str, conv, dtype, full: str, sizes: str, out: str) -> list:
+def _cropped(graph: Graph, k: Constants, x: str, w: str, dtype, full: str, sizes: str, out: str) -> list:
     """Nodes that turn FULL, the phases' 2h x 2w map, into OUT, the original pair's map at SIZES.
 
     Where a side is odd (2h - 1), the original upsampling stops one row short of 2x, so its last
@@ -129,21 +123,20 @@ def _cropped(graph: Graph, x: str, conv, dtype, full: str, sizes: str, out: str)
     taken off twice and goes back once. Each correction is a convolution of one row or column of x,
     scaled by 0 or 1 (the side's parity), so any size takes the same nodes and no If (OpenVINO
     2026.4 computed an If here wrongly with dynamic shapes)."""
-    op, w = _Builder(graph), conv.input[1]
+    op = _Builder(graph, k)
     end = op.ints(2 ** 62)
     hw = op("Slice", sizes, op.ints(2), op.ints(4), op.ints(0))  # [H, W]
     last = op("Sub", hw, op.ints(1))
     odd = op("Cast", op("Sub", op("Mul", op("Shape", x, start=2), op.ints(2)), hw),
              to=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))  # 1 where a side is 2h - 1, else 0
-    odd_h, odd_w = (op("Gather", odd, graph.add_initializer("phase_axis", np.array(i, np.int64))) for i in (0, 1))
+    odd_h, odd_w = (op("Gather", odd, k.get(f"index_{i}", np.array(i, np.int64))) for i in (0, 1))
     h_, w_ = (op("Slice", hw, op.ints(i), op.ints(i + 1), op.ints(0)) for i in (0, 1))
     last_h, last_w = (op("Slice", last, op.ints(i), op.ints(i + 1), op.ints(0)) for i in (0, 1))
     kept = op("Slice", full, op.ints(0, 0), hw, op.ints(2, 3))
 
     def edge(axis: int) -> str:  # w's far row (axis 2) or column (3) on x's last row or column, upsampled
         line = op("Slice", x, op.ints(-1), end, op.ints(axis))
-        scales = graph.add_initializer("phase_scales", np.array([1, 1, 1, 2] if axis == 2 else [1, 1, 2, 1],
-                                                                np.float32))
+        scales = k.get(f"scales_{axis}", np.array([1, 1, 1, 2] if axis == 2 else [1, 1, 2, 1], np.float32))
         up = op("Resize", line, "", scales, mode="nearest", coordinate_transformation_mode="asymmetric",
                 nearest_mode="floor")
         taps = op("Slice", w, op.ints(2), op.ints(3), op.ints(axis))
@@ -165,19 +158,21 @@ def _cropped(graph: Graph, x: str, conv, dtype, full: str, sizes: str, out: str)
 
 def upsample_conv(graph: Graph) -> int:
     """Rewrite each nearest 2x upsampling + 3x3 Conv as its four phases; returns how many."""
+    k = Constants(graph, "phase")
+
     def rewrite(resize):
         match = _match(graph, resize)
         if match is None:
             return None
         conv, dtype = match
         x, out, sizes = resize.input[0], conv.output[0], _sizes(resize)
-        new, kernels = _phase_kernels(graph, conv, dtype)  # constants: OpenVINO folds them at compilation
+        new, kernels = _phase_kernels(graph, k, conv.input[1], dtype)  # constants: OpenVINO folds them
         if not sizes:
             new += _phase_nodes(graph, x, kernels, list(conv.input[2:3]), out)
         else:
             full = graph.fresh("upsampled_2x")
             new += _phase_nodes(graph, x, kernels, list(conv.input[2:3]), full)
-            new += _cropped(graph, x, conv, dtype, full, sizes, out)
+            new += _cropped(graph, k, x, conv.input[1], dtype, full, sizes, out)
         for node in new:  # the layer's module scope, for profiles and sdrt.kernels.deepcache
             node.metadata_props.extend(conv.metadata_props)
         return [resize, conv], new

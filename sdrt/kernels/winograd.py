@@ -49,7 +49,7 @@ import operator
 import numpy as np
 from onnx import TensorProto, helper
 
-from sdrt.kernels.graph import Graph, attrs, run_pass
+from sdrt.kernels.graph import Constants, Graph, attrs, run_pass
 
 # F(4x4, 3x3) at the points 0, 1, -1, 2, -2 and infinity (Lavin & Gray, "Fast Algorithms for
 # Convolutional Neural Networks", 2015, section 4.2)
@@ -177,29 +177,7 @@ def bands(graph: Graph, node, latent_side: int = REFERENCE_SIDE) -> int:
     return -(-WINDOW**2 * channels * -(-h // TILE) * -(-w // TILE) * 4 // MAX_TILE_BYTES)
 
 
-class _Constants:
-    """The graph-wide constants the rewritten layers share (made on first use)."""
-
-    def __init__(self, graph: Graph):
-        self.graph = graph
-        self._made = {}
-
-    def get(self, stem: str, array) -> str:
-        if stem not in self._made:
-            self._made[stem] = self.graph.add_initializer(f"winograd_{stem}", np.asarray(array))
-        return self._made[stem]
-
-    def overridable(self, stem: str, array) -> str:
-        """An initializer that is also a graph input: ONNX Runtime does not constant-fold through it."""
-        if stem not in self._made:
-            name = self.get(stem, array)
-            t = self.graph.initializers[name]
-            self.graph.g.input.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
-            self._made[stem] = name
-        return self._made[stem]
-
-
-def _rewrite(graph: Graph, k: _Constants, node, n_bands: int) -> list:
+def _rewrite(graph: Graph, k: Constants, node, n_bands: int) -> list:
     bt2, g2, at2 = transforms()
     x, w = unquantized(graph, node.input[0]), node.input[1]
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
@@ -270,7 +248,7 @@ def _banded(op, i64, x: str, n_bands: int, tiles) -> list[str]:
 
 def winograd_conv(graph: Graph, latent_side: int = REFERENCE_SIDE) -> int:
     """Rewrite each eligible 3x3 Conv as F(4x4, 3x3) Winograd; return how many were rewritten."""
-    k = _Constants(graph)
+    k = Constants(graph, "winograd")
     layers = [n for n in graph.nodes if eligible(graph, n, latent_side)]
     quantized = any(unquantized(graph, n.input[0]) != n.input[0] for n in layers)
     return run_pass(graph, layers, lambda node: ([node], _rewrite(graph, k, node, bands(graph, node, latent_side))),
