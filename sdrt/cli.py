@@ -291,6 +291,8 @@ def cmd_info(args) -> int:
             fused = ", ".join(f"{k} x{v}" for k, v in g.fused.items()) or "nothing"
             err = "n/a" if g.parity_max_abs is None else f"{g.parity_max_abs:.2g}"
             print(f"  {target} graph: {g.file} ({fused}; parity max abs error {err})")
+        if c.guided:
+            print(f"  guided graphs (a guided batch's shared part computed once): {', '.join(c.guided.values())}")
         if c.weight_map:
             layers = len(json.loads((d / c.weight_map).read_text())["layers"])
             print(f"  weight map: {c.weight_map} ({layers} layers LoRAs may adapt per request)")

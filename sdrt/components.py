@@ -172,6 +172,22 @@ def cache_specs(unet: ComponentSpec, feature: TensorSpec) -> tuple[ComponentSpec
             ComponentSpec(unet.name, (*unet.inputs, feature), unet.outputs, unet.dims))
 
 
+# the UNet inputs both halves of a classifier-free guidance batch share ([x; x], [t; t])
+GUIDED_SHARED = ("sample", "timestep")
+
+
+def guided_spec(unet: ComponentSpec, shared: tuple[str, ...] = GUIDED_SHARED) -> ComponentSpec:
+    """A UNet graph's guided variant (sdrt.kernels.guidance): the SHARED inputs keep the batch B, every
+    other input and output whose batch is B takes both halves, 2 * B."""
+    def doubled(t: TensorSpec) -> TensorSpec:
+        b = t.shape[0]
+        if t.name in shared or not isinstance(b, Dim):
+            return t
+        return TensorSpec(t.name, t.dtype, (Dim(b.name, 2 * b.scale), *t.shape[1:]))
+
+    return ComponentSpec(unet.name, tuple(map(doubled, unet.inputs)), tuple(map(doubled, unet.outputs)), unet.dims)
+
+
 def depth_spec(height: int, width: int, out_height: int, out_width: int) -> ComponentSpec:
     """The depth estimator: its image processor's fixed-size pixel values -> a depth map per image
     (sdrt.runtime.depth). DPT's position embeddings fix the input size, so only the batch varies."""

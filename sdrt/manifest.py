@@ -65,11 +65,15 @@ class ComponentEntry:
     weight_map: str | None = None
     # the UNet's feature-caching graphs (cache_interval): graph file they derive from -> its pair
     feature_cache: dict[str, FeatureCache] = field(default_factory=dict)
+    # UNet graph file -> its guided variant, computing what both halves of a guided batch share once
+    # (sdrt.kernels.guidance)
+    guided: dict[str, str] = field(default_factory=dict)
 
     def graph_files(self) -> list[str]:
-        """Its files, its targets' graphs and its feature-caching graphs (not the weight map)."""
+        """Its files, its targets' graphs, its feature-caching and guided graphs (not the weight map)."""
         return (self.files + [t.file for t in self.targets.values()]
-                + [f for c in self.feature_cache.values() for f in (c.full, c.shallow)])
+                + [f for c in self.feature_cache.values() for f in (c.full, c.shallow)]
+                + list(self.guided.values()))
 
     def file_for(self, targets: str | tuple[str, ...] | None) -> str:
         """The graph to run for TARGETS (a target, or targets in order of preference): the first
@@ -88,6 +92,8 @@ class ComponentEntry:
             d["weight_map"] = self.weight_map
         if self.feature_cache:
             d["feature_cache"] = {k: v.to_json() for k, v in self.feature_cache.items()}
+        if self.guided:
+            d["guided"] = dict(self.guided)
         d.update(self.spec.to_json())
         return d
 
@@ -98,7 +104,8 @@ class ComponentEntry:
                    list(d.get("optimizations", [])), parity.get("max_abs_error"), parity.get("tolerance"),
                    {str(k): TargetGraph.from_json(v) for k, v in d.get("targets", {}).items()},
                    d.get("weight_map"),
-                   {str(k): FeatureCache.from_json(v) for k, v in d.get("feature_cache", {}).items()})
+                   {str(k): FeatureCache.from_json(v) for k, v in d.get("feature_cache", {}).items()},
+                   {str(k): str(v) for k, v in d.get("guided", {}).items()})
 
 
 @dataclass

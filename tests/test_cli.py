@@ -50,6 +50,7 @@ def test_info_and_samplers(engines, capsys):
     assert "onnxruntime graph: unet/model.onnxruntime.onnx (MultiHeadAttention x12" in text
     assert "tensorrt graph: unet/model.tensorrt.onnx (DecomposedAttention x12" in text
     assert "onnxruntime-cpu graph: unet/model.onnxruntime-cpu.onnx (MultiHeadAttention x12, WinogradConv x27" in text
+    assert "guided graphs (a guided batch's shared part computed once): unet/model.onnxruntime-cpu.guided.onnx" in text
     assert main(["info", "--json", str(engines["f4"])]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["vae_scale_factor"] == 4

@@ -322,6 +322,60 @@ def _check_feature_cache(entry: ComponentEntry, graph: Path, full: Path, shallow
     return err
 
 
+def guided_stage(entry: ComponentEntry, staging: Path) -> ComponentEntry:
+    """The guided variant (sdrt.kernels.guidance) of each UNet graph the CPU providers run (ONNX
+    Runtime's CPU graph, OpenVINO's) and of its feature-caching pair, each checked against its graph.
+    Not for fp16 exports: their graphs run on GPUs, where the variant was never timed."""
+    from sdrt.kernels import guidance
+    from sdrt.kernels.int8_attention import UNOPTIMIZED_CHECK
+    from sdrt.runtime.backends import PROVIDER_TARGETS
+
+    if entry.precision == "fp16":
+        return entry
+    guided = {}
+    for targets in (PROVIDER_TARGETS["cpu"], PROVIDER_TARGETS["openvino"]):
+        graph = entry.file_for(targets)
+        pair = entry.feature_cache.get(graph)
+        optimize = not any(entry.targets.get(t) and entry.targets[t].file == graph for t in UNOPTIMIZED_CHECK)
+        for file, feature in [(graph, None)] + ([(pair.full, None), (pair.shallow, pair)] if pair else []):
+            if file in guided:
+                continue
+            dst, shared = guidance.write_guided(staging / file)
+            if dst is None:
+                log.info("unet: %s reads the context first; no guided graph", file)
+                continue
+            err = _check_guided(entry, staging, file, dst, pair if feature else None, optimize)
+            log.info("unet: %s computes %d nodes once for both halves of a guided batch; max error %.2g",
+                     dst.name, shared, err)
+            guided[file] = str(dst.relative_to(staging))
+    return dataclasses.replace(entry, guided=guided)
+
+
+def _check_guided(entry: ComponentEntry, staging: Path, file: str, guided: Path, pair, optimize: bool) -> float:
+    """GUIDED on (x, t) once equals FILE on [x; x], [t; t] within 1e-5 of its scale, every output; a
+    shallow graph (PAIR given) reads its full graph's feature. Returns the error."""
+    import numpy as np
+
+    from sdrt.kernels.guidance import SHARED
+    from sdrt.runtime.backends.onnxruntime import session
+
+    half = entry.spec.sample_inputs(entry.spec.sizes("min") | {entry.spec.inputs[0].shape[0].name: 1}, seed=5)
+    context = entry.spec.sample_inputs(entry.spec.sizes("min") | {entry.spec.inputs[0].shape[0].name: 2}, seed=6)
+    feeds = {k: np.concatenate([v, v]) if k in SHARED else context[k] for k, v in half.items()}
+    half = {k: v if k in SHARED else context[k] for k, v in half.items()}
+    if pair is not None:  # the full graph's feature for these feeds
+        feature = session(staging / pair.full, optimize=optimize).run([pair.feature.name], feeds)[0]
+        feeds, half = feeds | {pair.feature.name: feature}, half | {pair.feature.name: feature}
+    want = session(staging / file, optimize=optimize).run(None, feeds)
+    got = session(guided, optimize=optimize).run(None, half)
+    err = max(float(np.max(np.abs(w.astype(np.float64) - g))) for w, g in zip(want, got, strict=True))
+    tol = 1e-5 * max(1.0, *(float(np.max(np.abs(w))) for w in want))
+    if not err <= tol:
+        raise SdrtError(f"export of unet: {guided.name} differs from {Path(file).name} on a guided batch by "
+                        f"{err:.3g} (tolerance {tol:.3g})")
+    return err
+
+
 # -- engine-wide stages --------------------------------------------------------------------------
 
 def int8_stage(entries: dict[str, ComponentEntry], pipe, staging: Path, image_px: int) -> dict[str, ComponentEntry]:
@@ -512,6 +566,8 @@ def _build(source: str, staging: Path, opts: Options) -> Manifest:
         entries = _int8(entries, pipe, staging, manifest, opts)
     if feature is not None:
         entries["unet"] = feature_cache_stage(entries["unet"], pipe, staging, feature)
+    if caching:
+        entries["unet"] = guided_stage(entries["unet"], staging)
     if opts.backend == "tensorrt":
         entries = tensorrt_stage(entries, staging, opts.trt_profile, dims.vae_scale_factor, opts.progress)
     _share_files(staging)

@@ -35,6 +35,7 @@ from sdrt.runtime.backends import (
     release_free_memory,
     resolve_provider,
 )
+from sdrt.runtime.backends.guided import GuidedBackend
 from sdrt.runtime.denoiser import Denoiser
 from sdrt.runtime.request import GenerateRequest
 from sdrt.tokenizer import ClipTokenizer
@@ -118,6 +119,9 @@ class Pipeline:
         # unet -> context manager yielding the UNet callable the sampler loop uses; None: the UNet itself.
         # A server's step batcher (sdrt.serve.continuous) merges concurrent generations' calls through it.
         self.unet_gate: Callable | None = None
+        # guided batches run the UNet's guided graph where the export made one (sdrt.kernels.guidance);
+        # False: always the plain graph (A/B measurements)
+        self.share_guided = True
 
     @classmethod
     def load(cls, engine_dir: str | Path, provider: str = "cpu", optimized: bool = True,
@@ -151,9 +155,21 @@ class Pipeline:
                             "faster than fp32 and with more memory: export with --precision fp32 for CPUs",
                             self.engine_dir)
             weights = self.loras.arrays.get(name)
-            path = self.engine_dir / self._graph_for(c, weights)
-            self.engines[name] = load_backend(path, c.spec, c.backend, self._provider_for(c.backend), weights)
+            self.engines[name] = self._load(c, self._graph_for(c, weights), c.spec, weights)
         return self.engines[name]
+
+    def _load(self, c, file: str, spec, weights):
+        """The backend for component C's graph FILE; a UNet graph with a guided variant gets the
+        backend that runs it for guided batches (share_guided)."""
+        provider = self._provider_for(c.backend)
+
+        def load(path, spec):
+            return load_backend(path, spec, c.backend, provider, weights)
+
+        guided = c.guided.get(file) if self.share_guided else None
+        if guided is None:
+            return load(self.engine_dir / file, spec)
+        return GuidedBackend(self.engine_dir / file, self.engine_dir / guided, spec, load)
 
     def _graph_for(self, c, weights) -> str:
         """The file component C runs from: its provider's graph (one that takes WEIGHTS, if any)."""
@@ -176,8 +192,7 @@ class Pipeline:
                                       (feature_cache.SHALLOW, pair.shallow, specs[1], set(pair.shallow_weights))):
             if key not in self.engines:
                 own = weights if kept is None or not weights else {k: v for k, v in weights.items() if k in kept}
-                self.engines[key] = load_backend(self.engine_dir / file, spec, c.backend,
-                                                 self._provider_for(c.backend), own)
+                self.engines[key] = self._load(c, file, spec, own)
         return feature_cache.CachedUNet(self.engines[feature_cache.FULL], self.engines[feature_cache.SHALLOW],
                                         interval, pair.feature.name)
 

@@ -2,7 +2,9 @@
 sampler, step count, guidance and size, and their UNet calls meet here. Calls that arrive together
 (every running generation has one waiting, or a short window has passed since the first) run as one
 UNet call per latent shape, with a timestep per row; each caller gets its own rows back. A generation
-joins at its first UNet call and leaves after its last, so the batch changes at every step.
+joins at its first UNet call and leaves after its last, so the batch changes at every step. Where every
+merged call is a guided batch ([x; x]), the merged batch is one too (all the calls' first halves, then
+all their second halves), so the UNet computes the halves' shared part once (sdrt.kernels.guidance).
 
 `StepBatcher.gate` is the Pipeline's `unet_gate`: entering it makes the thread a member (the batcher
 waits for members' calls), leaving it (done, cancelled or failed) lets the others go on without it.
@@ -15,6 +17,8 @@ import threading
 import time
 
 import numpy as np
+
+from sdrt.runtime.backends.guided import guided_halves
 
 
 class _Call:
@@ -80,17 +84,21 @@ class StepBatcher:
             sample, _, context = call.inputs
             groups.setdefault((sample.shape[1:], context.shape[1:]), []).append(call)
         for calls in groups.values():
+            # guided calls ([x; x] each) merge as [their first halves; their second halves]
+            pieces = 2 if len(calls) > 1 and all(guided_halves(*c.inputs[:2]) for c in calls) else 1
+            split = [[np.split(x, pieces) for x in c.inputs] for c in calls]  # call -> input -> pieces
             try:
-                out = unet(*(np.concatenate([c.inputs[k] for c in calls]) for k in range(3)))
+                out = unet(*(np.concatenate([s[k][p] for p in range(pieces) for s in split]) for k in range(3)))
             except BaseException as e:  # noqa: BLE001 - every caller of this batch raises it
                 for c in calls:
                     c.error = e
                 continue
-            at = 0
+            size, at = len(out) // pieces, 0
             for c in calls:
-                rows = len(c.inputs[0])
-                c.result, at = out[at : at + rows], at + rows
+                rows = len(c.inputs[0]) // pieces
+                c.result = np.concatenate([out[p * size + at : p * size + at + rows] for p in range(pieces)])
+                at += rows
             self.calls += 1
             self.merged += len(calls) > 1
             if self.on_call is not None:
-                self.on_call(at, len(calls))
+                self.on_call(len(out), len(calls))
