@@ -96,6 +96,33 @@ def test_pass_computes_the_shared_part_once_and_keeps_batch_sizes_from_shapes():
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
+def test_pass_keeps_values_subgraphs_read_at_the_full_batch():
+    """An If branch reads a shared value: the If stays at the full batch and reads the original node's
+    output (computed from the doubled inputs), while another reader gets the half's, doubled."""
+    then = helper.make_graph([helper.make_node("Add", ["r", "ctx"], ["y"])], "then", [], [_value("y", None)])
+    other = helper.make_graph([helper.make_node("Sub", ["r", "ctx"], ["z"])], "else", [], [_value("z", None)])
+    nodes = [helper.make_node("Relu", ["sample"], ["r"]),
+             helper.make_node("If", ["flag"], ["branch"], then_branch=then, else_branch=other),
+             helper.make_node("Mul", ["r", "ctx"], ["m"]),
+             helper.make_node("Mul", ["m", "timestep"], ["mt"]),
+             helper.make_node("Add", ["branch", "mt"], ["out"])]
+    flag = helper.make_tensor_value_info("flag", TensorProto.BOOL, [])
+    model = _model(nodes, [_value("sample", ["B", 3]), _value("timestep", ["B", 1]), _value("ctx", ["B", 3]), flag],
+                   [_value("out", None)])
+    plain = model.SerializeToString()
+    assert share_guided_prefix(Graph(model)) == 1  # the Relu
+    assert [n.op_type for n in model.graph.node].count("Relu") == 2  # the If still reads the original
+    rng = np.random.default_rng(2)
+    x, t, ctx = rng.standard_normal((2, 3)), rng.standard_normal((2, 1)), rng.standard_normal((4, 3))
+    x, t, ctx = (a.astype(np.float32) for a in (x, t, ctx))
+    for f in (True, False):
+        want = session(plain).run(None, {"sample": np.concatenate([x, x]), "timestep": np.concatenate([t, t]),
+                                         "ctx": ctx, "flag": np.array(f)})[0]
+        got = session(model.SerializeToString()).run(None, {"sample": x, "timestep": t, "ctx": ctx,
+                                                            "flag": np.array(f)})[0]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
 def test_pass_leaves_a_graph_whose_first_layer_reads_the_context():
     nodes = [helper.make_node("Add", ["sample", "ctx"], ["a"]), helper.make_node("Mul", ["a", "timestep"], ["out"])]
     model = _model(nodes, [_value("sample", ["B", 4]), _value("timestep", ["B", 1]), _value("ctx", ["B", 4])],

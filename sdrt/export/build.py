@@ -337,14 +337,15 @@ def guided_stage(entry: ComponentEntry, staging: Path) -> ComponentEntry:
         graph = entry.file_for(targets)
         pair = entry.feature_cache.get(graph)
         optimize = not any(entry.targets.get(t) and entry.targets[t].file == graph for t in UNOPTIMIZED_CHECK)
-        for file, feature in [(graph, None)] + ([(pair.full, None), (pair.shallow, pair)] if pair else []):
+        # (graph, the pair whose full graph gives the feature it reads)
+        for file, feeder in [(graph, None)] + ([(pair.full, None), (pair.shallow, pair)] if pair else []):
             if file in guided:
                 continue
             dst, shared = guidance.write_guided(staging / file)
             if dst is None:
                 log.info("unet: %s reads the context first; no guided graph", file)
                 continue
-            err = _check_guided(entry, staging, file, dst, pair if feature else None, optimize)
+            err = _check_guided(entry, staging, file, dst, feeder, optimize)
             log.info("unet: %s computes %d nodes once for both halves of a guided batch; max error %.2g",
                      dst.name, shared, err)
             guided[file] = str(dst.relative_to(staging))
@@ -359,10 +360,10 @@ def _check_guided(entry: ComponentEntry, staging: Path, file: str, guided: Path,
     from sdrt.kernels.guidance import SHARED
     from sdrt.runtime.backends.onnxruntime import session
 
-    half = entry.spec.sample_inputs(entry.spec.sizes("min") | {entry.spec.inputs[0].shape[0].name: 1}, seed=5)
-    context = entry.spec.sample_inputs(entry.spec.sizes("min") | {entry.spec.inputs[0].shape[0].name: 2}, seed=6)
-    feeds = {k: np.concatenate([v, v]) if k in SHARED else context[k] for k, v in half.items()}
-    half = {k: v if k in SHARED else context[k] for k, v in half.items()}
+    batch = entry.spec.inputs[0].shape[0].name
+    half = {k: v[:1] if k in SHARED else v
+            for k, v in entry.spec.sample_inputs(entry.spec.sizes("min") | {batch: 2}, seed=5).items()}
+    feeds = {k: np.concatenate([v, v]) if k in SHARED else v for k, v in half.items()}
     if pair is not None:  # the full graph's feature for these feeds
         feature = session(staging / pair.full, optimize=optimize).run([pair.feature.name], feeds)[0]
         feeds, half = feeds | {pair.feature.name: feature}, half | {pair.feature.name: feature}

@@ -31,7 +31,7 @@ from pathlib import Path
 from onnx import helper
 
 from sdrt.components import GUIDED_SHARED as SHARED
-from sdrt.kernels.graph import Graph, load_graph_only, node_inputs, save_graph_only, toposort
+from sdrt.kernels.graph import Graph, load_graph_only, node_inputs, save_graph_only, subgraph_reads, toposort
 
 SUFFIX = "guided"
 
@@ -47,8 +47,8 @@ def share_guided_prefix(graph: Graph, shared: tuple[str, ...] = SHARED) -> int:
     outputs keep the full batch); returns how many nodes now compute at half the batch (0: none,
     GRAPH unchanged)."""
     inputs = {i.name for i in graph.g.input}
-    if not set(shared) <= inputs:
-        return 0
+    if not set(shared) <= inputs or any(set(shared) & set(subgraph_reads(n)) for n in graph.nodes):
+        return 0  # not a UNet's inputs, or a subgraph reads them (renaming inside subgraphs: not done)
     constant = set(graph.initializers)
     halved = set(shared)  # values equal in both halves, computed at half the batch
     shape_only = set()  # of those, values computed from shapes alone
@@ -59,8 +59,8 @@ def share_guided_prefix(graph: Graph, shared: tuple[str, ...] = SHARED) -> int:
         if not reads:
             constant.update(o for o in node.output if o)  # Constant nodes, weights' DequantizeLinear
             continue
-        if not all(i in halved for i in reads):
-            continue
+        if not all(i in halved for i in reads) or subgraph_reads(node):
+            continue  # nodes with subgraphs stay at the full batch
         outputs = [o for o in node.output if o]
         halved.update(outputs)
         if node.op_type == "Shape" or all(i in shape_only for i in reads):
@@ -97,6 +97,7 @@ def share_guided_prefix(graph: Graph, shared: tuple[str, ...] = SHARED) -> int:
     graph.nodes = list(graph.g.node)
     graph.refresh()
     return sum(id(c) in live for c in clones)
+
 
 def write_guided(src: Path) -> tuple[Path | None, int]:
     """SRC's guided graph beside it (sharing its weights file); (None, 0) where nothing is shared."""
