@@ -125,19 +125,24 @@ def assert_refused(commands: list[list[str]], message: str, capsys) -> None:
         assert message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_corrupt_onnx_file(engines, tmp_path, capsys):
+@pytest.mark.parametrize("graph,flags", [
+    ("model.onnxruntime-cpu.guided.onnx", []),  # what the CPU provider runs for a guided generation
+    ("model.onnxruntime-cpu.onnx", ["--guidance-scale", "1"]),  # and for an unguided one
+])
+def test_corrupt_onnx_file(engines, tmp_path, capsys, graph, flags):
     broken = tmp_path / "broken"
     shutil.copytree(engines["eps"], broken)
-    target = broken / "unet" / "model.onnxruntime-cpu.onnx"  # the graph the CPU provider runs
+    target = broken / "unet" / graph
+    args = ["generate", "x", "--engines", str(broken), "-o", str(tmp_path / "o.png"), *flags]
     data = target.read_bytes()
     target.write_bytes(b"\xff" * len(data))  # same size: only loading finds it
-    assert main(["generate", "x", "--engines", str(broken), "-o", str(tmp_path / "o.png")]) == 2
+    assert main(args) == 2
     err = capsys.readouterr().err
-    assert "cannot load" in err and "unet/model.onnxruntime-cpu.onnx" in err and len(err.strip().splitlines()) == 1
+    assert "cannot load" in err and f"unet/{graph}" in err and len(err.strip().splitlines()) == 1
     target.write_bytes(data[: len(data) // 3])  # truncated: the size check at load finds it
-    assert main(["generate", "x", "--engines", str(broken), "-o", str(tmp_path / "o.png")]) == 2
+    assert main(args) == 2
     err = capsys.readouterr().err
-    assert "unet/model.onnxruntime-cpu.onnx has" in err and "the manifest records" in err, err
+    assert f"unet/{graph} has" in err and "the manifest records" in err, err
     assert not (tmp_path / "o.png").exists()
 
 
