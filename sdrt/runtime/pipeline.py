@@ -169,7 +169,7 @@ class Pipeline:
         guided = c.guided.get(file) if self.share_guided else None
         if guided is None:
             return load(self.engine_dir / file, spec)
-        return GuidedBackend(self.engine_dir / file, self.engine_dir / guided, spec, load)
+        return GuidedBackend(self.engine_dir / file, self.engine_dir / guided, spec, load, provider)
 
     def _graph_for(self, c, weights) -> str:
         """The file component C runs from: its provider's graph (one that takes WEIGHTS, if any)."""

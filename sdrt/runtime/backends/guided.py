@@ -31,11 +31,12 @@ def guided_halves(sample: np.ndarray, timestep: np.ndarray) -> int:
 class GuidedBackend(Backend):
     """LOAD(path, spec) -> Backend makes each engine (the pipeline's provider and weights)."""
 
-    def __init__(self, path: Path, guided: Path, spec: ComponentSpec, load: Callable[[Path, ComponentSpec], Backend]):
+    def __init__(self, path: Path, guided: Path, spec: ComponentSpec, load: Callable[[Path, ComponentSpec], Backend],
+                 provider: str = "cpu"):
         self.guided_path, self.load = Path(guided), load
         self.engines: dict[str, Backend] = {}
         self.guided_calls = 0
-        super().__init__(path, spec)
+        super().__init__(path, spec, provider)
 
     def _load(self) -> None:
         self._engine("guided")
