@@ -324,51 +324,54 @@ def _check_feature_cache(entry: ComponentEntry, graph: Path, full: Path, shallow
 
 def guided_stage(entry: ComponentEntry, staging: Path) -> ComponentEntry:
     """The guided variant (sdrt.kernels.guidance) of each UNet graph the CPU providers run (ONNX
-    Runtime's CPU graph, OpenVINO's) and of its feature-caching pair, each checked against its graph.
-    Not for fp16 exports: their graphs run on GPUs, where the variant was never timed."""
+    Runtime's CPU graph, OpenVINO's) and of its feature-caching pair, each checked against its graph
+    on one guided batch (each graph's session made once: the full graph's outputs give the shallow
+    graph its feature). Not for fp16 exports: their graphs run on GPUs, where it was never timed."""
+    import numpy as np
+
     from sdrt.kernels import guidance
     from sdrt.kernels.int8_attention import UNOPTIMIZED_CHECK
     from sdrt.runtime.backends import PROVIDER_TARGETS
+    from sdrt.runtime.backends.onnxruntime import session
 
     if entry.precision == "fp16":
         return entry
-    guided = {}
+    batch = entry.spec.inputs[0].shape[0].name
+    half = {k: v[:1] if k in guidance.SHARED else v
+            for k, v in entry.spec.sample_inputs(entry.spec.sizes("min") | {batch: 2}, seed=5).items()}
+    feeds = {k: np.concatenate([v, v]) if k in guidance.SHARED else v for k, v in half.items()}
+    guided, plain = {}, {}  # plain: graph file -> its outputs on FEEDS (and the feature it reads)
     for targets in (PROVIDER_TARGETS["cpu"], PROVIDER_TARGETS["openvino"]):
         graph = entry.file_for(targets)
         pair = entry.feature_cache.get(graph)
         optimize = not any(entry.targets.get(t) and entry.targets[t].file == graph for t in UNOPTIMIZED_CHECK)
-        # (graph, the pair whose full graph gives the feature it reads)
-        for file, feeder in [(graph, None)] + ([(pair.full, None), (pair.shallow, pair)] if pair else []):
+
+        def outputs(file, extra, optimize=optimize):
+            if file not in plain:
+                plain[file] = session(staging / file, optimize=optimize).run(None, feeds | extra)
+            return plain[file]
+
+        for file in [graph] + ([pair.full, pair.shallow] if pair else []):
             if file in guided:
                 continue
             dst, shared = guidance.write_guided(staging / file)
             if dst is None:
                 log.info("unet: %s reads the context first; no guided graph", file)
                 continue
-            err = _check_guided(entry, staging, file, dst, feeder, optimize)
+            extra = {pair.feature.name: outputs(pair.full, {})[1]} if pair and file == pair.shallow else {}
+            got = session(dst, optimize=optimize).run(None, half | extra)
+            err = _check_guided(file, dst, outputs(file, extra), got)
             log.info("unet: %s computes %d nodes once for both halves of a guided batch; max error %.2g",
                      dst.name, shared, err)
             guided[file] = str(dst.relative_to(staging))
     return dataclasses.replace(entry, guided=guided)
 
 
-def _check_guided(entry: ComponentEntry, staging: Path, file: str, guided: Path, pair, optimize: bool) -> float:
-    """GUIDED on (x, t) once equals FILE on [x; x], [t; t] within 1e-5 of its scale, every output; a
-    shallow graph (PAIR given) reads its full graph's feature. Returns the error."""
+def _check_guided(file: str, guided: Path, want: list, got: list) -> float:
+    """GUIDED's outputs on (x, t) once (GOT) equal FILE's on [x; x], [t; t] (WANT) within 1e-5 of
+    their scale; returns the error."""
     import numpy as np
 
-    from sdrt.kernels.guidance import SHARED
-    from sdrt.runtime.backends.onnxruntime import session
-
-    batch = entry.spec.inputs[0].shape[0].name
-    half = {k: v[:1] if k in SHARED else v
-            for k, v in entry.spec.sample_inputs(entry.spec.sizes("min") | {batch: 2}, seed=5).items()}
-    feeds = {k: np.concatenate([v, v]) if k in SHARED else v for k, v in half.items()}
-    if pair is not None:  # the full graph's feature for these feeds
-        feature = session(staging / pair.full, optimize=optimize).run([pair.feature.name], feeds)[0]
-        feeds, half = feeds | {pair.feature.name: feature}, half | {pair.feature.name: feature}
-    want = session(staging / file, optimize=optimize).run(None, feeds)
-    got = session(guided, optimize=optimize).run(None, half)
     err = max(float(np.max(np.abs(w.astype(np.float64) - g))) for w, g in zip(want, got, strict=True))
     tol = 1e-5 * max(1.0, *(float(np.max(np.abs(w))) for w in want))
     if not err <= tol:

@@ -31,15 +31,10 @@ from pathlib import Path
 from onnx import helper
 
 from sdrt.components import GUIDED_SHARED as SHARED
+from sdrt.kernels import target_file
 from sdrt.kernels.graph import Graph, load_graph_only, node_inputs, save_graph_only, subgraph_reads, toposort
 
-SUFFIX = "guided"
-
-
-def guided_file(model_file: str) -> str:
-    """unet/model.openvino.onnx -> unet/model.openvino.guided.onnx"""
-    stem, _, ext = model_file.rpartition(".")
-    return f"{stem}.{SUFFIX}.{ext}"
+SUFFIX = "guided"  # unet/model.openvino.onnx -> unet/model.openvino.guided.onnx (sdrt.kernels.target_file)
 
 
 def share_guided_prefix(graph: Graph, shared: tuple[str, ...] = SHARED) -> int:
@@ -105,6 +100,6 @@ def write_guided(src: Path) -> tuple[Path | None, int]:
     count = share_guided_prefix(Graph(model))
     if not count:
         return None, 0
-    dst = src.with_name(guided_file(src.name))
+    dst = src.with_name(target_file(src.name, SUFFIX))
     save_graph_only(model, dst)
     return dst, count
