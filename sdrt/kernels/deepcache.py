@@ -21,6 +21,7 @@ import onnx
 from onnx import helper
 
 from sdrt.errors import SdrtError
+from sdrt.kernels import target_file
 from sdrt.kernels.graph import Graph, load_graph_only, node_inputs, save_graph_only
 
 FEATURE = "cached_feature"  # the full graph's extra output, the shallow graph's extra input
@@ -100,8 +101,7 @@ def split(model: onnx.ModelProto, feature: str) -> tuple[onnx.ModelProto, onnx.M
 
 def pair_files(model_file: str) -> tuple[str, str]:
     """unet/model.onnxruntime-cpu.onnx -> (unet/model.onnxruntime-cpu.full.onnx, ...shallow.onnx)"""
-    stem = model_file.removesuffix(".onnx")
-    return f"{stem}.{FULL}.onnx", f"{stem}.{SHALLOW}.onnx"
+    return target_file(model_file, FULL), target_file(model_file, SHALLOW)
 
 
 def write_pair(src: Path, feature: str) -> tuple[Path, Path, list[str], str]:
