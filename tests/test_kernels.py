@@ -18,6 +18,7 @@ from sdrt.kernels import TARGETS, reference, winograd
 from sdrt.kernels.attention import decompose_attention, fuse_multihead_attention
 from sdrt.kernels.graph import MS_DOMAIN, Graph
 from sdrt.kernels.int8_attention import symmetric_int8_attention
+from sdrt.kernels.split_linear import split_linear
 from sdrt.kernels.upsample import upsample_conv
 from sdrt.manifest import Manifest
 from tests.conftest import CHECKPOINTS, SIZES
@@ -465,6 +466,81 @@ def test_upsample_conv_leaves_an_upsampling_read_twice():
     assert upsample_conv(Graph(model)) == 0
 
 
+def _geglu_model(int8: str | None = None, axis: int = -1, sizes=None, c=16, f=24) -> tuple[onnx.ModelProto, dict]:
+    """GEGLU as torch's exporter writes diffusers' (`Linear(C, 2F)`, chunk on the last axis, the first half
+    times gelu of the second); INT8 "per-channel" or "per-tensor": as sdrt.export.quantize writes it
+    (uint8 activations through Q/DQ pairs per tensor, the weight int8). Returns it and its float weights."""
+    fl, rng = TensorProto.FLOAT, np.random.default_rng(6)
+    w = (rng.standard_normal((c, 2 * f)) / np.sqrt(c)).astype(np.float32)
+    b = rng.standard_normal(2 * f).astype(np.float32)
+    node, tensors, nodes = helper.make_node, {"b": b}, []
+    x, weight = "x", "w"
+    if int8:
+        w_scale = (np.abs(w).max(0) / 127 if int8 == "per-channel" else np.abs(w).max() / 127).astype(np.float32)
+        tensors |= {"w_q": np.round(w / w_scale).astype(np.int8), "w_scale": w_scale,
+                    "w_zp": np.zeros_like(w_scale, np.int8), "x_scale": np.float32(0.02), "x_zp": np.uint8(128),
+                    "y_scale": np.float32(0.04), "y_zp": np.uint8(120)}
+        w = (tensors["w_q"] * w_scale).astype(np.float32)
+        nodes += [node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"]),
+                  node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xd"]),
+                  node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["wd"], axis=1)]
+        x, weight = "xd", "wd"
+    else:
+        tensors["w"] = w
+    nodes.append(node("MatMul", [x, weight], ["y"]))
+    if int8:
+        nodes += [node("QuantizeLinear", ["y", "y_scale", "y_zp"], ["yq"]),
+                  node("DequantizeLinear", ["yq", "y_scale", "y_zp"], ["yd"])]
+    split_inputs = ["h"]
+    if sizes is not None:
+        tensors["sizes"] = np.array(sizes, np.int64)
+        split_inputs.append("sizes")
+    nodes += [node("Add", ["yd" if int8 else "y", "b"], ["h"]),
+              node("Split", split_inputs, ["hidden", "gate"], axis=axis, **({} if sizes else {"num_outputs": 2})),
+              node("Gelu", ["gate"], ["g"]), node("Mul", ["hidden", "g"], ["out"])]
+    graph = helper.make_graph(nodes, "geglu", [helper.make_tensor_value_info("x", fl, ["N", "S", c])],
+                              [helper.make_tensor_value_info("out", fl, ["N", "S", f])],
+                              [numpy_helper.from_array(np.asarray(v), n) for n, v in tensors.items()],
+                              value_info=[helper.make_tensor_value_info("h", fl, ["N", "S", 2 * f])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10), {"w": w, "b": b}
+
+
+@pytest.mark.parametrize("int8", [None, "per-channel", "per-tensor"])
+@pytest.mark.parametrize("axis", [-1, 2])
+def test_split_linear_computes_each_half_by_its_own_layer(int8, axis):
+    """The same values bit for bit (ONNX Runtime, optimizations off); no Split left; the weights shared."""
+    from math import erf
+
+    model, wb = _geglu_model(int8, axis)
+    x = np.random.default_rng(7).standard_normal((2, 5, 16)).astype(np.float32)
+    before = _run_unoptimized(model, {"x": x})
+    initializers = {t.name for t in model.graph.initializer}
+    assert split_linear(Graph(model)) == 1
+    onnx.checker.check_model(model)
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    # per half: the weight's and bias's columns, and the scale's and zero point's where per channel
+    assert ops["Split"] == 0 and ops["MatMul"] == 2 and ops["Slice"] == (8 if int8 == "per-channel" else 4)
+    assert initializers <= {t.name for t in model.graph.initializer}  # no weight copied, every one still read
+    np.testing.assert_array_equal(_run_unoptimized(model, {"x": x}), before)
+    if int8 is None:  # and what GEGLU computes
+        h = x.astype(np.float64) @ wb["w"] + wb["b"]
+        gate = h[..., 24:]
+        want = h[..., :24] * gate * 0.5 * (1 + np.vectorize(erf)(gate / np.sqrt(2)))
+        assert np.abs(before - want).max() < OP_TOL
+
+
+@pytest.mark.parametrize("case", ["split-axis-1", "unequal-halves", "product-read-twice", "no-shape"])
+def test_split_linear_leaves_other_splits_alone(case):
+    model, _ = _geglu_model("per-channel", axis={"split-axis-1": 1, "no-shape": 2}.get(case, -1),
+                            sizes=[20, 28] if case == "unequal-halves" else None)
+    if case == "product-read-twice":
+        model.graph.output.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, None))
+    if case == "no-shape":  # the last axis by number, the rank unknown: not taken on trust
+        del model.graph.value_info[:]
+    before = model.SerializeToString()
+    assert split_linear(Graph(model)) == 0 and model.SerializeToString() == before
+
+
 def test_dead_node_removal_keeps_what_a_subgraph_reads():
     """An If's branches read outer values without listing them as inputs; Graph counts them."""
     from sdrt.kernels.graph import node_inputs
@@ -503,9 +579,11 @@ def test_every_upsampler_is_rewritten_for_openvino(engines, checkpoints, kind):
         if not expected:  # float graphs with no upsampler: OpenVINO runs the standard graph
             assert graph is None, name
             continue
-        assert graph.fused == {"SymmetricInt8Attention": 0, "UpsampleConv": expected}
+        geglus = sum(type(m).__name__ == "GEGLU" for m in _torch_module(_torch_pipe(checkpoints[kind]), name).modules())
+        assert graph.fused == {"SymmetricInt8Attention": 0, "UpsampleConv": expected, "SplitLinear": geglus}
         assert graph.parity_max_abs <= entry.parity_tolerance
         ops = _op_counts(engines[kind] / graph.file)
+        assert ops["Split"] == 0 and (geglus > 0) == (name == "unet")  # GEGLU: the UNet's transformer blocks
         # the UNet asks for its skip connection's size (odd latent sides): its corrections upsample one
         # row and one column of the input per layer
         assert ops["DepthToSpace"] == expected and ops["Resize"] == (2 * expected if name == "unet" else 0)

@@ -278,7 +278,11 @@ def test_int8_unet_has_an_openvino_graph_with_int8_attention_inputs(int8_engines
     # and its upsamplers as four phases each (sdrt.kernels.upsample; upsamplers stay fp32 in int8 graphs)
     upsamplers = sum(n.op_type == "Resize" for n in onnx.load(str(int8_engines / unet.files[0]),
                                                                load_external_data=False).graph.node)
-    assert graph.fused == {"SymmetricInt8Attention": 36, "UpsampleConv": upsamplers} and upsamplers
+    # and each transformer block's GEGLU projection as two layers (sdrt.kernels.split_linear): no Split left
+    ops = collections.Counter(n.op_type for n in onnx.load(str(int8_engines / graph.file),
+                                                           load_external_data=False).graph.node)
+    assert graph.fused == {"SymmetricInt8Attention": 36, "UpsampleConv": upsamplers, "SplitLinear": 6} and upsamplers
+    assert ops["Split"] == 0
     assert len(pairs[graph.file]) == 36
     assert all(z.dtype == np.uint8 for z in pairs[unet.files[0]])  # the standard graph keeps uint8
     assert all(z.dtype == np.int8 and z == 0 for z in pairs[graph.file])

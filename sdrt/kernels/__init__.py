@@ -14,8 +14,9 @@ Which passes a target gets is decided by measurement (docs/kernels.md):
   sdrt's where it falls short, then fp16; built by sdrt.kernels.cuda from the fp32 graph with its own
   weights, so it is not one of TARGETS' graph-only rewrites.
 - openvino (OpenVINO's CPU plugin): an int8 UNet's attention inputs as symmetric int8, which OpenVINO
-  runs on its int8 kernels (sdrt.kernels.int8_attention), and every upsampler (nearest 2x + 3x3 Conv)
-  as four 2x2 convolutions of the small map (sdrt.kernels.upsample). Attention and GroupNormalization
+  runs on its int8 kernels (sdrt.kernels.int8_attention), every upsampler (nearest 2x + 3x3 Conv)
+  as four 2x2 convolutions of the small map (sdrt.kernels.upsample), and each GEGLU projection as two
+  linear layers, one per half, instead of one and a Split (sdrt.kernels.split_linear). Attention and GroupNormalization
   stay ONNX's ops: OpenVINO fuses opset-23 Attention and GroupNormalization itself.
 GroupNormalization is left as ONNX's op on every target: the rewrites tried on ONNX Runtime's CPU
 provider (InstanceNormalization, LayerNormalization forms) made whole components slower or no faster.
@@ -29,6 +30,7 @@ from pathlib import Path
 from sdrt.kernels.attention import decompose_attention, fuse_multihead_attention
 from sdrt.kernels.graph import Graph, load_graph_only, save_graph_only
 from sdrt.kernels.int8_attention import symmetric_int8_attention
+from sdrt.kernels.split_linear import split_linear
 from sdrt.kernels.upsample import upsample_conv
 from sdrt.kernels.winograd import REFERENCE_SIDE, winograd_conv
 
@@ -39,12 +41,13 @@ PASSES: dict[str, Callable[[Graph, int], int]] = {
     "WinogradConv": winograd_conv,
     "SymmetricInt8Attention": lambda graph, side: symmetric_int8_attention(graph),
     "UpsampleConv": lambda graph, side: upsample_conv(graph),
+    "SplitLinear": lambda graph, side: split_linear(graph),
 }
 TARGETS: dict[str, tuple[str, ...]] = {
     "onnxruntime": ("MultiHeadAttention",),
     "onnxruntime-cpu": ("MultiHeadAttention", "WinogradConv"),
     "tensorrt": ("DecomposedAttention",),
-    "openvino": ("SymmetricInt8Attention", "UpsampleConv"),
+    "openvino": ("SymmetricInt8Attention", "UpsampleConv", "SplitLinear"),
 }
 
 

@@ -25,6 +25,7 @@ class Graph:
         # commit() writes it back
         self.nodes = list(self.g.node)
         self._counter = 0
+        self._taken: set[str] | None = None  # names in use, gathered on the first fresh()
         self.refresh()
 
     def commit(self) -> None:
@@ -68,15 +69,23 @@ class Graph:
         return p if p is not None and p.op_type == op_type else None
 
     def add_initializer(self, stem: str, array: np.ndarray) -> str:
-        self._counter += 1
-        name = f"sdrt_{stem}_{self._counter}"
+        name = self.fresh(stem)
         self.g.initializer.append(numpy_helper.from_array(np.asarray(array), name))
         self.initializers[name] = self.g.initializer[-1]
         return name
 
     def fresh(self, stem: str) -> str:
-        self._counter += 1
-        return f"sdrt_{stem}_{self._counter}"
+        """A value name no node, initializer or graph input uses yet (an earlier pass's Graph on the same
+        model numbered its names from 1 too)."""
+        if self._taken is None:
+            self._taken = ({o for n in self.g.node for o in n.output} | {t.name for t in self.g.initializer}
+                           | {v.name for v in self.g.input})
+        while True:
+            self._counter += 1
+            name = f"sdrt_{stem}_{self._counter}"
+            if name not in self._taken:
+                self._taken.add(name)
+                return name
 
     def replace(self, old: list, new: list) -> None:
         """Put `new` where the first of `old` was; drop the rest of `old`. Call refresh() after a batch."""
