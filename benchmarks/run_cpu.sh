@@ -36,5 +36,7 @@ python benchmarks/gemm_probe.py --out benchmarks/results/cpu-vs-optimum/gemm_pea
 python benchmarks/openvino_shapes.py --engines "$INT8" --size 512 --out benchmarks/results/cpu-vs-optimum/openvino_shapes.json
 python benchmarks/int8_unet_graphs.py --engines "$INT8" --out benchmarks/results/cpu-vs-optimum/int8_unet_graphs.json
 python benchmarks/openvino_profile.py --engines "$INT8" --size 512 --out benchmarks/results/cpu-vs-optimum/openvino_profile.json
+# how fast the image could be if the UNet's attention cost nothing (the bound on the eager ratio)
+python benchmarks/attention_bound.py --engines "$INT8" --size 512 --rounds 4 --out benchmarks/results/cpu-vs-optimum/attention_bound.json
 python benchmarks/feature_cache_error.py --engines "$INT8" --provider openvino --intervals 3 --size 256 \
     --out benchmarks/results/cpu-vs-optimum/feature_cache_error.json
