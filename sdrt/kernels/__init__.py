@@ -8,16 +8,18 @@ Which passes a target gets is decided by measurement (docs/kernels.md):
 - onnxruntime (CUDA provider; the CPU provider where there is no onnxruntime-cpu graph): fused
   MultiHeadAttention.
 - onnxruntime-cpu (CPU provider): that, plus 3x3 convolutions as Winograd F(4x4, 3x3)
-  (sdrt.kernels.winograd). Not for CUDA: cuDNN picks its own Winograd / implicit-GEMM kernels.
+  (sdrt.kernels.winograd), and each GEGLU projection as two linear layers, one per half, instead of
+  one and a Split (sdrt.kernels.split_linear). Not for CUDA: cuDNN picks its own Winograd /
+  implicit-GEMM kernels, and the split was never timed on a GPU.
 - tensorrt: attention decomposed into MatMul/Softmax/MatMul, the pattern its builder fuses.
 - onnxruntime-cuda (CUDA provider, fp16 exports): ONNX Runtime's own Stable Diffusion fusions plus
   sdrt's where it falls short, then fp16; built by sdrt.kernels.cuda from the fp32 graph with its own
   weights, so it is not one of TARGETS' graph-only rewrites.
 - openvino (OpenVINO's CPU plugin): an int8 UNet's attention inputs as symmetric int8, which OpenVINO
   runs on its int8 kernels (sdrt.kernels.int8_attention), every upsampler (nearest 2x + 3x3 Conv)
-  as four 2x2 convolutions of the small map (sdrt.kernels.upsample), and each GEGLU projection as two
-  linear layers, one per half, instead of one and a Split (sdrt.kernels.split_linear). Attention and GroupNormalization
-  stay ONNX's ops: OpenVINO fuses opset-23 Attention and GroupNormalization itself.
+  as four 2x2 convolutions of the small map (sdrt.kernels.upsample), and the GEGLU projections split
+  as above. Attention and GroupNormalization stay ONNX's ops: OpenVINO fuses opset-23 Attention and
+  GroupNormalization itself.
 GroupNormalization is left as ONNX's op on every target: the rewrites tried on ONNX Runtime's CPU
 provider (InstanceNormalization, LayerNormalization forms) made whole components slower or no faster.
 """
@@ -45,7 +47,7 @@ PASSES: dict[str, Callable[[Graph, int], int]] = {
 }
 TARGETS: dict[str, tuple[str, ...]] = {
     "onnxruntime": ("MultiHeadAttention",),
-    "onnxruntime-cpu": ("MultiHeadAttention", "WinogradConv"),
+    "onnxruntime-cpu": ("MultiHeadAttention", "WinogradConv", "SplitLinear"),
     "tensorrt": ("DecomposedAttention",),
     "openvino": ("SymmetricInt8Attention", "UpsampleConv", "SplitLinear"),
 }
