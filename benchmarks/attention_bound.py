@@ -38,21 +38,13 @@ from onnx import helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdrt.kernels.graph import load_graph_only, save_graph_only  # noqa: E402
+from sdrt.kernels.graph import load_graph_only, module_scopes, save_graph_only  # noqa: E402
 from sdrt.manifest import Manifest  # noqa: E402
 from sdrt.runtime.backends import load_backend  # noqa: E402
 from sdrt.runtime.backends.guided import GuidedBackend  # noqa: E402
 from sdrt.runtime.pipeline import Pipeline  # noqa: E402
 
 TOP_LEVEL = ("down_blocks.0.", "up_blocks.3.")  # SD 1.5's attention blocks at the latents' full resolution
-
-
-def scope(node) -> str:
-    """The module path torch's exporter records for NODE (metadata), else its name."""
-    for p in node.metadata_props:
-        if p.key == "pkg.torch.onnx.name_scopes":
-            return p.value
-    return node.name
 
 
 def cut_attention(src: Path, dst: Path, top_level_self_only: bool) -> int:
@@ -64,7 +56,7 @@ def cut_attention(src: Path, dst: Path, top_level_self_only: bool) -> int:
     for node in list(graph.node):
         if node.op_type != "Attention":
             continue
-        where = scope(node)
+        where = " ".join(module_scopes(node)) or node.name  # its module paths, else its name
         is_self = "attn1" in where
         if top_level_self_only and not (is_self and any(level in where for level in TOP_LEVEL)):
             continue

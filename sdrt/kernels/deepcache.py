@@ -13,7 +13,6 @@ rewrite, the int8 QDQ graph): the feature is found by name, which the rewrites k
 
 from __future__ import annotations
 
-import ast
 import re
 from pathlib import Path
 
@@ -22,25 +21,10 @@ from onnx import helper
 
 from sdrt.errors import SdrtError
 from sdrt.kernels import target_file
-from sdrt.kernels.graph import Graph, load_graph_only, node_inputs, save_graph_only
+from sdrt.kernels.graph import Graph, load_graph_only, module_scopes, node_inputs, save_graph_only
 
 FEATURE = "cached_feature"  # the full graph's extra output, the shallow graph's extra input
 FULL, SHALLOW = "full", "shallow"  # file suffixes: unet/model.full.onnx, unet/model.shallow.onnx
-
-
-def _scopes(node) -> list[str]:
-    for p in node.metadata_props:
-        if p.key == "pkg.torch.onnx.name_scopes":
-            try:
-                return [str(s) for s in ast.literal_eval(p.value)]
-            except (ValueError, SyntaxError):
-                return []
-    return []
-
-
-def _module(scope: str) -> str:
-    """torch's exporter writes `unet.__dict__['_modules']['up_blocks'].3.resnets.2`: the dotted path."""
-    return re.sub(r"\.?__dict__\['_modules'\]\['(\w+)'\]", r".\1", scope)
 
 
 def feature_name(model: onnx.ModelProto) -> str:
@@ -48,7 +32,7 @@ def feature_name(model: onnx.ModelProto) -> str:
     their module scopes): the first input of the Concat that feeds the last up block's last resnet."""
     layers: dict[tuple[int, int], list] = {}
     for node in model.graph.node:
-        for scope in map(_module, _scopes(node)):
+        for scope in module_scopes(node):
             m = re.fullmatch(r"(?:unet\.)?up_blocks\.(\d+)\.resnets\.(\d+)", scope)
             if m:
                 layers.setdefault((int(m[1]), int(m[2])), []).append(node)

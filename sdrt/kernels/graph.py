@@ -7,6 +7,8 @@ to the original and point at the same external data file (no second copy of a 3.
 
 from __future__ import annotations
 
+import ast
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -143,6 +145,32 @@ class Constants:
             self.graph.g.input.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
             self._made[stem] = name
         return self._made[stem]
+
+
+class Builder:
+    """Appends nodes to a list for a pass; each call returns the new node's output name (a fresh one,
+    or OUTPUT where given)."""
+
+    def __init__(self, graph: Graph, k: Constants):
+        self.graph, self.ints, self.nodes = graph, k.ints, []
+
+    def __call__(self, op: str, *inputs: str, output: str | None = None, **attributes) -> str:
+        out = output or self.graph.fresh(op.lower())
+        self.nodes.append(helper.make_node(op, list(inputs), [out], **attributes))
+        return out
+
+
+def module_scopes(node) -> list[str]:
+    """The module paths torch's exporter recorded for NODE, outermost first (`unet.up_blocks.3.resnets.2`;
+    it writes some as `unet.__dict__['_modules']['up_blocks'].3...`, read as the dotted path); [] if none."""
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = [str(s) for s in ast.literal_eval(p.value)]
+            except (ValueError, SyntaxError):
+                return []
+            return [re.sub(r"\.?__dict__\['_modules'\]\['(\w+)'\]", r".\1", s) for s in scopes]
+    return []
 
 
 def node_inputs(node) -> list[str]:

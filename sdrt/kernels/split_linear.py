@@ -28,9 +28,9 @@ the same output bit for bit.
 
 from __future__ import annotations
 
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-from sdrt.kernels.graph import Constants, Graph, attrs, run_pass
+from sdrt.kernels.graph import Builder, Constants, Graph, attrs, run_pass
 
 HALVES = 2
 
@@ -113,33 +113,27 @@ def split_linear(graph: Graph) -> int:
         add, matmul = chain[1], chain[-1]
         dq, q = (chain[2], chain[3]) if len(chain) == 5 else (None, None)
         half = graph.initializers[add.input[bias_at]].dims[0] // 2
-        new = []
-
-        def node(op: str, inputs: list[str], output: str | None = None, **attributes) -> str:
-            out = output or graph.fresh(op.lower())
-            new.append(helper.make_node(op, inputs, [out], **attributes))
-            return out
-
+        op = Builder(graph, k)
         for i in range(HALVES):
             span = [k.ints(i * half), k.ints((i + 1) * half)]
 
             def columns(name: str, axis: int, span=span) -> str:  # half I of NAME along AXIS
-                return node("Slice", [name, *span, k.ints(axis)])
+                return op("Slice", name, *span, k.ints(axis))
 
             if wdq is None:
                 weight = columns(matmul.input[1], 1)
             else:
                 scale_zero = [columns(name, 0) if graph.initializers[name].dims else name for name in wdq.input[1:3]]
-                weight = node("DequantizeLinear", [columns(wdq.input[0], 1), *scale_zero], **attrs(wdq))
-            product = node("MatMul", [matmul.input[0], weight])
+                weight = op("DequantizeLinear", columns(wdq.input[0], 1), *scale_zero, **attrs(wdq))
+            product = op("MatMul", matmul.input[0], weight)
             if q is not None:
-                product = node("QuantizeLinear", [product, *q.input[1:]], **attrs(q))
-                product = node("DequantizeLinear", [product, *dq.input[1:]], **attrs(dq))
+                product = op("QuantizeLinear", product, *q.input[1:], **attrs(q))
+                product = op("DequantizeLinear", product, *dq.input[1:], **attrs(dq))
             inputs = [product, columns(add.input[bias_at], 0)]
-            node("Add", inputs if bias_at == 1 else inputs[::-1], chain[0].output[i])
-        for n in new:  # the layer's module scope, for profiles and sdrt.kernels.deepcache
+            op("Add", *(inputs if bias_at == 1 else inputs[::-1]), output=chain[0].output[i])
+        for n in op.nodes:  # the layer's module scope, for profiles and sdrt.kernels.deepcache
             n.metadata_props.extend(matmul.metadata_props)
-        return chain, new
+        return chain, op.nodes
 
     candidates = [n for n in graph.nodes if n.op_type == "Split"]
     return run_pass(graph, candidates, rewrite, prune=True)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from sdrt.kernels.graph import Constants, Graph, attrs, run_pass
+from sdrt.kernels.graph import Builder, Constants, Graph, attrs, run_pass
 
 # rows (phase a, tap p) of R: which of a 3x3 kernel's rows each 2-tap phase kernel sums (the formulas above)
 R = np.array([[1, 0, 0], [0, 1, 1], [1, 1, 0], [0, 0, 1]])
@@ -100,18 +100,6 @@ def _phase_nodes(graph: Graph, x: str, kernels: list[str], bias: list[str], out:
                     helper.make_node("DepthToSpace", [joined], [out], blocksize=2, mode="DCR")]
 
 
-class _Builder:
-    """Appends nodes to a list; each call returns the new node's output name."""
-
-    def __init__(self, graph: Graph, k: Constants):
-        self.graph, self.ints, self.nodes = graph, k.ints, []
-
-    def __call__(self, op: str, *inputs: str, **attributes) -> str:
-        out = self.graph.fresh(op.lower())
-        self.nodes.append(helper.make_node(op, list(inputs), [out], **attributes))
-        return out
-
-
 def _cropped(graph: Graph, k: Constants, x: str, w: str, dtype, full: str, sizes: str, out: str) -> list:
     """Nodes that turn FULL, the phases' 2h x 2w map, into OUT, the original pair's map at SIZES.
 
@@ -123,7 +111,7 @@ def _cropped(graph: Graph, k: Constants, x: str, w: str, dtype, full: str, sizes
     taken off twice and goes back once. Each correction is a convolution of one row or column of x,
     scaled by 0 or 1 (the side's parity), so any size takes the same nodes and no If (OpenVINO
     2026.4 computed an If here wrongly with dynamic shapes)."""
-    op = _Builder(graph, k)
+    op = Builder(graph, k)
     end = op.ints(2 ** 62)
     hw = op("Slice", sizes, op.ints(2), op.ints(4), op.ints(0))  # [H, W]
     last = op("Sub", hw, op.ints(1))
@@ -152,7 +140,7 @@ def _cropped(graph: Graph, k: Constants, x: str, w: str, dtype, full: str, sizes
     fixed = op("Concat", op("Slice", kept, op.ints(0), last_h, op.ints(2)),
                op("Sub", op("Slice", kept, last_h, h_, op.ints(2)), row), axis=2)
     left, right = op("Slice", fixed, op.ints(0), last_w, op.ints(3)), op("Slice", fixed, last_w, w_, op.ints(3))
-    op.nodes.append(helper.make_node("Concat", [left, op("Sub", right, column)], [out], axis=3))
+    op("Concat", left, op("Sub", right, column), output=out, axis=3)
     return op.nodes
 
 
