@@ -9,6 +9,7 @@ from collections import OrderedDict
 import numpy as np
 
 from sdrt.errors import InputError, SdrtError
+from sdrt.runtime.backends import amx_attention
 from sdrt.runtime.backends.base import Backend
 
 # "openvino" lets it compute in bf16 where the CPU has bf16 units (AVX512_BF16 / AMX: docs/benchmarks.md);
@@ -43,6 +44,8 @@ class OpenVinoBackend(Backend):
     compiling the same graph for the same shape loads it instead."""
 
     properties: dict = {}  # more compile properties (benchmarks/openvino_profile.py: PERF_COUNT)
+    amx_attention = True  # sdrt's AMX attention kernel where it runs (amx_attention.available())
+    replaced_attention = 0  # attention nodes the last compilation gave to it
 
     def _load(self) -> None:
         check_openvino(self.provider)
@@ -71,6 +74,8 @@ class OpenVinoBackend(Backend):
             model = self.core.read_model(str(self.path))
             if shapes is not None:
                 model.reshape({name: list(shape) for name, shape in shapes})
+                if self.amx_attention:
+                    self.replaced_attention = amx_attention.replace_attention(model)
             compiled = self.core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": self.precision,
                                                               "PERFORMANCE_HINT": "LATENCY", **self.properties})
         except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own
