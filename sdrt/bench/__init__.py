@@ -188,6 +188,13 @@ def _psnr(paths, images: dict) -> dict:
     return out
 
 
+def _attention(provider: str) -> str:
+    """"; " + which kernel runs the large attentions, on OpenVINO's providers."""
+    from sdrt.runtime.backends import amx_attention, openvino
+
+    return f"; {amx_attention.describe()}" if provider in openvino.OPENVINO_PRECISION else ""
+
+
 def run(engine_dir: str | Path, settings: Settings, progress=None, checkpoint=None) -> dict:
     """Measure; return the results dict (also what `report.write` turns into files).
     checkpoint(results) is called after every finished workload with what is measured so far."""
@@ -208,8 +215,8 @@ def run(engine_dir: str | Path, settings: Settings, progress=None, checkpoint=No
     paths = _paths(engine_dir, manifest, settings, skipped)
     results["paths"] = [p.name for p in paths]
     # what each engine path runs on, and why (--providers auto: resolve_provider's reason)
-    results["providers"] = {p.name: f"{p.pipe.provider} ({p.pipe.provider_choice})" for p in paths
-                            if isinstance(p, EnginePath) and p.cache_interval == 1}
+    results["providers"] = {p.name: f"{p.pipe.provider} ({p.pipe.provider_choice}{_attention(p.pipe.provider)})"
+                            for p in paths if isinstance(p, EnginePath) and p.cache_interval == 1}
 
     def saved():
         if checkpoint is not None:

@@ -87,6 +87,12 @@ def available() -> tuple[bool, str]:
     return library is not None, why
 
 
+def describe() -> str:
+    """Which kernel runs OpenVINO's large attentions here, for logs and bench results."""
+    ok, why = available()
+    return f"attention {MIN_SCORES >> 20}M+ scores: sdrt's AMX kernel" if ok else f"attention: OpenVINO's ({why})"
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, out: np.ndarray | None = None) -> np.ndarray:
     """softmax(q k^T * scale) v for f32 q [B, H, Sq, D], k and v [B, H, Sk, D] (C order), on AMX."""
     library, why = _library()
