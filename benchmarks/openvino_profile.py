@@ -2,8 +2,9 @@
 provider runs, summed by node type and kernel, and the slowest nodes; with --int8-attention, the
 standard int8 graph against the openvino target's (int8 attention inputs). Then what bounds the
 largest of them, self-attention, on this CPU: one attention call at the 64x64 level (batch 2, 8
-heads, 4,096 tokens) at several head sizes, fused as the UNet runs it and unfused (OpenVINO's
-profile then splits the time between the two MatMuls and the softmax), and with int8 q, k and v.
+heads, 4,096 tokens) at several head sizes, fused as OpenVINO runs it and unfused (OpenVINO's
+profile then splits the time between the two MatMuls and the softmax), with int8 q, k and v, and by
+sdrt's AMX kernel (sdrt/runtime/backends/amx_attention.py) where it runs.
 If the time stays flat as the head grows, the two GEMMs are not what bounds it. Writes JSON.
 
     python benchmarks/openvino_profile.py --engines engines/sd15-int8 --size 512 \\
@@ -32,7 +33,7 @@ from sdrt.kernels import reference  # noqa: E402
 from sdrt.kernels.graph import Graph, load_graph_only, save_graph_only  # noqa: E402
 from sdrt.kernels.int8_attention import symmetric_int8_attention  # noqa: E402
 from sdrt.manifest import Manifest  # noqa: E402
-from sdrt.runtime.backends import PROVIDER_TARGETS, openvino  # noqa: E402
+from sdrt.runtime.backends import PROVIDER_TARGETS, amx_attention, openvino  # noqa: E402
 
 HEAD_SIZES = (40, 64, 80)  # SD 1.5's is 40
 
@@ -166,9 +167,15 @@ def attention_probe(provider: str, head_sizes=HEAD_SIZES, batch: int = 2, heads:
                 rounded = attention_reference({n: np.round(feeds[n] / scales[n]) * np.float32(scales[n])
                                                for n in "qkv"})
                 row["int8_qkv"] = attention_variant(path, provider, feeds, reference, calls, rounded=rounded)
+            if amx_attention.available()[0] and head <= amx_attention.MAX_HEAD:  # what sdrt runs instead
+                qkv = [feeds[n] for n in "qkv"]
+                t = statistics.median(timed(lambda qkv=qkv: amx_attention.attention(*qkv, 40 ** -0.5), calls))
+                y = amx_attention.attention(*qkv, 40 ** -0.5)
+                row["amx_kernel"] = {"s": t, "relative_rms_error": relative_rms(y, reference)}
             out["by_head_size"][head] = row
+            amx = f", {row['amx_kernel']['s']:.3f} s sdrt's AMX kernel" if "amx_kernel" in row else ""
             print(f"attention, head size {head}: {row['s']:.3f} s fused ({row['gemm_gflops']:.0f} GFLOP/s in its "
-                  f"GEMMs), {row['unfused']['s']:.3f} s unfused", flush=True)
+                  f"GEMMs), {row['unfused']['s']:.3f} s unfused{amx}", flush=True)
     return out
 
 

@@ -137,10 +137,7 @@ def _operation():
 
         def evaluate(self, outputs, inputs):
             q, k, v = (np.asarray(t.data) for t in inputs[:3])
-            scale = float(np.asarray(inputs[3].data)) if len(inputs) > 3 else 0.0
-            # OpenVINO's ONNX frontend gives an Attention without a scale attribute the scale 0, which its
-            # CPU plugin reads as the default 1/sqrt(D) (tests/test_amx_attention.py checks that it does)
-            scale = scale or q.shape[-1] ** -0.5
+            scale = float(np.asarray(inputs[3].data)) if len(inputs) > 3 else q.shape[-1] ** -0.5
             outputs[0].shape = inputs[0].shape
             attention(q, k, v, scale, out=np.asarray(outputs[0].data))
             return True
@@ -148,28 +145,42 @@ def _operation():
     return AmxAttention
 
 
+def _uniform_mask(value) -> bool:
+    """Whether an attention mask input adds the same to every score (so the softmax ignores it): a
+    float constant, through Convert / ConvertLike, with one value. OpenVINO's ONNX frontend gives an
+    Attention without a mask the mask 0."""
+    node = value.get_node()
+    while node.get_type_name() in ("Convert", "ConvertLike"):
+        node = node.input_value(0).get_node()
+    if node.get_type_name() != "Constant":
+        return False
+    data = np.asarray(node.get_data())
+    return data.size > 0 and data.dtype != np.bool_ and bool((data == data.flat[0]).all())
+
+
 def replace_attention(model) -> int:
     """Replace MODEL's (an openvino.Model with static shapes) ScaledDotProductAttention nodes that the
-    kernel takes and that are large enough to gain (MIN_SCORES) by the AMX kernel; returns how many."""
+    kernel takes and that are large enough to gain (MIN_SCORES) by the AMX kernel; returns how many.
+    OpenVINO's node reads (q, k, v[, attention mask[, scale]]); the kernel takes no mask but one that
+    adds the same to every score, and a scalar scale."""
     if not available()[0]:
         return 0
     operation, replaced = None, 0
     for node in model.get_ordered_ops():
         if node.get_type_name() != "ScaledDotProductAttention" or node.get_attributes().get("causal"):
             continue
-        if node.get_input_size() > 4:  # an attention mask: not taken
+        n = node.get_input_size()
+        if n > 3 and not _uniform_mask(node.input_value(3)):
             continue
+        if n > 4 and node.input_value(4).get_partial_shape().rank.get_length() != 0:
+            continue  # a scale per head or per token: not taken
         q, k = (node.input_value(i).get_partial_shape() for i in (0, 1))
         if not (q.is_static and k.is_static) or len(q) != 4 or q[3].get_length() > MAX_HEAD:
             continue
         if q[2].get_length() * k[2].get_length() < MIN_SCORES:
             continue
-        scale = node.input_value(3) if node.get_input_size() > 3 else None
-        if scale is not None and scale.get_partial_shape().rank.get_length() != 0:
-            continue  # a scale per head or per token: not taken
         operation = operation or _operation()
-        inputs = [node.input_value(i) for i in range(3)] + ([scale] if scale is not None else [])
-        new = operation(inputs)
+        new = operation([node.input_value(i) for i in (0, 1, 2, 4) if i < n])
         new.set_friendly_name(node.get_friendly_name())
         node.output(0).replace(new.output(0))
         replaced += 1
