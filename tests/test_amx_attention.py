@@ -132,8 +132,9 @@ def test_openvino_operation_leaves_what_it_does_not_take(kernel, case):
 
 
 @pytest.mark.parametrize("how", ["switch", "no amx", "no compiler"])
-def test_without_the_kernel_openvino_keeps_its_own(fresh_library, monkeypatch, tmp_path, how):
-    """SDRT_AMX_ATTENTION=0, a CPU without AMX, or a failing compiler: nothing is replaced, and why is said."""
+def test_without_the_kernel_openvino_keeps_its_own(fresh_library, monkeypatch, tmp_path, caplog, how):
+    """SDRT_AMX_ATTENTION=0, a CPU without AMX, or a failing compiler: nothing is replaced, and why is
+    said (a failing compiler on a CPU with AMX is also logged as a warning)."""
     pytest.importorskip("openvino")
     monkeypatch.setenv(amx_attention.CACHE_ENV, str(tmp_path))  # nothing built earlier to load
     if how == "switch":
@@ -146,6 +147,7 @@ def test_without_the_kernel_openvino_keeps_its_own(fresh_library, monkeypatch, t
     ok, why = amx_attention.available()
     assert not ok and why.startswith({"switch": "SDRT_AMX_ATTENTION=0", "no amx": "the CPU has no AMX (amx_bf16)",
                                       "no compiler": "cannot build amx_attention.c: false failed"}[how])
+    assert ("AMX attention kernel off" in caplog.text) == (how == "no compiler")
     assert amx_attention.replace_attention(_sdpa_model(1, 2, 1024, 40, None)) == 0
     assert "OpenVINO's" in amx_attention.describe()
     with pytest.raises(RuntimeError, match="not available"):

@@ -25,10 +25,13 @@ typedef struct {
 static cpu_set_t every_cpu;
 static __thread int worker_unpinned;
 
-/* 0 when the kernel may use AMX tiles (Linux asks each process to request them) */
+/* 0 when the kernel may use AMX tiles (Linux asks each process to request them). Called from the
+   loading thread, not OpenVINO's: its CPUs (a container's cpuset) are the ones the workers may use. */
 int sdrt_attention_init(void) {
-  CPU_ZERO(&every_cpu);
-  for (long i = 0; i < sysconf(_SC_NPROCESSORS_ONLN); i++) CPU_SET(i, &every_cpu);
+  if (sched_getaffinity(0, sizeof every_cpu, &every_cpu)) {
+    CPU_ZERO(&every_cpu);
+    for (long i = 0; i < sysconf(_SC_NPROCESSORS_ONLN) && i < CPU_SETSIZE; i++) CPU_SET(i, &every_cpu);
+  }
   return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA);
 }
 

@@ -1,18 +1,20 @@
 """sdrt's own attention kernel for OpenVINO's CPU plugin on CPUs with AMX (amx_attention.c).
 
 OpenVINO runs SD's self-attention at the 64x64 level (4,096 tokens, head size 40) as one fused
-kernel whose time is bound by its softmax (docs/benchmarks.md, "What bounds attention"): 38% of the
-int8 UNet's step on a Xeon with AMX. amx_attention.c computes softmax(q k^T * scale) v for one
-16-query block at a time: q k^T on AMX tiles in bf16 into an f32 row block, the exact row max, 2^x
-as floor plus a cubic on the fraction (bf16's precision) rounded to bf16, then p v on AMX tiles and
-the division by the row sum at the end. Head sizes up to 64 and any token counts (padding keys are
-masked); q, k and v are rounded to bf16 as OpenVINO's bf16 mode rounds them.
+kernel whose time is bound by its softmax (docs/benchmarks.md, `cpu-vs-optimum-xeon-5/`, "What
+bounds it"): 38% of the int8 UNet's step on a Xeon with AMX. amx_attention.c computes
+softmax(q k^T * scale) v for one 16-query block at a time: q k^T on AMX tiles in bf16 into an f32
+row block; 2^x as a cubic in x - floor(x), scaled by 2^floor(x), rounded to bf16, with the first 64
+keys' max in place of the row's (a row that then overflows is done again with its own); p v on AMX
+tiles and the division by the row sum at the end (docs/kernels.md, "sdrt's AMX attention kernel").
+Head sizes up to 64 and any token counts (padding keys are masked); q, k and v are rounded to bf16
+as OpenVINO's bf16 mode rounds them.
 
 The kernel is compiled on first use with the system's C compiler (gcc 11 or later, or clang 12) into
 SDRT_CACHE (default ~/.cache/sdrt), as PyTorch's inductor compiles its CPU kernels, and loaded with
 ctypes. OpenVINO calls it through a custom operation (openvino.Op) that replaces the model's
-ScaledDotProductAttention nodes whose head size fits, after the model is reshaped to the call's
-static shapes. Where the CPU lacks AMX, no compiler works, or SDRT_AMX_ATTENTION=0, nothing is
+ScaledDotProductAttention nodes it takes (replace_attention), after the model is reshaped to the
+call's static shapes. Where the CPU lacks AMX, no compiler works, or SDRT_AMX_ATTENTION=0, nothing is
 replaced and OpenVINO's own kernel runs; `available()` says which and why.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -36,6 +39,7 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512
 MAX_HEAD = 64  # q k^T's depth fits two 32-column bf16 tiles
 MIN_SCORES = 1 << 20  # query x key tokens per head below which OpenVINO's own kernel is left (too small to gain)
 _FLOAT_P = ctypes.POINTER(ctypes.c_float)
+log = logging.getLogger(__name__)
 
 
 def _cpu_has_amx() -> bool:
@@ -73,9 +77,13 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     try:
         library = ctypes.CDLL(str(_build(cache)))
     except OSError as e:
-        return None, f"cannot build {SOURCE.name}: {e}"
+        why = f"cannot build {SOURCE.name}: {e}"
+        log.warning("AMX attention kernel off, OpenVINO's attention runs instead (%s)", why)
+        return None, why
     if library.sdrt_attention_init() != 0:
-        return None, "Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
+        why = "Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
+        log.warning("AMX attention kernel off, OpenVINO's attention runs instead (%s)", why)
+        return None, why
     library.sdrt_attention.argtypes = [_FLOAT_P] * 4 + [ctypes.c_int] * 5 + [ctypes.c_float]
     library.sdrt_attention.restype = ctypes.c_int
     return library, ""
