@@ -73,6 +73,18 @@ def test_row_max_beyond_the_first_keys_is_redone(kernel, score):
     assert _rel_rms(got, want) < TOLERANCE
 
 
+def test_concurrent_calls_take_turns(kernel):
+    """Two engines of a server may call the kernel at once: its shared buffers are behind a lock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    inputs = [_qkv(2, 4, 300, 300, 40, seed=i) for i in range(4)]
+    alone = [amx_attention.attention(*qkv, 0.2) for qkv in inputs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda qkv: amx_attention.attention(*qkv, 0.2), inputs * 3))
+    for i, got in enumerate(together):
+        np.testing.assert_array_equal(got, alone[i % 4])
+
+
 def test_kernel_refuses_heads_over_64(kernel):
     q, k, v = _qkv(1, 1, 16, 16, 80)
     with pytest.raises(ValueError, match="D <= 64"):
