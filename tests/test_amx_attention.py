@@ -197,3 +197,29 @@ def test_backend_can_leave_attention_to_openvino(engines, monkeypatch):
             pipe("a lighthouse at dusk", steps=1, seed=5, width=w, height=h)
         assert bool(calls) == on  # each static-shape compilation offers its model, unless switched off
         calls.clear()
+
+
+def test_a_failing_replacement_leaves_openvino_running(engines, monkeypatch, caplog):
+    """A bug in the replacement (here: it raises) is logged, and the model runs as without the kernel."""
+    pytest.importorskip("openvino")
+    w, h = SIZES["eps"]
+
+    def image():
+        with sdrt.Pipeline.load(engines["eps"], provider="openvino-fp32") as pipe:
+            return pipe("a lighthouse at dusk", steps=1, seed=5, width=w, height=h).pixels
+
+    def broken(model):
+        raise RuntimeError("cannot take this model")
+
+    monkeypatch.setattr(openvino.OpenVinoBackend, "amx_attention", False)
+    want = image()
+    monkeypatch.setattr(openvino.OpenVinoBackend, "amx_attention", True)
+    monkeypatch.setattr(amx_attention, "replace_attention", broken)
+    np.testing.assert_array_equal(image(), want)
+    assert "AMX attention kernel not used (RuntimeError: cannot take this model)" in caplog.text
+
+
+def test_output_buffer_is_checked(kernel):
+    q, k, v = _qkv(1, 1, 16, 16, 8)
+    with pytest.raises(ValueError, match="C-order float32"):
+        amx_attention.attention(q, k, v, 1.0, out=np.empty(q.shape, np.float64))

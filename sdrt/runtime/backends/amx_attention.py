@@ -111,6 +111,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, out: np
         raise ValueError(f"attention shapes q {q.shape}, k {k.shape}, v {v.shape}: need [B,H,S,D] with D <= {MAX_HEAD}")
     q, k, v = (np.ascontiguousarray(x, np.float32) for x in (q, k, v))
     out = np.empty_like(q) if out is None else out
+    if out.shape != q.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"attention output {out.shape} {out.dtype}: need C-order float32 {q.shape}")
     pointer = lambda a: a.ctypes.data_as(_FLOAT_P)  # noqa: E731
     if library.sdrt_attention(pointer(q), pointer(k), pointer(v), pointer(out), b, h, sq, sk, d, scale):
         raise MemoryError("the AMX attention kernel could not allocate its buffers")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -16,6 +17,7 @@ from sdrt.runtime.backends.base import Backend
 # "openvino-fp32" keeps fp32
 OPENVINO_PRECISION = {"openvino": "bf16", "openvino-fp32": "f32"}
 SHAPES_ENV, CACHE_ENV = "SDRT_OPENVINO_SHAPES", "SDRT_OPENVINO_CACHE"
+log = logging.getLogger(__name__)
 STATIC_SHAPES = 2  # compilations a component keeps (e.g. a UNet's batch with and without guidance)
 
 
@@ -65,17 +67,25 @@ class OpenVinoBackend(Backend):
         if not self.static:
             self._compile(None)
 
+    def _read(self, shapes: tuple | None):
+        model = self.core.read_model(str(self.path))
+        if shapes is not None:
+            model.reshape({name: list(shape) for name, shape in shapes})
+        return model
+
     def _compile(self, shapes: tuple | None):
         """The compiled model and infer request for SHAPES (None: the graph's dynamic dimensions)."""
         if shapes in self.compiled:
             self.compiled.move_to_end(shapes)
             return self.compiled[shapes]
         try:
-            model = self.core.read_model(str(self.path))
-            if shapes is not None:
-                model.reshape({name: list(shape) for name, shape in shapes})
-                if self.amx_attention:
+            model = self._read(shapes)
+            if shapes is not None and self.amx_attention:
+                try:
                     self.replaced_attention = amx_attention.replace_attention(model)
+                except Exception as e:  # sdrt's kernel failing to take a model must not keep OpenVINO from it
+                    log.warning("%s: AMX attention kernel not used (%s: %s)", self.path.name, type(e).__name__, e)
+                    model, self.replaced_attention = self._read(shapes), 0
             compiled = self.core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": self.precision,
                                                               "PERFORMANCE_HINT": "LATENCY", **self.properties})
         except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own
