@@ -1,5 +1,6 @@
-"""sdrt's AMX attention kernel (sdrt/runtime/backends/amx_attention.c) against its NumPy reference, and
-the OpenVINO operation that runs it in place of ScaledDotProductAttention nodes.
+"""sdrt's AMX attention kernel (sdrt/runtime/backends/amx_attention.c) against the NumPy reference
+(sdrt.kernels.reference.attention, float64), and the OpenVINO operation that runs it in place of
+ScaledDotProductAttention nodes.
 
 Tolerance: q, k, v and the softmax weights are rounded to bf16 (8-bit mantissa), as OpenVINO's bf16 mode
 rounds them; its own fused kernel is 0.0036 relative RMS from float64 at SD's 64x64 level, and the
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 import sdrt
+from sdrt.kernels import reference
 from sdrt.runtime.backends import amx_attention, openvino
 from tests.conftest import SIZES
 
@@ -57,7 +59,7 @@ def test_kernel_equals_numpy_reference(kernel, shape):
     scale = shape[-1] ** -0.5
     got = amx_attention.attention(q, k, v, scale)
     assert got.shape == q.shape and np.isfinite(got).all()
-    assert _rel_rms(got, amx_attention.reference(q, k, v, scale)) < TOLERANCE
+    assert _rel_rms(got, reference.attention(q, k, v, scale=scale)) < TOLERANCE
 
 
 @pytest.mark.parametrize("score", [400, 1000])
@@ -68,7 +70,7 @@ def test_row_max_beyond_the_first_keys_is_redone(kernel, score):
     q, k, v = _qkv(1, 1, 32, 512, 40, spread=0.1)
     k[0, 0, 400] = q[0, 0, 0] / (q[0, 0, 0] @ q[0, 0, 0]) * score  # q0 . k400 = SCORE, times 1/sqrt(40)
     got = amx_attention.attention(q, k, v, 40 ** -0.5)
-    want = amx_attention.reference(q, k, v, 40 ** -0.5)
+    want = reference.attention(q, k, v, scale=40 ** -0.5)
     np.testing.assert_allclose(got[0, 0, 0], v[0, 0, 400], rtol=0.01, atol=0.01)
     assert _rel_rms(got, want) < TOLERANCE
 
@@ -121,7 +123,7 @@ def test_openvino_operation_replaces_large_attention(kernel, mask, scale):
     b, h, s, d = 1, 2, 1024, 40  # 1M scores per head: MIN_SCORES
     q, k, v = _qkv(b, h, s, s, d)
     feeds = {"q": q, "k": k, "v": v}
-    want = amx_attention.reference(q, k, v, scale or d ** -0.5)
+    want = reference.attention(q, k, v, scale=scale or d ** -0.5)
     # OpenVINO's own kernel reads the inputs so: the operation must read them alike
     assert _rel_rms(_compiled_output(_sdpa_model(b, h, s, d, scale, mask), feeds), want) < 1e-5
     model = _sdpa_model(b, h, s, d, scale, mask)

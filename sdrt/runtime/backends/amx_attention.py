@@ -119,13 +119,6 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, out: np
     return out
 
 
-def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
-    """The NumPy reference, in float64."""
-    s = np.einsum("bhqd,bhkd->bhqk", q.astype(np.float64), k.astype(np.float64)) * scale
-    p = np.exp(s - s.max(-1, keepdims=True))
-    return np.einsum("bhqk,bhkd->bhqd", p / p.sum(-1, keepdims=True), v.astype(np.float64))
-
-
 def _operation():
     """openvino.Op running `attention` (defined on first use: openvino is optional)."""
     from openvino import Op
